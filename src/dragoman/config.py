@@ -1,0 +1,133 @@
+"""Settings: the only module that reads the environment or configuration files.
+
+Precedence, lowest first: built-in defaults < TOML file < ``DRAGOMAN_*`` environment < explicit
+overrides (CLI flags). Defaults are those named in PROTOCOL.md. The result is a frozen ``Settings``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from dragoman.errors import ConfigError
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Settings:
+    # Redis: empty url means "start an embedded server".
+    redis_url: str = ""
+    key_prefix: str = "dragoman"
+    cells: tuple[str, ...] = ("c0",)
+
+    # HTTP / WebSocket server
+    host: str = "127.0.0.1"
+    port: int = 8700
+
+    # Node plane
+    heartbeat_interval_ms: int = 15_000
+    node_ttl_ms: int = 45_000  # 3 x heartbeat interval
+    job_timeout_ms: int = 60_000  # a job's lease, from assignment
+    max_attempts: int = 3
+    default_max_concurrency: int = 4
+    reaper_interval_ms: int = 1_000
+    node_tokens: tuple[str, ...] = ()
+    max_frame_bytes: int = 4 * 1024 * 1024
+    node_msgs_per_s: float = 200.0
+
+    # Session plane
+    pause_ms: int = 3_000
+    max_duration_ms: int = 10_000
+    max_buffer_bytes: int = 500 * 1024
+    pending_timeout_ms: int = 10_000
+    result_gap_ms: int = 30_000
+    queue_max: int = 64
+    api_keys: tuple[str, ...] = ()
+    chunks_per_s: float = 50.0
+    max_sessions_per_key: int = 100
+    padding_ms: int = 0
+
+    # Bookkeeping
+    job_ttl_ms: int = 3_600_000  # how long a finished job stays readable
+    proc_ttl_ms: int = 15_000  # a scheduler process's registration lifetime (renewed)
+
+    log_level: str = "info"
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """Turn a file/env/CLI value into the field's type, or raise ConfigError naming the field."""
+    default = _FIELDS[name].default
+    try:
+        if isinstance(default, bool):
+            if isinstance(value, str):
+                return value.strip().lower() in ("1", "true", "yes", "on")
+            return bool(value)
+        if isinstance(default, int):
+            return int(value)
+        if isinstance(default, float):
+            return float(value)
+        if isinstance(default, tuple):
+            if isinstance(value, str):
+                return tuple(v.strip() for v in value.split(",") if v.strip())
+            return tuple(str(v) for v in value)
+        return str(value)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"setting {name!r}: cannot use {value!r}: {exc}") from None
+
+
+def _apply(base: dict[str, Any], source: Mapping[str, Any], origin: str) -> None:
+    for key, value in source.items():
+        if value is None:
+            continue
+        name = key.replace("-", "_").lower()
+        if name not in _FIELDS:
+            raise ConfigError(f"unknown setting {key!r} in {origin}")
+        base[name] = _coerce(name, value)
+
+
+def load_settings(
+    file: str | Path | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    values: dict[str, Any] = {}
+    env = os.environ if env is None else env
+    path = file or env.get("DRAGOMAN_CONFIG")
+    if path:
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"config file {path}: {exc}") from None
+        _apply(values, data.get("dragoman", data), str(path))
+    env_values = {
+        k[len("DRAGOMAN_") :]: v
+        for k, v in env.items()
+        if k.startswith("DRAGOMAN_") and k != "DRAGOMAN_CONFIG" and k[len("DRAGOMAN_") :].lower() in _FIELDS
+    }
+    _apply(values, env_values, "environment")
+    if overrides:
+        _apply(values, overrides, "command line")
+    settings = Settings(**values)
+    _validate(settings)
+    return settings
+
+
+def _validate(s: Settings) -> None:
+    for name in ("heartbeat_interval_ms", "node_ttl_ms", "job_timeout_ms", "max_attempts",
+                 "default_max_concurrency", "reaper_interval_ms", "queue_max", "pending_timeout_ms"):
+        if getattr(s, name) <= 0:
+            raise ConfigError(f"setting {name!r} must be positive, got {getattr(s, name)}")
+    if not s.cells:
+        raise ConfigError("setting 'cells' needs at least one cell name")
+    for cell in s.cells:
+        if any(c in cell for c in "{}: "):
+            raise ConfigError(f"cell name {cell!r} may not contain braces, colons or spaces")

@@ -1,0 +1,1 @@
+"""The Redis core: key names, Lua transition scripts, and the async Store over them."""

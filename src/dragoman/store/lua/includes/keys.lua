@@ -1,0 +1,20 @@
+--[[
+  Key names derived inside scripts. Mirrors dragoman/store/keys.py (a test compares the two).
+  Every name starts with the cell base "PREFIX:{CELL}:", so all keys of a cell share one hash slot.
+]]
+local function k_node(base, nid) return base .. 'node:' .. nid end
+local function k_node_jobs(base, nid) return base .. 'node:' .. nid .. ':jobs' end
+local function k_pool(base, pid) return base .. 'pool:' .. pid end
+local function k_queue(base, pid) return base .. 'queue:' .. pid end
+local function k_job(base, jid) return base .. 'job:' .. jid end
+local function k_jobdata(base, jid) return base .. 'jobdata:' .. jid end
+local function k_affinity(base, sid) return base .. 'affinity:' .. sid end
+local function k_inbox(base, proc) return base .. 'inbox:' .. proc end
+local function k_nodes(base) return base .. 'nodes' end
+local function k_pools(base) return base .. 'pools' end
+local function k_leases(base) return base .. 'leases' end
+local function k_pending(base) return base .. 'pending' end
+local function k_stats(base) return base .. 'stats' end
+local function k_events(base) return base .. 'events' end
+local function k_procs(base) return base .. 'procs' end
+local function k_clock(base) return base .. 'clock' end

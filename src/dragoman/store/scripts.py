@@ -1,0 +1,83 @@
+"""Load the Lua transition scripts: resolve includes, register each once with the client.
+
+A script file is named ``<name>-<number of KEYS>.lua`` (BullMQ's convention) and starts with a
+``--[[ ]]`` header documenting KEYS, ARGV and the output. ``--- @include "includes/x"`` lines are
+replaced by that file's text; each include is inlined once per script, and cycles are an error.
+Registration uses redis-py's ``register_script``: EVALSHA, and on NOSCRIPT (after ``SCRIPT FLUSH`` or
+a server restart) it loads the script again and retries.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+from typing import Any
+
+from dragoman.errors import ScriptError
+
+LUA_DIR = Path(__file__).parent / "lua"
+_INCLUDE = re.compile(r'^--- @include "([^"]+)"\s*$', re.MULTILINE)
+_FILE = re.compile(r"^(?P<name>[a-z_]+)-(?P<keys>\d+)\.lua$")
+
+
+class ScriptLoadError(ScriptError):
+    pass
+
+
+@dataclasses.dataclass(frozen=True)
+class ScriptSpec:
+    name: str
+    num_keys: int
+    source: str
+
+
+def resolve_includes(path: Path, root: Path) -> str:
+    """The script's text with every include inlined once, in first-use order."""
+    seen: set[Path] = set()
+
+    def expand(file: Path, stack: tuple[Path, ...]) -> str:
+        def replace(match: re.Match[str]) -> str:
+            target = (root / (match.group(1) + ".lua")).resolve()
+            if target in stack or target == file:
+                chain = " -> ".join(p.name for p in (*stack, file, target))
+                raise ScriptLoadError(f"include cycle: {chain}")
+            if target in seen:
+                return f"-- (included already: {match.group(1)})"
+            if not target.is_file():
+                raise ScriptLoadError(f"{file.name}: include not found: {match.group(1)}")
+            seen.add(target)
+            return expand(target, (*stack, file))
+
+        return _INCLUDE.sub(replace, file.read_text())
+
+    return expand(path.resolve(), ())
+
+
+def discover(root: Path = LUA_DIR) -> dict[str, ScriptSpec]:
+    specs: dict[str, ScriptSpec] = {}
+    for path in sorted(root.glob("*.lua")):
+        m = _FILE.match(path.name)
+        if not m:
+            raise ScriptLoadError(f"script file name must be <name>-<numkeys>.lua: {path.name}")
+        specs[m["name"]] = ScriptSpec(m["name"], int(m["keys"]), resolve_includes(path, root))
+    return specs
+
+
+class Scripts:
+    """The registered scripts of one client. ``await scripts.call(name, keys, args)``."""
+
+    def __init__(self, client: Any, root: Path = LUA_DIR) -> None:
+        self.specs = discover(root)
+        self._registered = {name: client.register_script(spec.source) for name, spec in self.specs.items()}
+
+    async def call(self, name: str, keys: list[str], args: list[Any]) -> Any:
+        spec = self.specs[name]
+        if len(keys) != spec.num_keys:
+            raise ScriptError(f"{name} takes {spec.num_keys} keys, got {len(keys)}")
+        return await self._registered[name](keys=keys, args=args)
+
+    async def load_all(self, client: Any) -> None:
+        """Load every script now (readiness checks; first calls skip the NOSCRIPT round trip)."""
+        for name, script in self._registered.items():
+            script.sha = await client.script_load(self.specs[name].source)
