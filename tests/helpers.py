@@ -1,0 +1,39 @@
+"""Test helpers shared by the tiers."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+
+async def snapshot(client: Any) -> dict[str, Any]:
+    """Every key and its value, to assert that a rejected call changed nothing."""
+    out: dict[str, Any] = {}
+    async for key in client.scan_iter(count=1000):
+        kind = (await client.type(key)).decode()
+        if kind == "string":
+            out[key] = await client.get(key)
+        elif kind == "hash":
+            out[key] = await client.hgetall(key)
+        elif kind == "set":
+            out[key] = await client.smembers(key)
+        elif kind == "zset":
+            out[key] = await client.zrange(key, 0, -1, withscores=True)
+        elif kind == "list":
+            out[key] = await client.lrange(key, 0, -1)
+        elif kind == "stream":
+            out[key] = await client.xrange(key)
+    return out
+
+
+async def wait_for(predicate: Callable[[], Awaitable[Any]], timeout: float = 10.0, interval: float = 0.02) -> Any:
+    """Poll an async predicate until it returns something truthy, or fail after ``timeout`` seconds."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        value = await predicate()
+        if value:
+            return value
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        await asyncio.sleep(interval)

@@ -1,0 +1,307 @@
+"""Each transition script against the real embedded server."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from dragoman.errors import ScriptError
+from dragoman.store.api import JobSpec, Store
+from dragoman.store.keys import CellKeys
+from dragoman.store.scripts import ScriptLoadError, discover, resolve_includes
+from tests.helpers import snapshot
+
+ZH_EN = "zh>en"
+
+
+def job(session: str = "s1", utt: int = 0, pool: str = ZH_EN, tgt: str = "en", **kw) -> JobSpec:
+    return JobSpec(pool=pool, session_id=session, utterance_index=utt, tgt_lang=tgt, data='{"a":1}', **kw)
+
+
+async def register(store: Store, nid: str, max_c: int = 1, pools=(ZH_EN,)) -> None:
+    r = await store.register_node(nid, conn=f"conn-{nid}", max_concurrency=max_c, pools=list(pools))
+    assert r.status == "registered"
+
+
+async def reap_all(store: Store):
+    effects = []
+    while True:
+        replies = await store.reap()
+        for r in replies:
+            effects += r.effects
+        if not any(r.more for r in replies):
+            return effects
+
+
+async def test_no_pool_gives_no_available_node(store: Store) -> None:
+    d = await store.dispatch(job())
+    assert (d.status, d.code) == ("failed", "NO_AVAILABLE_NODE")
+    assert [(e.kind, e.state, e.code) for e in d.effects] == [("outcome", "failed", "NO_AVAILABLE_NODE")]
+    assert (await store.job(d.job_id))["state"] == "failed"
+
+
+async def test_full_pool_queues_then_completion_hands_over_the_slot(store: Store) -> None:
+    await register(store, "n1", max_c=1)
+    first = await store.dispatch(job(utt=0))
+    second = await store.dispatch(job(utt=1))
+    assert first.status == "assigned" and second.status == "queued"
+    pools = {p["pool"]: p for p in await store.pools()}
+    assert pools[ZH_EN]["queue_depth"] == 1
+    done = await store.complete(first.job_id, "n1", 1, "completed", payload="{}")
+    kinds = {(e.kind, e.job) for e in done.effects}
+    assert ("outcome", first.job_id) in kinds and ("assign", second.job_id) in kinds
+    j2 = await store.job(second.job_id)
+    assert (j2["state"], j2["node"], j2["attempt"]) == ("assigned", "n1", "1")
+    assert (await store.node("n1"))["used"] == "1"
+
+
+async def test_queue_is_bounded(store: Store, settings) -> None:
+    await register(store, "n1", max_c=1)
+    await store.dispatch(job(utt=0))
+    for i in range(settings.queue_max):
+        assert (await store.dispatch(job(utt=1 + i))).status == "queued"
+    over = await store.dispatch(job(utt=99))
+    assert (over.status, over.code) == ("failed", "NODE_OVERLOADED")
+
+
+async def test_wrong_node_or_stale_attempt_is_rejected_and_changes_nothing(store: Store) -> None:
+    await register(store, "n1")
+    await register(store, "n2")
+    d = await store.dispatch(job())
+    other = "n2" if d.node == "n1" else "n1"
+    before = await snapshot(store.client)
+    r1 = await store.complete(d.job_id, other, 1, "completed", payload="{}")
+    r2 = await store.complete(d.job_id, d.node, 2, "completed", payload="{}")
+    r3 = await store.complete("c0.nope", d.node, 1, "completed", payload="{}")
+    assert (r1.status, r1.reason) == ("rejected", "stale")
+    assert (r2.status, r2.reason) == ("rejected", "stale")
+    assert (r3.status, r3.reason) == ("rejected", "unknown_job")
+    assert r1.effects == r2.effects == r3.effects == []
+    assert await snapshot(store.client) == before
+
+
+async def test_repeated_completion_is_idempotent(store: Store) -> None:
+    await register(store, "n1")
+    d = await store.dispatch(job())
+    first = await store.complete(d.job_id, "n1", 1, "completed", payload="{}")
+    assert first.status == "completed"
+    before = await snapshot(store.client)
+    again = await store.complete(d.job_id, "n1", 1, "completed", payload="{}")
+    assert again.status == "duplicate" and again.effects == []
+    assert await snapshot(store.client) == before
+
+
+async def test_repeated_dispatch_takes_no_second_slot(store: Store) -> None:
+    await register(store, "n1", max_c=2)
+    spec = job()
+    d1 = await store.dispatch(spec)
+    before = await snapshot(store.client)
+    d2 = await store.dispatch(spec)
+    assert d2.status == "exists" and (d2.state, d2.node, d2.attempt) == ("assigned", "n1", 1)
+    assert d2.job_id == d1.job_id
+    assert await snapshot(store.client) == before
+    assert (await store.node("n1"))["used"] == "1"
+
+
+async def test_dead_node_jobs_are_reassigned_then_fail_after_attempt_cap(store: Store, settings) -> None:
+    await register(store, "n1")
+    d = await store.dispatch(job())
+    assert d.node == "n1"
+    await register(store, "n2")
+    # n1 stops heartbeating; n2 keeps going.
+    await store.set_clock_offset(settings.node_ttl_ms - 1000)
+    await store.heartbeat("n2", conn="conn-n2")
+    await store.set_clock_offset(settings.node_ttl_ms + 1)
+    effects = await reap_all(store)
+    assigns = [e for e in effects if e.kind == "assign"]
+    assert [(e.job, e.node, e.attempt) for e in assigns] == [(d.job_id, "n2", 2)]
+    assert (await store.node("n1"))["state"] == "offline"
+    # A late result from attempt 1 is rejected.
+    late = await store.complete(d.job_id, "n1", 1, "completed", payload="{}")
+    assert late.reason == "stale"
+    # n2 dies too, then a third node comes and dies: attempt cap (3) ends it with JOB_TIMEOUT.
+    await register(store, "n3")
+    await store.set_clock_offset(2 * settings.node_ttl_ms - 500)  # n2 is past its deadline, n3 is not
+    effects = await reap_all(store)
+    assert [(e.kind, e.node, e.attempt) for e in effects if e.kind == "assign"] == [("assign", "n3", 3)]
+    await store.set_clock_offset(3 * settings.node_ttl_ms + 3)
+    effects = await reap_all(store)
+    outcomes = [e for e in effects if e.kind == "outcome"]
+    assert [(e.job, e.state, e.code) for e in outcomes] == [(d.job_id, "failed", "JOB_TIMEOUT")]
+    assert (await store.slot_report())["violations"] == []
+
+
+async def test_socket_close_moves_jobs_at_once_and_is_fenced_by_connection(store: Store) -> None:
+    await register(store, "n1")
+    d = await store.dispatch(job())
+    stale = await store.node_offline("n1", conn="an-old-connection")
+    assert stale.status == "superseded"
+    await register(store, "n2")
+    gone = await store.node_offline("n1", conn="conn-n1")
+    assert gone.status == "offline" and gone.jobs == 1
+    assert [(e.kind, e.node, e.attempt) for e in gone.effects] == [("assign", "n2", 2)]
+    assert (await store.heartbeat("n1", conn="conn-n1")).status == "unknown"
+    assert (await store.node("n1"))["used"] == "0"
+
+
+async def test_lease_expiry_cancels_and_reassigns(store: Store, settings) -> None:
+    await register(store, "n1")
+    await register(store, "n2")
+    d = await store.dispatch(job())
+    holder = d.node
+    await store.set_clock_offset(settings.job_timeout_ms + 1)
+    for n in ("n1", "n2"):  # both alive: only the lease ran out
+        await store.heartbeat(n, conn=f"conn-{n}")
+    effects = await reap_all(store)
+    cancel = [e for e in effects if e.kind == "cancel"]
+    assign = [e for e in effects if e.kind == "assign"]
+    assert [(e.job, e.node) for e in cancel] == [(d.job_id, holder)]
+    assert [(e.job, e.attempt) for e in assign] == [(d.job_id, 2)]
+    assert assign[0].node != holder
+
+
+async def test_pending_timeout_fails_queued_job(store: Store, settings) -> None:
+    await register(store, "n1")
+    await store.dispatch(job(utt=0))
+    q = await store.dispatch(job(utt=1))
+    assert q.status == "queued"
+    await store.set_clock_offset(settings.pending_timeout_ms + 1)
+    await store.heartbeat("n1", conn="conn-n1")
+    effects = await reap_all(store)
+    assert [(e.job, e.code) for e in effects if e.kind == "outcome"] == [(q.job_id, "JOB_TIMEOUT")]
+
+
+async def test_draining_node_gets_nothing_new_and_keeps_running_jobs(store: Store) -> None:
+    await register(store, "n1", max_c=4)
+    d = await store.dispatch(job(utt=0))
+    r = await store.heartbeat("n1", conn="conn-n1", draining=True)
+    assert r.state == "draining"
+    # the only node of the pool is draining: nobody serves the pair
+    assert (await store.dispatch(job(utt=1))).code == "NO_AVAILABLE_NODE"
+    await register(store, "n2", max_c=1)
+    busy = await store.dispatch(job(utt=2))
+    assert busy.node == "n2"
+    q = await store.dispatch(job(utt=3))
+    assert q.status == "queued"  # n1 has 3 free slots but is draining
+    assert (await store.complete(d.job_id, "n1", 1, "completed", payload="{}")).status == "completed"
+    assert (await store.job(q.job_id))["state"] == "queued"
+    # the node's own undrain puts it back to work
+    back = await store.heartbeat("n1", conn="conn-n1", draining=False)
+    assert back.state == "ready"
+    assert (await store.job(q.job_id))["node"] == "n1"
+
+
+async def test_operator_drain_sticks_until_undrained(store: Store) -> None:
+    await register(store, "n1")
+    assert (await store.drain("n1")).state == "draining"
+    assert (await store.heartbeat("n1", conn="conn-n1", draining=False)).state == "draining"
+    assert (await store.dispatch(job())).code == "NO_AVAILABLE_NODE"
+    assert (await store.drain("n1", on=False)).state == "ready"
+    assert (await store.dispatch(job(utt=1))).status == "assigned"
+
+
+async def test_session_affinity_and_load_spreading(store: Store) -> None:
+    await register(store, "n1", max_c=4)
+    await register(store, "n2", max_c=4)
+    a = await store.dispatch(job(session="s1", utt=0))
+    b = await store.dispatch(job(session="s2", utt=0))
+    assert {a.node, b.node} == {"n1", "n2"}  # spread: the emptier node wins
+    c = await store.dispatch(job(session="s1", utt=1))
+    assert c.node == a.node  # affinity: s1 stays on its node while it has a free slot
+
+
+async def test_avoid_is_soft(store: Store) -> None:
+    await register(store, "n1", max_c=2)
+    await register(store, "n2", max_c=1)
+    d = await store.dispatch(job(avoid=("n1",)))
+    assert d.node == "n2"
+    d2 = await store.dispatch(job(utt=1, avoid=("n1", "n2")))
+    assert d2.node == "n1"
+
+
+async def test_cancel_running_and_queued(store: Store) -> None:
+    await register(store, "n1")
+    a = await store.dispatch(job(utt=0))
+    b = await store.dispatch(job(utt=1))
+    cq = await store.cancel(b.job_id)
+    assert cq.status == "cancelled"
+    ca = await store.cancel(a.job_id)
+    kinds = sorted((e.kind, e.job) for e in ca.effects)
+    assert kinds == [("cancel", a.job_id), ("outcome", a.job_id)]
+    assert (await store.node("n1"))["used"] == "0"
+    assert (await store.cancel(a.job_id)).status == "finished"
+
+
+async def test_register_refuses_bad_capacity_and_changes_nothing(store: Store) -> None:
+    before = await snapshot(store.client)
+    with pytest.raises(ScriptError, match="max_concurrency"):
+        await store.register_node("n1", conn="c", max_concurrency=0, pools=[ZH_EN])
+    with pytest.raises(ValueError, match="pool id"):
+        await store.register_node("n1", conn="c", max_concurrency=1, pools=["zh en"])
+    assert await snapshot(store.client) == before
+
+
+async def test_language_change_repools_node(store: Store) -> None:
+    await register(store, "n1", pools=(ZH_EN,))
+    await store.heartbeat("n1", conn="conn-n1", pools=["de>en"])
+    pools = {p["pool"]: p["nodes"] for p in await store.pools()}
+    assert pools["de>en"] == ["n1"] and pools[ZH_EN] == []
+
+
+async def test_survives_script_flush(store: Store) -> None:
+    await register(store, "n1")
+    await store.client.script_flush()
+    d = await store.dispatch(job())
+    assert d.status == "assigned"
+
+
+async def test_effects_for_sockets_on_other_processes_go_to_their_inbox(store: Store, redis_url, settings) -> None:
+    other = Store.from_url(redis_url, settings, proc="p2")
+    try:
+        await other.register_node("n9", conn="c9", max_concurrency=1, pools=[ZH_EN])  # socket held by p2
+        d = await store.dispatch(job())  # dispatched by p1 for a session on p1
+        assert d.node == "n9" and d.effects == []  # the assignment went to p2's inbox
+        got = await other.read_inbox("c0", "0", block_ms=100)
+        assert [(e.kind, e.job, json.loads(e.payload)) for _, e in got] == [("assign", d.job_id, {"a": 1})]
+        done = await other.complete(d.job_id, "n9", 1, "completed", payload='{"text":"hi"}')
+        assert done.effects == []  # the outcome went to p1's inbox, with the result
+        mine = await store.read_inbox("c0", "0", block_ms=100)
+        assert [(e.kind, e.payload) for _, e in mine] == [("outcome", '{"text":"hi"}')]
+    finally:
+        await other.aclose()
+
+
+async def test_lua_key_names_match_keys_py(store: Store) -> None:
+    src = (Path(__file__).parents[3] / "src/dragoman/store/lua/includes/keys.lua").read_text()
+    names = ["node", "node_jobs", "pool", "queue", "job", "jobdata", "affinity", "inbox"]
+    fixed = ["nodes", "pools", "leases", "pending", "stats", "events", "procs", "clock"]
+    body = src + "\nreturn {" + ",".join(f"k_{n}(ARGV[1], 'X')" for n in names) + "," + ",".join(
+        f"k_{n}(ARGV[1])" for n in fixed) + "}"
+    ck = CellKeys("dragoman", "c0")
+    got = [v.decode() for v in await store.client.eval(body, 0, ck.base)]
+    want = [getattr(ck, n)("X") for n in names] + [getattr(ck, n) for n in fixed]
+    assert got == want
+
+
+def test_loader_inlines_each_include_once_and_rejects_cycles(tmp_path: Path) -> None:
+    inc = tmp_path / "includes"
+    inc.mkdir()
+    (inc / "a.lua").write_text('--- @include "includes/b"\nlocal A = 1\n')
+    (inc / "b.lua").write_text("local B = 2\n")
+    (tmp_path / "s-1.lua").write_text('--- @include "includes/a"\n--- @include "includes/b"\nreturn A + B\n')
+    text = resolve_includes(tmp_path / "s-1.lua", tmp_path)
+    assert text.count("local B = 2") == 1 and text.index("local B") < text.index("local A")
+    assert discover(tmp_path)["s"].num_keys == 1
+    (inc / "b.lua").write_text('--- @include "includes/a"\n')
+    with pytest.raises(ScriptLoadError, match="cycle"):
+        resolve_includes(tmp_path / "s-1.lua", tmp_path)
+
+
+def test_every_script_documents_its_keys_and_args() -> None:
+    for name, spec in discover().items():
+        header = spec.source.split("]]", 1)[0]
+        assert "Input:" in header and "Output:" in header, name
+        for i in range(1, spec.num_keys + 1):
+            assert f"KEYS[{i}]" in header, f"{name}: KEYS[{i}] undocumented"
