@@ -483,6 +483,7 @@ class MissingResult(Message, tag="missing_result"):
     reason: str
     created_at_ms: int
     trace_id: str | None = None
+    tgt_lang: LangCode | None = None  # (ext) which target's result is missing
 
 
 class UiEvent(Message, tag="ui_event"):
