@@ -322,7 +322,7 @@ SAMPLES: list[tuple[str, Message]] = [
     (
         "session_outbound",
         MissingResult(
-            session_id="s1", utterance_index=2, reason="gap_timeout", created_at_ms=5, trace_id="t1"
+            session_id="s1", utterance_index=2, reason="gap_timeout", created_at_ms=5, trace_id="t1", tgt_lang="en"
         ),
     ),
     (
