@@ -1,0 +1,1 @@
+"""The scheduler's ASGI application: WebSocket endpoints, HTTP API, dashboard."""

@@ -1,0 +1,250 @@
+"""HTTP surface: health, the read API, operator actions, one-shot translation, metrics, and the
+live stream the dashboard reads."""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import base64
+import binascii
+import io
+import json
+import time
+import wave
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from dragoman.core.audio import resample_linear
+from dragoman.errors import DependencyDown, ProtocolError
+from dragoman.sessions.actor import SessionActor, SessionSpec
+from dragoman.wire import SessionClose, SessionInit, Utterance
+from dragoman.wire.codec import decode_session_outbound
+
+from .node_ws import bearer
+from .openapi import OPENAPI
+
+if TYPE_CHECKING:
+    from .hub import Hub
+
+
+def _hub(request: Request) -> Hub:
+    return request.app.state.hub
+
+
+def _error(status: int, code: str, message: str) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
+
+
+async def healthz(request: Request) -> Response:
+    return JSONResponse({"status": "ok"})
+
+
+async def readyz(request: Request) -> Response:
+    hub = _hub(request)
+    ok = await hub.store.ping()
+    scripts = False
+    if ok:
+        try:
+            await hub.store.load_scripts()
+            scripts = True
+        except DependencyDown:
+            ok = False
+    body = {"redis": ok, "scripts_loaded": scripts}
+    return JSONResponse({"status": "ready" if ok and scripts else "not_ready", **body},
+                        status_code=200 if ok and scripts else 503)
+
+
+async def list_nodes(request: Request) -> Response:
+    nodes = await _hub(request).store.nodes()
+    for n in nodes:
+        for field in ("info", "usage"):
+            if n.get(field):
+                try:
+                    n[field] = json.loads(n[field])
+                except ValueError:
+                    pass
+    return JSONResponse({"nodes": nodes})
+
+
+async def list_pools(request: Request) -> Response:
+    return JSONResponse({"pools": await _hub(request).store.pools()})
+
+
+async def list_sessions(request: Request) -> Response:
+    return JSONResponse({"sessions": _hub(request).session_rows(), "scope": "this process"})
+
+
+async def get_job(request: Request) -> Response:
+    job = await _hub(request).store.job(request.path_params["job_id"])
+    if job is None:
+        return _error(404, "NOT_FOUND", "no such job (unknown, or finished longer ago than job_ttl)")
+    return JSONResponse({"job": job})
+
+
+async def stats(request: Request) -> Response:
+    hub = _hub(request)
+    report = await hub.store.slot_report()
+    return JSONResponse({"counters": await hub.store.stats(), "slots": report, "latency": hub.metrics.snapshot()})
+
+
+async def drain_node(request: Request) -> Response:
+    return await _drain(request, True)
+
+
+async def undrain_node(request: Request) -> Response:
+    return await _drain(request, False)
+
+
+async def _drain(request: Request, on: bool) -> Response:
+    hub = _hub(request)
+    try:
+        reply = await hub.store.drain(request.path_params["node_id"], on=on, source="operator")
+    except ValueError as exc:
+        return _error(400, "INVALID_MESSAGE", str(exc))
+    if reply.status == "unknown":
+        return _error(404, "NOT_FOUND", "no such live node")
+    await hub.deliver(reply.effects)
+    return JSONResponse({"node": request.path_params["node_id"], "state": reply.state, "used": reply.used})
+
+
+async def cancel_job(request: Request) -> Response:
+    hub = _hub(request)
+    reply = await hub.store.cancel(request.path_params["job_id"])
+    if reply.status == "unknown":
+        return _error(404, "NOT_FOUND", "no such job")
+    await hub.deliver(reply.effects)
+    return JSONResponse({"job": request.path_params["job_id"], "status": reply.status, "state": reply.state})
+
+
+async def metrics(request: Request) -> Response:
+    hub = _hub(request)
+    await hub.metrics.refresh(hub.store)
+    return Response(hub.metrics.render(), media_type="text/plain; version=0.0.4")
+
+
+async def openapi(request: Request) -> Response:
+    return JSONResponse(OPENAPI)
+
+
+async def snapshot(hub: Hub) -> dict[str, Any]:
+    nodes = await hub.store.nodes()
+    lat = hub.metrics.snapshot()
+    return {
+        "ts": int(time.time() * 1000), "nodes": nodes, "pools": await hub.store.pools(),
+        "sessions": hub.session_rows(), "stats": await hub.store.stats(),
+        "latency_histogram": lat["e2e"], "rates": {
+            "dispatch_p50_ms": lat["dispatch"]["p50_ms"], "dispatch_p95_ms": lat["dispatch"]["p95_ms"],
+            "e2e_p50_ms": lat["e2e"]["p50_ms"], "e2e_p95_ms": lat["e2e"]["p95_ms"], "e2e_p99_ms": lat["e2e"]["p99_ms"]},
+        "events": await hub.store.events(30),
+    }
+
+
+async def stream(request: Request) -> Response:
+    hub = _hub(request)
+
+    async def events() -> AsyncIterator[str]:
+        last: tuple[float, int] | None = None
+        while True:
+            if await request.is_disconnected():
+                return
+            try:
+                snap = await snapshot(hub)
+            except DependencyDown as exc:
+                yield f"event: error\ndata: {json.dumps({'error': str(exc)})}\n\n"
+                await asyncio.sleep(2)
+                continue
+            done = sum(int(snap["stats"].get(k, 0)) for k in ("jobs_completed", "jobs_completed_empty", "jobs_failed"))
+            now = time.monotonic()
+            snap["rates"]["jobs_per_s"] = round((done - last[1]) / (now - last[0]), 2) if last else 0.0
+            last = (now, done)
+            yield f"data: {json.dumps(snap)}\n\n"
+            await asyncio.sleep(1.0)
+
+    return StreamingResponse(events(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+class _Collector:
+    """A session sink that keeps what the session would have sent to a socket."""
+
+    def __init__(self) -> None:
+        self.frames: list[str] = []
+
+    def send(self, text: str) -> bool:
+        self.frames.append(text)
+        return True
+
+
+def _wav_to_pcm16(data: bytes) -> bytes:
+    try:
+        with wave.open(io.BytesIO(data)) as w:
+            if w.getsampwidth() != 2:
+                raise ProtocolError("WAV must be 16-bit PCM")
+            channels, rate, frames = w.getnchannels(), w.getframerate(), w.readframes(w.getnframes())
+    except (wave.Error, EOFError) as exc:
+        raise ProtocolError(f"not a readable WAV file: {exc}") from None
+    samples = array.array("h", frames)
+    if channels > 1:
+        samples = array.array("h", (sum(samples[i:i + channels]) // channels for i in range(0, len(samples), channels)))
+    if rate != 16000:
+        samples = resample_linear(samples, rate, 16000)
+    return samples.tobytes()
+
+
+async def translate(request: Request) -> Response:
+    """One-shot translation: ``{audio (base64), audio_format: wav|pcm16|opus, src_lang, tgt_lang,
+    tgt_langs?, lang_a?, lang_b?}`` as JSON, or a raw ``audio/wav`` body with the languages as query
+    parameters. Answers every target's outcome in one JSON document."""
+    hub = _hub(request)
+    keys = hub.settings.api_keys
+    if keys and bearer(request, "api_key") not in keys:  # type: ignore[arg-type]
+        return _error(401, "UNAUTHORIZED", "missing or wrong API key")
+    body = await request.body()
+    if len(body) > hub.settings.max_frame_bytes:
+        return _error(413, "INVALID_MESSAGE", "request body too large")
+    try:
+        if request.headers.get("content-type", "").startswith("application/json"):
+            try:
+                req = json.loads(body)
+                audio = base64.b64decode(req.get("audio", ""), validate=True)
+            except (ValueError, binascii.Error):
+                raise ProtocolError("body must be JSON with base64 'audio'") from None
+        else:
+            req = dict(request.query_params)
+            req.setdefault("audio_format", "wav")
+            audio = body
+        fmt = req.get("audio_format", "wav")
+        if fmt == "wav":
+            audio, fmt = _wav_to_pcm16(audio), "pcm16"
+        if fmt not in ("pcm16", "opus"):
+            raise ProtocolError("audio_format must be wav, pcm16 or opus")
+        if not audio:
+            raise ProtocolError("no audio")
+        tgts = req.get("tgt_langs") or [req.get("tgt_lang")]
+        if isinstance(tgts, str):
+            tgts = tgts.split(",")
+        init = msgspec.convert({"type": "session_init", "src_lang": req.get("src_lang"), "tgt_lang": tgts[0],
+                                "tgt_langs": tgts, "audio_format": fmt, "lang_a": req.get("lang_a"),
+                                "lang_b": req.get("lang_b"),
+                                "mode": "two_way_auto" if req.get("src_lang") == "auto" else None}, SessionInit)
+        spec = SessionSpec.from_init(init)
+    except (msgspec.ValidationError, ProtocolError) as exc:
+        return _error(400, "INVALID_MESSAGE", getattr(exc, "message", str(exc)))
+    sink = _Collector()
+    actor = SessionActor(hub, spec, sink)
+    hub.sessions[spec.session_id] = actor
+    try:
+        task = asyncio.create_task(actor.run())
+        actor.post_frame(Utterance(utterance_index=0, src_lang=spec.src_lang, tgt_lang=tgts[0],
+                                   audio=base64.b64encode(audio).decode(), audio_format=fmt))
+        actor.post_frame(SessionClose(reason="one_shot"))
+        await task
+    finally:
+        hub.sessions.pop(spec.session_id, None)
+    results = [msgspec.to_builtins(decode_session_outbound(f)) for f in sink.frames]
+    wanted = {"translation_result", "missing_result", "error"}
+    return JSONResponse({"session_id": spec.session_id, "results": [r for r in results if r["type"] in wanted]})

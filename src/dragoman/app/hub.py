@@ -1,0 +1,162 @@
+"""One scheduler process's share of the world: the sockets it holds, and the loops that keep
+the cells moving.
+
+The hub holds no scheduler state of its own (that is all in Redis). It knows which node and session
+sockets are attached to this process, delivers effects to them (directly for effects a script
+returned to us, or read from this process's inbox streams for effects other processes' scripts
+addressed to us), and runs the upkeep loops every process runs: reaper, inbox readers, and the
+renewal of this process's registration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from dragoman.config import Settings
+from dragoman.errors import DependencyDown
+from dragoman.store.api import Effect, Store
+from dragoman.wire import JobCancel, encode
+
+if TYPE_CHECKING:
+    from dragoman.app.links import Link
+    from dragoman.app.metrics import Metrics
+    from dragoman.sessions.actor import SessionActor
+
+log = structlog.get_logger(__name__)
+
+
+def assign_frame(job_data: str, job_id: str, attempt: int) -> str:
+    """The stored job_assign body lacks job_id and attempt_id (the job id names the cell the job
+    landed in; the attempt changes on reassignment): splice them in without re-encoding the audio."""
+    return '{"job_id":"%s","attempt_id":%d,%s' % (job_id, attempt, job_data[1:])
+
+
+class NodeSocket:
+    __slots__ = ("node_id", "conn", "link")
+
+    def __init__(self, node_id: str, conn: str, link: Link) -> None:
+        self.node_id, self.conn, self.link = node_id, conn, link
+
+
+class Hub:
+    def __init__(self, store: Store, settings: Settings, metrics: Metrics) -> None:
+        self.store = store
+        self.settings = settings
+        self.metrics = metrics
+        self.nodes: dict[str, NodeSocket] = {}
+        self.sessions: dict[str, SessionActor] = {}
+        self.sessions_per_key: dict[str, int] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self.redis_ok = False
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        await self.store.load_scripts()
+        await self.store.touch_proc()
+        self.redis_ok = True
+        self._tasks = [
+            asyncio.create_task(self._loop("reaper", self._reap_once, self.settings.reaper_interval_ms / 1000)),
+            asyncio.create_task(self._loop("proc", self._touch_once, self.settings.proc_ttl_ms / 3000)),
+        ]
+        for cell in self.store.cell_names:
+            self._tasks.append(asyncio.create_task(self._inbox_loop(cell), name=f"inbox:{cell}"))
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks.clear()
+
+    async def _loop(self, name: str, once: Callable[[], Awaitable[float | None]], every: float) -> None:
+        """Run ``once`` forever; on failure log it and back off (capped, jittered), never spin."""
+        failures = 0
+        while True:
+            try:
+                pause = await once()
+                failures = 0
+                self.redis_ok = True
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                failures += 1
+                self.redis_ok = not isinstance(exc, DependencyDown)
+                pause = min(10.0, 0.2 * 2 ** min(failures, 6)) * (0.5 + random.random())
+                log.warning("upkeep failed", loop=name, error=str(exc), retry_in_s=round(pause, 2))
+            await asyncio.sleep(every if pause is None else pause)
+
+    async def _reap_once(self) -> float | None:
+        replies = await self.store.reap()
+        for reply in replies:
+            self.metrics.reaped_reply(reply)
+            await self.deliver(reply.effects)
+        return 0.0 if any(r.more for r in replies) else None
+
+    async def _touch_once(self) -> float | None:
+        await self.store.touch_proc()
+        return None
+
+    async def _inbox_loop(self, cell: str) -> None:
+        last_id = "$"
+        failures = 0
+        while True:
+            try:
+                entries = await self.store.read_inbox(cell, last_id, block_ms=1000)
+                failures = 0
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                failures += 1
+                pause = min(10.0, 0.2 * 2 ** min(failures, 6)) * (0.5 + random.random())
+                log.warning("inbox read failed", cell=cell, error=str(exc), retry_in_s=round(pause, 2))
+                await asyncio.sleep(pause)
+                continue
+            for entry_id, effect in entries:
+                last_id = entry_id
+                try:
+                    await self.deliver([effect])
+                except Exception:
+                    log.exception("inbox effect failed", effect=effect.kind, job=effect.job)
+
+    # ------------------------------------------------------------------ delivery
+    async def deliver(self, effects: list[Effect], payloads: dict[str, str] | None = None) -> None:
+        """Carry out effects for sockets this process holds. An effect for a socket that has gone
+        is dropped: the lease rules recover the job, or the session is gone with nobody to tell."""
+        for effect in effects:
+            if effect.kind == "assign":
+                await self._send_assign(effect, payloads)
+            elif effect.kind == "cancel":
+                node = self.nodes.get(effect.node)
+                if node is not None:
+                    node.link.send(encode(JobCancel(job_id=effect.job, reason=effect.reason or None)))
+            elif effect.kind == "outcome":
+                self.metrics.outcome(effect)
+                actor = self.sessions.get(effect.session)
+                if actor is not None:
+                    payload = effect.payload if effect.payload is not None else (payloads or {}).get(effect.job)
+                    actor.post_outcome(effect, payload)
+            else:
+                log.warning("unknown effect", effect=effect.kind)
+
+    async def _send_assign(self, effect: Effect, payloads: dict[str, str] | None) -> None:
+        node = self.nodes.get(effect.node)
+        if node is None:
+            return
+        data = effect.payload or (payloads or {}).get(effect.job) or await self.store.job_data(effect.job)
+        if data is None:
+            log.warning("job data expired before delivery", job=effect.job)
+            return
+        if effect.attempt > 1:
+            self.metrics.reassignments.inc()
+        node.link.send(assign_frame(data, effect.job, effect.attempt))
+
+    # ------------------------------------------------------------------ views
+    def session_rows(self) -> list[dict[str, Any]]:
+        return [actor.describe() for actor in self.sessions.values()]

@@ -1,0 +1,100 @@
+"""Prometheus metrics of one scheduler process. Counters of work done here, plus gauges read from
+Redis at scrape time (cluster-wide facts: nodes by state, slots, queue depths)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+if TYPE_CHECKING:
+    from dragoman.store.api import Effect, Reply, Store
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.dispatch_latency = Histogram("dragoman_dispatch_seconds", "Time of one dispatch call (one script)",
+                                          buckets=LATENCY_BUCKETS, registry=r)
+        self.e2e_latency = Histogram("dragoman_e2e_seconds", "Utterance cut to result ready for the client",
+                                     buckets=LATENCY_BUCKETS, registry=r)
+        self.outcomes = Counter("dragoman_job_outcomes", "Jobs by terminal outcome (seen by this process)",
+                                ["state", "code"], registry=r)
+        self.reassignments = Counter("dragoman_reassignments", "Jobs sent again with a new attempt", registry=r)
+        self.stale_results = Counter("dragoman_rejected_results", "Node results rejected (stale, foreign, unknown)",
+                                     ["reason"], registry=r)
+        self.invalid_frames = Counter("dragoman_invalid_frames", "Frames answered with INVALID_MESSAGE",
+                                      ["endpoint"], registry=r)
+        self.reaped = Counter("dragoman_reaped", "Items recovered by the reaper", ["kind"], registry=r)
+        self.open_sockets = Gauge("dragoman_open_sockets", "WebSockets open on this process", ["endpoint"],
+                                  registry=r)
+        self.nodes = Gauge("dragoman_nodes", "Nodes by state (cluster-wide)", ["state"], registry=r)
+        self.slots_used = Gauge("dragoman_slots_used", "Slots in use on live nodes (cluster-wide)", registry=r)
+        self.slots_total = Gauge("dragoman_slots_total", "Slots of live nodes (cluster-wide)", registry=r)
+        self.queue_depth = Gauge("dragoman_queue_depth", "Jobs waiting per pool", ["pool"], registry=r)
+        self.jobs_total = Gauge("dragoman_jobs", "Cluster-wide job counters from Redis", ["counter"], registry=r)
+
+    def outcome(self, effect: Effect) -> None:
+        self.outcomes.labels(effect.state, effect.code or "").inc()
+
+    def reaped_reply(self, reply: Reply) -> None:
+        for kind, n in (("dead_nodes", reply.dead_nodes), ("expired_leases", reply.expired_leases),
+                        ("expired_pending", reply.expired_pending)):
+            if n:
+                self.reaped.labels(kind).inc(n)
+
+
+    async def refresh(self, store: Store) -> None:
+        nodes = await store.nodes()
+        by_state: dict[str, int] = {"ready": 0, "draining": 0, "offline": 0}
+        used = total = 0
+        for n in nodes:
+            by_state[n.get("state", "?")] = by_state.get(n.get("state", "?"), 0) + 1
+            if n.get("state") != "offline":
+                used += int(n.get("used", 0))
+                total += int(n.get("max", 0))
+        for state, count in by_state.items():
+            self.nodes.labels(state).set(count)
+        self.slots_used.set(used)
+        self.slots_total.set(total)
+        for pool in await store.pools():
+            self.queue_depth.labels(pool["pool"]).set(pool["queue_depth"])
+        for key, value in (await store.stats()).items():
+            self.jobs_total.labels(key).set(value)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def snapshot(self) -> dict[str, Any]:
+        """Latency percentiles and a histogram for the dashboard, from this process's histograms."""
+        return {"e2e": _histogram(self.e2e_latency), "dispatch": _histogram(self.dispatch_latency)}
+
+
+def _histogram(h: Histogram) -> dict[str, Any]:
+    buckets: list[tuple[float, float]] = []
+    count = 0.0
+    for metric in h.collect():
+        for sample in metric.samples:
+            if sample.name.endswith("_bucket"):
+                buckets.append((float(sample.labels["le"]), sample.value))
+            elif sample.name.endswith("_count"):
+                count = sample.value
+    buckets.sort()
+    counts, prev = [], 0.0
+    for _le, cum in buckets:
+        counts.append(int(cum - prev))
+        prev = cum
+
+    def pct(q: float) -> float | None:
+        if count == 0:
+            return None
+        target = q * count
+        for le, cum in buckets:
+            if cum >= target:
+                return le * 1000 if le != float("inf") else None
+        return None
+
+    return {"buckets_ms": [le * 1000 for le, _ in buckets if le != float("inf")], "counts": counts[:-1] if counts else [],
+            "count": int(count), "p50_ms": pct(0.5), "p95_ms": pct(0.95), "p99_ms": pct(0.99)}

@@ -1,0 +1,79 @@
+"""``dragoman``: serve the scheduler, run nodes and speakers, watch the cluster, run the demo."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from dragoman.config import load_settings
+from dragoman.errors import ConfigError
+from dragoman.logging import setup_logging
+
+app = typer.Typer(help="Dragoman: a lockless, Redis-backed scheduler for speech-translation networks.",
+                  no_args_is_help=True, add_completion=False)
+
+
+def settings_from(config: Path | None, **flags: Any):  # noqa: ANN201
+    try:
+        return load_settings(config, overrides={k: v for k, v in flags.items() if v is not None})
+    except ConfigError as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+
+@app.command()
+def serve(
+    host: str = typer.Option(None, help="Address to listen on (default 127.0.0.1)."),
+    port: int = typer.Option(None, help="Port to listen on (default 8700)."),
+    redis_url: str = typer.Option(None, "--redis-url", envvar="DRAGOMAN_REDIS_URL",
+                                  help="Redis/Valkey URL; without it an embedded server is started."),
+    cluster: bool = typer.Option(False, help="The Redis URL points at a Redis Cluster."),
+    config: Path = typer.Option(None, "--config", help="TOML settings file."),
+    log_level: str = typer.Option(None, help="debug, info, warning."),
+) -> None:
+    """Run a scheduler process (any number may share one Redis)."""
+    from dragoman.server import serve as run
+
+    settings = settings_from(config, host=host, port=port, redis_url=redis_url, log_level=log_level)
+    setup_logging(settings.log_level)
+    run(settings, cluster=cluster)
+
+
+@app.command("redis")
+def redis_command(port: int = typer.Option(6390, help="Port for the embedded server.")) -> None:
+    """Run only the embedded Valkey server (for several scheduler processes on one machine)."""
+    import signal
+    import threading
+
+    from dragoman.embedded import EmbeddedServer
+
+    with EmbeddedServer(port=port) as server:
+        typer.echo(f"embedded Valkey at {server.url} (Ctrl-C to stop)")
+        stop = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        try:
+            stop.wait()
+        except KeyboardInterrupt:
+            pass
+
+
+def _register_optional() -> None:
+    """Commands that live in their own modules."""
+    import contextlib
+
+    with contextlib.suppress(ImportError):
+        from dragoman.cli import node
+
+        app.command("node")(node.node_command)
+
+
+_register_optional()
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,43 @@
+"""Run the scheduler: Redis (the configured one, or an embedded server), the app, uvicorn."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Iterator
+
+import structlog
+import uvicorn
+
+from dragoman.app.factory import create_app
+from dragoman.config import Settings
+from dragoman.embedded import EmbeddedServer
+from dragoman.store.api import Store
+
+log = structlog.get_logger(__name__)
+
+
+@contextlib.contextmanager
+def redis_for(settings: Settings) -> Iterator[str]:
+    """The configured Redis URL, or an embedded server started (and stopped) for the duration."""
+    if settings.redis_url:
+        yield settings.redis_url
+        return
+    with EmbeddedServer() as server:
+        log.info("embedded Valkey started", url=server.url)
+        yield server.url
+
+
+def build_server(settings: Settings, redis_url: str, cluster: bool = False) -> uvicorn.Server:
+    store = Store.from_url(redis_url, settings, cluster=cluster)
+    app = create_app(settings, store)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, ws_max_size=settings.max_frame_bytes,
+                            log_level="warning", lifespan="on", ws_ping_interval=20, ws_ping_timeout=20)
+    return uvicorn.Server(config)
+
+
+def serve(settings: Settings, cluster: bool = False) -> None:
+    with redis_for(settings) as url:
+        server = build_server(settings, url, cluster=cluster)
+        log.info("scheduler listening", url=f"http://{settings.host}:{settings.port}/", redis=url)
+        asyncio.run(server.serve())

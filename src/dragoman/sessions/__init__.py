@@ -1,0 +1,1 @@
+"""The session plane: one actor per client session."""
