@@ -1,0 +1,85 @@
+"""The scripts on a real local Valkey Cluster (three primaries): every key a script touches,
+including the ones it derives from the cell prefix, must sit in the cell's hash slot (I9)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+from redis.cluster import RedisCluster as SyncCluster
+
+from dragoman.config import Settings
+from dragoman.embedded import EmbeddedCluster
+from dragoman.store.api import JobSpec, Store
+from dragoman.store.keys import CellKeys
+
+pytestmark = pytest.mark.cluster
+CELLS = ("c0", "c1", "c2")
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[EmbeddedCluster]:
+    with EmbeddedCluster(size=3) as c:
+        yield c
+
+
+@pytest.fixture
+async def cstore(cluster: EmbeddedCluster) -> AsyncIterator[Store]:
+    sync = SyncCluster(host="127.0.0.1", port=cluster.servers[0].port)
+    sync.flushall(target_nodes=SyncCluster.PRIMARIES)
+    sync.close()
+    store = Store.from_url(cluster.url, Settings(cells=CELLS, queue_max=2), proc="p1", cluster=True)
+    yield store
+    await store.aclose()
+
+
+def test_cells_spread_over_the_cluster(cluster: EmbeddedCluster) -> None:
+    sync = SyncCluster(host="127.0.0.1", port=cluster.servers[0].port)
+    owners = {sync.get_node_from_key(CellKeys("dragoman", c).nodes).port for c in CELLS}
+    sync.close()
+    assert len(owners) >= 2  # the cells really live on different primaries
+
+
+async def test_full_lifecycle_on_a_cluster(cstore: Store) -> None:
+    ids = [f"n{i}" for i in range(9)]
+    for nid in ids:
+        r = await cstore.register_node(nid, conn="c", max_concurrency=1, pools=["zh>en"])
+        assert r.status == "registered"
+    served = {cstore.keys_for_node(n).cell for n in ids}
+    assert len(served) >= 2
+    placed = []
+    for i in range(9):
+        d = await cstore.dispatch(JobSpec(pool="zh>en", session_id=f"s{i}", utterance_index=0, tgt_lang="en",
+                                          data='{"type":"job_assign"}'))
+        assert d.status == "assigned", d
+        placed.append(d)
+    # every node is full now: the last cell tried queues the job
+    q = await cstore.dispatch(JobSpec(pool="zh>en", session_id="sq", utterance_index=0, tgt_lang="en", data="{}"))
+    assert q.status == "queued"
+    # a completion in the queue's cell hands its slot on in the same script
+    same_cell = [d for d in placed if d.cell == q.cell]
+    done = await cstore.complete(same_cell[0].job_id, same_cell[0].node, 1, "completed", payload="{}")
+    assert {e.kind for e in done.effects} == {"outcome", "assign"}
+    # node death, reassignment and reaping with derived keys
+    victim = placed[1]
+    gone = await cstore.node_offline(victim.node, conn="c")
+    assert gone.status == "offline"
+    await cstore.set_clock_offset(10_000_000)
+    replies = await cstore.reap()
+    assert {r.status for r in replies} == {"ok"}
+    report = await cstore.slot_report()
+    assert report["violations"] == []
+    assert await cstore.stats()
+
+
+async def test_cross_process_inbox_on_a_cluster(cstore: Store, cluster: EmbeddedCluster) -> None:
+    other = Store.from_url(cluster.url, Settings(cells=CELLS), proc="p2", cluster=True)
+    try:
+        await other.register_node("far", conn="c", max_concurrency=1, pools=["de>en"])
+        d = await cstore.dispatch(JobSpec(pool="de>en", session_id="s", utterance_index=0, tgt_lang="en",
+                                          data='{"x":1}'))
+        assert d.node == "far" and d.effects == []
+        got = await other.read_inbox(d.cell, "0", block_ms=200)
+        assert [(e.kind, e.payload) for _, e in got] == [("assign", '{"x":1}')]
+    finally:
+        await other.aclose()
