@@ -66,6 +66,9 @@ def _register_optional() -> None:
         from dragoman.cli import node
 
         app.command("node")(node.node_command)
+    from dragoman.cli import speak
+
+    app.command("speak")(speak.speak_command)
 
 
 _register_optional()

@@ -56,8 +56,9 @@ class SessionClient:
         self.session_id = ""
         self.trace_id = ""
         self.seq = 0
-        self.inbox: asyncio.Queue[Any] = asyncio.Queue()
-        self.all: list[Any] = []
+        self.all: list[Any] = []  # every message received, in order
+        self._cursor = 0  # how far next_message() has read
+        self._arrived = asyncio.Condition()
         self._reader: asyncio.Task[None] | None = None
         self.closed = asyncio.Event()
 
@@ -91,13 +92,16 @@ class SessionClient:
         try:
             while True:
                 msg = decode_session_outbound(await self.transport.recv())
-                self.all.append(msg)
-                await self.inbox.put(msg)
+                async with self._arrived:
+                    self.all.append(msg)
+                    self._arrived.notify_all()
         except (ConnectionClosed, asyncio.CancelledError):
             pass
         finally:
             self.closed.set()
-            await self.inbox.put(None)
+            with contextlib.suppress(RuntimeError):
+                async with self._arrived:
+                    self._arrived.notify_all()
 
     async def stop(self) -> None:
         if self._reader is not None:
@@ -117,18 +121,38 @@ class SessionClient:
         """The web client's finalize frame: an empty chunk with is_final."""
         await self.send_audio(b"", is_final=True)
 
+    async def _message_at(self, index: int, timeout: float) -> Any:
+        async with self._arrived:
+            await asyncio.wait_for(
+                self._arrived.wait_for(lambda: len(self.all) > index or self.closed.is_set()), timeout)
+            if len(self.all) <= index:
+                raise SessionError("connection closed")
+            return self.all[index]
+
     async def next_message(self, timeout: float = 10.0) -> Any:
-        msg = await asyncio.wait_for(self.inbox.get(), timeout)
-        if msg is None:
-            raise SessionError("connection closed")
+        msg = await self._message_at(self._cursor, timeout)
+        self._cursor += 1
         return msg
 
     async def wait_for(self, kinds: tuple[type, ...], timeout: float = 10.0) -> Any:
+        """The next message of these kinds after the ones already read by next_message/wait_for."""
         deadline = asyncio.get_running_loop().time() + timeout
         while True:
             msg = await self.next_message(max(0.01, deadline - asyncio.get_running_loop().time()))
             if isinstance(msg, kinds):
                 return msg
+
+    async def follow(self, timeout: float = 3600.0) -> AsyncIterator[Any]:
+        """Every message from the first, independently of next_message's position; ends when the
+        connection closes."""
+        index = 0
+        while True:
+            try:
+                msg = await self._message_at(index, timeout)
+            except SessionError:
+                return
+            index += 1
+            yield msg
 
     async def results(self, count: int, timeout: float = 30.0) -> list[Any]:
         """The next ``count`` outcomes (translation_result, missing_result, error)."""
@@ -141,5 +165,9 @@ class SessionClient:
         """session_close; returns every outcome that arrived before session_close_ack."""
         start = len(self.all)
         await self.send(SessionClose(session_id=self.session_id, reason="done"))
-        await self.wait_for((SessionCloseAck,), timeout)
+        async with self._arrived:
+            await asyncio.wait_for(self._arrived.wait_for(
+                lambda: any(isinstance(m, SessionCloseAck) for m in self.all[start:]) or self.closed.is_set()), timeout)
+        if not any(isinstance(m, SessionCloseAck) for m in self.all[start:]):
+            raise SessionError("connection closed before session_close_ack")
         return [m for m in self.all[start:] if isinstance(m, OUTCOMES)]

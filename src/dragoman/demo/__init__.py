@@ -1,0 +1,1 @@
+"""Demo assets: short speech recordings generated with espeak-ng (see docs/operations.md)."""
