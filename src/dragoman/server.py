@@ -28,16 +28,16 @@ def redis_for(settings: Settings) -> Iterator[str]:
         yield server.url
 
 
-def build_server(settings: Settings, redis_url: str, cluster: bool = False) -> uvicorn.Server:
-    store = Store.from_url(redis_url, settings, cluster=cluster)
+def build_server(settings: Settings, store: Store) -> uvicorn.Server:
     app = create_app(settings, store)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, ws_max_size=settings.max_frame_bytes,
-                            log_level="warning", lifespan="on", ws_ping_interval=20, ws_ping_timeout=20)
+                            log_level="warning", lifespan="on", ws_ping_interval=20, ws_ping_timeout=20,
+                            timeout_graceful_shutdown=5)
     return uvicorn.Server(config)
 
 
 def serve(settings: Settings, cluster: bool = False) -> None:
     with redis_for(settings) as url:
-        server = build_server(settings, url, cluster=cluster)
+        server = build_server(settings, Store.from_url(url, settings, cluster=cluster))
         log.info("scheduler listening", url=f"http://{settings.host}:{settings.port}/", redis=url)
         asyncio.run(server.serve())

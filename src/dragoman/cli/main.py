@@ -66,9 +66,11 @@ def _register_optional() -> None:
         from dragoman.cli import node
 
         app.command("node")(node.node_command)
-    from dragoman.cli import speak
+    from dragoman.cli import demo, speak, status
 
     app.command("speak")(speak.speak_command)
+    app.command("status")(status.status_command)
+    app.command("demo")(demo.demo_command)
 
 
 _register_optional()

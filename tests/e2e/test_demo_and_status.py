@@ -1,0 +1,37 @@
+"""The operator's first contact: `dragoman demo` runs to its summary; `dragoman status` renders."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import httpx
+import pytest
+
+from tests.e2e.peers import ScriptedNode
+from tests.e2e.test_node_plane import ws
+
+pytestmark = pytest.mark.e2e
+
+
+def test_demo_runs_to_summary_with_every_slot_returned() -> None:
+    run = subprocess.run([sys.executable, "-m", "dragoman.cli.main", "demo", "--duration", "8"],
+                         capture_output=True, text=True, timeout=180)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "every slot returned" in run.stdout and "demo OK" in run.stdout
+    assert "killed gpu-delta" in run.stdout and "draining gpu-epsilon" in run.stdout
+
+
+async def test_status_shows_nodes_and_metrics_move(scheduler) -> None:
+    base = scheduler()
+    node = await ScriptedNode.connect(ws(base), node_id="shown-node", slots=3)
+    out = subprocess.run([sys.executable, "-m", "dragoman.cli.main", "status", "--url", base],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "shown-node" in out.stdout and "zh>en" in out.stdout
+    async with httpx.AsyncClient() as c:
+        metrics = (await c.get(base + "/metrics")).text
+    assert 'dragoman_nodes{state="ready"} 1.0' in metrics
+    assert "dragoman_slots_total 3.0" in metrics
+    assert 'dragoman_open_sockets{endpoint="node"} 1.0' in metrics
+    await node.close()
