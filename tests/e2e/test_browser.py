@@ -1,0 +1,90 @@
+"""The dashboard and the client page in headless Chromium (Debian's, installed by `make test`)."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from pathlib import Path
+
+import pytest
+
+from dragoman.client import SessionClient
+from tests.e2e.peers import ScriptedNode
+from tests.e2e.test_node_plane import one_utterance, ws
+
+pytestmark = [pytest.mark.e2e, pytest.mark.browser]
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+ARTIFACTS = Path(__file__).resolve().parents[2] / "artifacts"
+SPEECH = Path(__file__).resolve().parents[2] / "src/dragoman/demo/audio/speech-zh.wav"
+BASE_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync"]
+
+if CHROMIUM is None:
+    pytest.skip("chromium is not installed (make test installs it)", allow_module_level=True)
+
+
+@pytest.fixture
+async def browser():
+    from playwright.async_api import async_playwright
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    async with async_playwright() as p:
+        b = await p.chromium.launch(executable_path=CHROMIUM, args=[
+            *BASE_ARGS, "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+            f"--use-file-for-fake-audio-capture={SPEECH}", "--autoplay-policy=no-user-gesture-required"])
+        yield b
+        await b.close()
+
+
+async def test_dashboard_shows_a_node_appear_and_jobs_count_up(scheduler, browser) -> None:
+    base = scheduler()
+    page = await browser.new_page(viewport={"width": 1280, "height": 800})
+    await page.goto(base + "/")
+    await page.wait_for_function("document.querySelector('#conn-status').textContent.includes('live')",
+                                 timeout=15000)
+    assert (await page.inner_text("#node-count")).strip() == "0"
+    node = await ScriptedNode.connect(ws(base), node_id="dash-node", slots=2)
+    beat = asyncio.create_task(node.keep_alive())
+    await page.wait_for_selector('tr[data-node-id="dash-node"]', timeout=15000)
+    await page.wait_for_function("document.querySelector('#node-count').textContent.trim() === '1'", timeout=15000)
+    async with SessionClient.connect(ws(base) + "/ws/session", src_lang="zh", tgt_langs=["en"]) as client:
+        for i in range(3):
+            await one_utterance(client)
+            await node.result(await node.expect("job_assign"), f"n{i}")
+        await client.results(3)
+        await page.wait_for_function("document.querySelector('#jobs-completed').textContent.trim() === '3'",
+                                     timeout=15000)
+        await client.close()
+    await page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)
+    # operator action: drain the node from its row
+    await page.click('tr[data-node-id="dash-node"] button:has-text("Drain")')
+    await page.wait_for_function(
+        "document.querySelector('tr[data-node-id=\"dash-node\"] .state').textContent.includes('draining')",
+        timeout=15000)
+    beat.cancel()
+    await node.close()
+
+
+async def test_client_page_streams_fake_microphone_and_shows_translation(scheduler, spawn, browser) -> None:
+    base = scheduler()
+    spawn("node", "--scheduler", ws(base) + "/ws/node", "--pairs", "zh:en", "--slots", "2", "--sim-speed", "20",
+          name="page-node")
+    page = await browser.new_page(viewport={"width": 1280, "height": 800})
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    await page.goto(base + "/client")
+    await page.fill("#tgts", "en")
+    await page.fill("#src", "zh")
+    await page.click("#start")
+    await page.wait_for_function("document.querySelector('#session-id').textContent.trim().length > 8",
+                                 timeout=15000)
+    # let the fake microphone talk until a couple of seconds of audio went out (about 200 ms a chunk)
+    await page.wait_for_function("parseInt(document.querySelector('#chunks-sent').textContent) >= 12",
+                                 timeout=20000)
+    await page.click("#stop")
+    row = await page.wait_for_selector(".result", timeout=30000)
+    assert await row.get_attribute("data-tgt") == "en"
+    text = await page.inner_text(".result .translated")
+    assert "[sim zh->en]" in text
+    await page.screenshot(path=str(ARTIFACTS / "client.png"), full_page=True)
+    assert errors == []
