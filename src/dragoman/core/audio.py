@@ -9,12 +9,14 @@ Two formats cross the wire (PROTOCOL.md section 2, ``audio_chunk.payload``):
 * ``"pcm16"``: little-endian signed 16-bit mono samples at ``sample_rate``.
 
 Everything here is pure except ``read_wav_pcm16``/``write_wav_pcm16``, which touch only the file
-they are given (stdlib ``wave`` and ``array``; no numpy, so the core stays dependency-free).
+they are given (stdlib ``wave`` and ``array``; no numpy, so the core stays dependency-free). The node
+agent's engines use these helpers too, so framing and duration rules are the same on every side.
 """
 
 from __future__ import annotations
 
 import array
+import io
 import os
 import sys
 import wave
@@ -202,13 +204,28 @@ def read_wav_pcm16(path: str | os.PathLike[str], target_rate: int = DEFAULT_SAMP
     return _samples_to_le(resample_linear(mono, rate, target_rate)), target_rate
 
 
-def write_wav_pcm16(path: str | os.PathLike[str], pcm: bytes, sample_rate: int = DEFAULT_SAMPLE_RATE) -> None:
-    """Write mono pcm16 bytes as a WAV file (the inverse of ``read_wav_pcm16`` at the same rate)."""
+def wav_bytes(pcm16: bytes, sample_rate: int) -> bytes:
+    """Mono pcm16 bytes wrapped in an in-memory WAV container (what clients play as ``"wav"``).
+
+    Raises ``ValueError`` for a non-positive ``sample_rate`` or an odd byte count (a torn sample).
+    """
     _check_sample_rate(sample_rate)
-    if len(pcm) % PCM16_SAMPLE_BYTES:
-        raise ValueError(f"pcm16 audio must have an even byte count, got {len(pcm)}")
-    with wave.open(os.fspath(path), "wb") as wav:
+    if len(pcm16) % PCM16_SAMPLE_BYTES:
+        raise ValueError(f"pcm16 audio must have an even byte count, got {len(pcm16)}")
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as wav:
         wav.setnchannels(1)
         wav.setsampwidth(PCM16_SAMPLE_BYTES)
         wav.setframerate(sample_rate)
-        wav.writeframes(pcm)
+        wav.writeframes(pcm16)
+    return buf.getvalue()
+
+
+def write_wav_pcm16(path: str | os.PathLike[str], pcm: bytes, sample_rate: int = DEFAULT_SAMPLE_RATE) -> None:
+    """Write mono pcm16 bytes as a WAV file (the inverse of ``read_wav_pcm16`` at the same rate).
+
+    Bad audio raises ``ValueError`` (see ``wav_bytes``) before the file is created.
+    """
+    data = wav_bytes(pcm, sample_rate)
+    with open(os.fspath(path), "wb") as f:
+        f.write(data)

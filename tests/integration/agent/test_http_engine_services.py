@@ -7,14 +7,18 @@ Readiness is waited on by polling the socket with a deadline.
 
 from __future__ import annotations
 
+import array
 import base64
+import math
 import socket
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import opuslib_next
 import pytest
 import uvicorn
 from starlette.applications import Starlette
@@ -22,8 +26,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from dragoman.agent.engines.base import EngineJob, frame_opus_packets, wav_bytes
+from dragoman.agent.engines.base import EngineJob
 from dragoman.agent.engines.http import HttpEngine
+from dragoman.core.audio import join_opus, wav_bytes
 
 WAV = wav_bytes(b"\x00\x00" * 1600, 16_000)
 PCM = (b"\x10\x00\xf0\xff" * 8000)[:32_000]  # one second of pcm16 at 16 kHz
@@ -257,9 +262,45 @@ async def test_empty_asr_text_gives_an_empty_ack(engine: HttpEngine, stand_ins: 
 
 
 async def test_opus_without_a_decoder_is_unsupported(engine: HttpEngine, stand_ins: StandIns) -> None:
-    result = await engine.run(job(audio=frame_opus_packets([b"\xfc\xff\xfe"] * 10), audio_format="opus"))
+    assert engine.opus_decoder is None  # the fixture disables decoding explicitly
+    result = await engine.run(job(audio=join_opus([b"\xfc\xff\xfe"] * 10), audio_format="opus"))
 
     assert not result.success and result.error_code == "UNSUPPORTED_AUDIO_FORMAT"
     assert "opuslib" in (result.error_message or "")
     assert_no_text(result)
     assert stand_ins.received["asr"] == []
+
+
+def tone_opus_packets(n_packets: int, hz: float = 440.0) -> list[bytes]:
+    """``n_packets`` real 20 ms Opus packets of a sine at 16 kHz, as a browser would send them."""
+    samples = array.array(
+        "h", (int(8000 * math.sin(2 * math.pi * hz * i / 16_000)) for i in range(320 * n_packets))
+    )
+    if sys.byteorder == "big":
+        samples.byteswap()
+    pcm = samples.tobytes()
+    encoder = opuslib_next.Encoder(16_000, 1, opuslib_next.APPLICATION_VOIP)
+    return [encoder.encode(pcm[i : i + 640], 320) for i in range(0, len(pcm), 640)]
+
+
+async def test_real_opus_is_decoded_to_16k_pcm16_for_asr(
+    stand_in_server: tuple[StandIns, ServerThread], stand_ins: StandIns
+) -> None:
+    url = stand_in_server[1].url
+    eng = HttpEngine(asr_url=url, nmt_url=url, tts_url=url, timeout_s=5.0)  # opus_decoder="auto"
+    packets = tone_opus_packets(10)
+    try:
+        result = await eng.run(job(audio=join_opus(packets), audio_format="opus", sample_rate=48_000))
+    finally:
+        await eng.aclose()
+
+    assert result.success and result.text_translated == "hello world"
+    (asr_body,) = stand_ins.received["asr"]
+    assert (asr_body["audio_format"], asr_body["sample_rate"]) == ("pcm16", 16_000)
+    pcm = base64.b64decode(asr_body["audio"])
+    assert len(pcm) == 640 * len(packets)  # 20 ms per packet at 16 kHz, 2 bytes a sample
+    samples = array.array("h")
+    samples.frombytes(pcm)
+    if sys.byteorder == "big":
+        samples.byteswap()
+    assert max(abs(v) for v in samples[1600:]) > 4000  # the tone came through, not decoded silence

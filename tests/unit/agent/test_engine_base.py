@@ -1,10 +1,11 @@
-"""The engine contract: job/result shapes, the factory, and the shared audio and language helpers."""
+"""The engine contract: job/result shapes, the factory, and the shared language and audio helpers.
+
+Framing, durations and WAV wrapping are dragoman.core.audio's, tested in tests/unit/core/test_audio.py.
+"""
 
 from __future__ import annotations
 
 import base64
-import io
-import wave
 
 import pytest
 
@@ -14,13 +15,10 @@ from dragoman.agent.engines.base import (
     EngineErrorCode,
     EngineJob,
     EngineResult,
-    audio_duration_ms,
-    frame_opus_packets,
     make_engine,
     resolve_target,
     same_language,
-    split_opus_packets,
-    wav_bytes,
+    whole_pcm16_samples,
 )
 from dragoman.agent.engines.simulated import SimulatedEngine
 from dragoman.errors import ConfigError
@@ -48,35 +46,11 @@ def test_exports_are_complete_and_unique() -> None:
 # --- audio helpers ------------------------------------------------------------------------------
 
 
-def test_opus_framing_round_trips() -> None:
-    packets = [b"\x01\x02\x03", b"", b"x" * 300]
-    framed = frame_opus_packets(packets)
-    assert framed[:2] == (3).to_bytes(2, "little")
-    assert split_opus_packets(framed) == packets
-
-
-@pytest.mark.parametrize("data", [b"\x05", b"\x05\x00abc"], ids=["cut-prefix", "cut-packet"])
-def test_truncated_opus_framing_is_rejected(data: bytes) -> None:
-    with pytest.raises(ValueError, match="truncated"):
-        split_opus_packets(data)
-
-
-def test_durations() -> None:
-    assert audio_duration_ms(frame_opus_packets([b"p"] * 50), "opus", 16_000) == 1000
-    assert audio_duration_ms(b"\x00" * 32_000, "pcm16", 16_000) == 1000
-    assert audio_duration_ms(b"\x00" * 32_000, "pcm16", 8_000) == 2000
-    assert audio_duration_ms(b"\x00" * 31, "pcm16", 16_000) == 0  # 15 samples < 1 ms, floored
-    assert audio_duration_ms(b"", "opus", 16_000) == 0
-    with pytest.raises(ValueError, match="audio_format"):
-        audio_duration_ms(b"", "mp3", 16_000)
-    with pytest.raises(ValueError, match="sample_rate"):
-        audio_duration_ms(b"\x00\x00", "pcm16", 0)
-
-
-def test_wav_bytes_is_a_readable_wav() -> None:
-    data = wav_bytes(b"\x01\x00" * 160, 16_000)
-    with wave.open(io.BytesIO(data)) as w:
-        assert (w.getnchannels(), w.getsampwidth(), w.getframerate(), w.getnframes()) == (1, 2, 16_000, 160)
+def test_whole_pcm16_samples_drops_only_a_torn_final_byte() -> None:
+    assert whole_pcm16_samples(b"\x01\x00\x02\x00") == b"\x01\x00\x02\x00"
+    assert whole_pcm16_samples(b"\x01\x00\x02") == b"\x01\x00"
+    assert whole_pcm16_samples(b"\x01") == b""
+    assert whole_pcm16_samples(b"") == b""
 
 
 # --- languages ----------------------------------------------------------------------------------

@@ -12,8 +12,9 @@ from collections.abc import Callable, Sequence
 import httpx
 import pytest
 
-from dragoman.agent.engines.base import EngineJob, frame_opus_packets, wav_bytes
-from dragoman.agent.engines.http import HttpEngine
+from dragoman.agent.engines.base import EngineJob
+from dragoman.agent.engines.http import HttpEngine, OpuslibDecoder, load_opus_decoder
+from dragoman.core.audio import join_opus, wav_bytes
 
 WAV = wav_bytes(b"\x00\x00" * 160, 16_000)
 PCM = b"\x01\x00" * 1600
@@ -116,13 +117,43 @@ async def test_pluggable_opus_decoder_feeds_asr(services: Services) -> None:
     decoder = FakeDecoder()
     engine = make_engine(services)
     engine.opus_decoder = decoder
-    opus = frame_opus_packets([b"p"] * 5)
+    opus = join_opus([b"p"] * 5)
     result = await engine.run(job(audio=opus, audio_format="opus", sample_rate=48_000))
     assert result.success
     assert decoder.calls == [(5, 16_000)]
     asr_body = services.seen[0][1]
     assert base64.b64decode(str(asr_body["audio"])) == b"\x02\x00" * 1600
     assert asr_body["audio_format"] == "pcm16"
+
+
+async def test_zero_length_opus_packet_fails_before_any_request(services: Services) -> None:
+    engine = make_engine(services)
+    engine.opus_decoder = OpuslibDecoder(object())  # never reached: framing is checked first
+    result = await engine.run(job(audio=b"\x01\x00p\x00\x00", audio_format="opus"))
+    assert not result.success and result.error_code == "PROCESSING_ERROR"
+    assert "zero-length packet at byte 3" in (result.error_message or "")
+    assert services.seen == []
+
+
+def test_auto_opus_decoder_prefers_the_bundled_binding() -> None:
+    decoder = load_opus_decoder()
+    assert isinstance(decoder, OpuslibDecoder)
+    assert decoder.module.__name__ == "opuslib_next"
+
+
+def test_opus_decoder_loader_falls_back_in_order_then_gives_none() -> None:
+    decoder = load_opus_decoder(("dragoman_no_such_binding", "opuslib_next"))
+    assert isinstance(decoder, OpuslibDecoder) and decoder.module.__name__ == "opuslib_next"
+    assert load_opus_decoder(("dragoman_no_such_binding", "dragoman_nor_this_one")) is None
+
+
+async def test_engine_default_loads_the_bundled_opus_decoder() -> None:
+    engine = HttpEngine()
+    try:
+        assert isinstance(engine.opus_decoder, OpuslibDecoder)
+        assert engine.opus_decoder.module.__name__ == "opuslib_next"
+    finally:
+        await engine.aclose()
 
 
 async def test_same_language_skips_mt(services: Services) -> None:

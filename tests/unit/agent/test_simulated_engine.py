@@ -11,11 +11,12 @@ import wave
 
 import pytest
 
-from dragoman.agent.engines.base import EngineJob, frame_opus_packets
+from dragoman.agent.engines.base import EngineJob
 from dragoman.agent.engines.simulated import SimulatedEngine
+from dragoman.core.audio import join_opus
 
 ONE_SECOND_PCM = b"\x00\x00" * 16_000
-ONE_SECOND_OPUS = frame_opus_packets([b"\xfc\xff\xfe"] * 50)
+ONE_SECOND_OPUS = join_opus([b"\xfc\xff\xfe"] * 50)
 
 
 class SleepRecorder:
@@ -64,7 +65,7 @@ async def test_text_is_deterministic_and_names_the_utterance() -> None:
         (ONE_SECOND_PCM, "pcm16", 16_000, 1000),
         (ONE_SECOND_PCM, "pcm16", 8_000, 2000),
         (ONE_SECOND_OPUS, "opus", 16_000, 1000),
-        (frame_opus_packets([b"x"] * 3), "opus", 48_000, 60),
+        (join_opus([b"x"] * 3), "opus", 48_000, 60),
     ],
     ids=["pcm16-16k", "pcm16-8k", "opus-50-packets", "opus-3-packets"],
 )
@@ -166,11 +167,22 @@ async def test_fail_rate_is_reproducible_with_a_seed() -> None:
     assert 5 < outcomes[0].count(False) < 35
 
 
-async def test_broken_opus_framing_is_a_processing_error() -> None:
-    sim, _ = engine()
-    result = await sim.run(job(audio=b"\x10\x00abc", audio_format="opus"))
+@pytest.mark.parametrize(
+    ("audio", "message"),
+    [
+        (b"\x10\x00abc", "packet at byte 0 claims 16 bytes but only 3 remain"),
+        (b"\x01\x00a\x07", "truncated length prefix at byte 3"),
+        (b"\x01\x00a\x00\x00", "zero-length packet at byte 3"),  # would count 20 ms that are not there
+    ],
+    ids=["cut-packet", "cut-prefix", "zero-length-packet"],
+)
+async def test_broken_opus_framing_is_a_processing_error(audio: bytes, message: str) -> None:
+    sim, sleep = engine()
+    result = await sim.run(job(audio=audio, audio_format="opus"))
     assert not result.success and result.error_code == "PROCESSING_ERROR"
-    assert "truncated" in (result.error_message or "")
+    assert "invalid opus framing" in (result.error_message or "")
+    assert message in (result.error_message or "")
+    assert sleep.calls == []
 
 
 @pytest.mark.parametrize("options", [{"speed": 0}, {"jitter": 1.5}, {"fail_rate": -0.1}])

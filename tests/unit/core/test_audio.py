@@ -1,8 +1,9 @@
-"""Framing, durations and WAV helpers of dragoman.core.audio."""
+"""Framing, durations and WAV helpers of dragoman.core.audio (shared by the scheduler and node engines)."""
 
 from __future__ import annotations
 
 import array
+import io
 import sys
 import wave
 from pathlib import Path
@@ -22,6 +23,7 @@ from dragoman.core.audio import (
     resample_linear,
     split_opus_frames,
     split_opus_packets,
+    wav_bytes,
     write_wav_pcm16,
 )
 
@@ -149,6 +151,31 @@ class TestWav:
         _write_wav(tmp_path / "w.wav", bytes(width * 10), channels=1, width=width, rate=16_000)
         with pytest.raises(ValueError, match=f"{8 * width}-bit samples are not supported"):
             read_wav_pcm16(tmp_path / "w.wav")
+
+    def test_wav_bytes_is_a_readable_mono_wav(self) -> None:
+        pcm = _pcm([0, 1, -1, 32767, -32768] * 32)
+        with wave.open(io.BytesIO(wav_bytes(pcm, 22_050))) as wav:
+            assert (wav.getnchannels(), wav.getsampwidth(), wav.getframerate()) == (1, 2, 22_050)
+            assert wav.readframes(wav.getnframes()) == pcm
+
+    def test_wav_bytes_is_what_write_wav_pcm16_writes(self, tmp_path: Path) -> None:
+        pcm = _pcm([5, -5, 1000])
+        write_wav_pcm16(tmp_path / "b.wav", pcm, 8000)
+        assert (tmp_path / "b.wav").read_bytes() == wav_bytes(pcm, 8000)
+        assert wav_bytes(b"", 16_000)[:4] == b"RIFF"
+
+    @pytest.mark.parametrize(
+        ("pcm", "rate", "message"),
+        [(b"\x00", 16_000, "even byte count"), (b"\x00\x00", 0, "sample_rate")],
+    )
+    def test_bad_audio_is_rejected_before_any_file_is_made(
+        self, tmp_path: Path, pcm: bytes, rate: int, message: str
+    ) -> None:
+        with pytest.raises(ValueError, match=message):
+            wav_bytes(pcm, rate)
+        with pytest.raises(ValueError, match=message):
+            write_wav_pcm16(tmp_path / "bad.wav", pcm, rate)
+        assert not (tmp_path / "bad.wav").exists()
 
     def test_not_a_wav_is_rejected(self, tmp_path: Path) -> None:
         (tmp_path / "x.wav").write_bytes(b"RIFF\x00\x00\x00\x00JUNKJUNK")

@@ -1,4 +1,4 @@
-"""What every inference engine takes, returns and promises, plus the small audio helpers they share.
+"""What every inference engine takes, returns and promises, plus the small helpers they share.
 
 The node agent turns a ``job_assign`` into an :class:`EngineJob`, awaits ``engine.run(job)`` and turns
 the :class:`EngineResult` into a ``job_result``. Engines are swappable (``make_engine``) so the same
@@ -6,27 +6,21 @@ agent can fake inference for demos and load tests or call a real node's ASR/MT/T
 
 Contract: ``run`` never raises for a bad job or a broken service; it returns a failure result, so the
 agent always has a ``job_result`` to send. Only cancellation (``asyncio.CancelledError``) propagates.
-The audio helpers live here rather than in ``dragoman.core`` so the engines depend on nothing but the
-standard library and httpx.
+Audio framing, durations and WAV wrapping come from :mod:`dragoman.core.audio` (pure stdlib), so the
+engines count and split audio exactly as the scheduler does.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import io
-import wave
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Protocol, runtime_checkable
 
+from dragoman.core.audio import PCM16_SAMPLE_BYTES
 from dragoman.errors import ConfigError
-
-OPUS_FRAME_MS = 20
-"""Plan A framing: every length-prefixed opus packet carries 20 ms of audio."""
-
-AUDIO_FORMATS = ("opus", "pcm16")
 
 
 class EngineErrorCode(StrEnum):
@@ -211,51 +205,11 @@ def resolve_target(job: EngineJob, detected_src: str | None) -> str:
 # --- audio helpers ------------------------------------------------------------------------------
 
 
-def split_opus_packets(data: bytes) -> list[bytes]:
-    """Split Plan A framing (2-byte little-endian length, then the packet) into packets.
+def whole_pcm16_samples(pcm16: bytes) -> bytes:
+    """``pcm16`` cut to whole 2-byte samples: a torn final byte is dropped, not rejected.
 
-    Raises ``ValueError`` on a truncated prefix or packet, since counting a half packet would
-    misreport the duration.
+    ``dragoman.core.audio`` rejects an odd byte count; engines are lenient on purpose, because half a
+    sample at the end of an utterance carries nothing audible and failing the job over it would lose
+    the whole utterance. (The scheduler's segmenter never sends one.)
     """
-    packets: list[bytes] = []
-    pos, total = 0, len(data)
-    while pos < total:
-        if pos + 2 > total:
-            raise ValueError(f"opus framing truncated: length prefix cut at byte {pos}")
-        size = int.from_bytes(data[pos : pos + 2], "little")
-        start, end = pos + 2, pos + 2 + size
-        if end > total:
-            raise ValueError(f"opus framing truncated: packet at byte {pos} needs {size} bytes")
-        packets.append(data[start:end])
-        pos = end
-    return packets
-
-
-def frame_opus_packets(packets: list[bytes]) -> bytes:
-    """The inverse of :func:`split_opus_packets` (used by tests and demo clients)."""
-    return b"".join(len(p).to_bytes(2, "little") + p for p in packets)
-
-
-def audio_duration_ms(audio: bytes, audio_format: str, sample_rate: int) -> int:
-    """Duration of the audio: opus counts packets x 20 ms, pcm16 counts 2-byte mono samples.
-
-    Raises ``ValueError`` for an unknown format, a non-positive sample rate or broken opus framing.
-    """
-    if audio_format == "opus":
-        return len(split_opus_packets(audio)) * OPUS_FRAME_MS
-    if audio_format == "pcm16":
-        if sample_rate <= 0:
-            raise ValueError(f"sample_rate must be positive, got {sample_rate}")
-        return (len(audio) // 2) * 1000 // sample_rate
-    raise ValueError(f"unknown audio_format {audio_format!r}; expected one of {AUDIO_FORMATS}")
-
-
-def wav_bytes(pcm16: bytes, sample_rate: int) -> bytes:
-    """Wrap little-endian int16 mono samples in a WAV container (what clients play as ``"wav"``)."""
-    buf = io.BytesIO()
-    with wave.open(buf, "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(sample_rate)
-        w.writeframes(pcm16)
-    return buf.getvalue()
+    return pcm16[: len(pcm16) - len(pcm16) % PCM16_SAMPLE_BYTES]

@@ -30,14 +30,20 @@ from dragoman.agent.engines.base import (
     EngineResult,
     resolve_target,
     same_language,
-    split_opus_packets,
+    whole_pcm16_samples,
 )
+from dragoman.core.audio import split_opus_packets
 
 DEFAULT_ASR_URL = "http://127.0.0.1:6007"
 DEFAULT_NMT_URL = "http://127.0.0.1:5008"
 DEFAULT_TTS_URL = "http://127.0.0.1:5006"
 ASR_SAMPLE_RATE = 16_000
 """The ASR service takes pcm16 mono at 16 kHz only."""
+OPUS_MAX_FRAME_MS = 120
+"""The longest frame one Opus packet can hold; the decoder's output buffer is sized for it."""
+OPUS_MODULES = ("opuslib_next", "opuslib")
+"""libopus bindings tried in order by ``opus_decoder="auto"``: the bundled one (a project
+dependency that ships libopus), then classic ``opuslib`` over a system libopus. Same API."""
 
 
 class OpusDecoder(Protocol):
@@ -47,25 +53,29 @@ class OpusDecoder(Protocol):
 
 
 class OpuslibDecoder:
-    """:class:`OpusDecoder` over the optional ``opuslib`` package (a libopus binding)."""
+    """:class:`OpusDecoder` over an opuslib-style module (``opuslib_next`` or ``opuslib``)."""
 
     def __init__(self, module: Any) -> None:
-        self._opuslib = module
+        self.module = module
 
     def decode(self, packets: Sequence[bytes], sample_rate: int) -> bytes:
         # A fresh decoder per utterance: opus decoders are stateful and utterances are independent.
-        decoder = self._opuslib.Decoder(sample_rate, 1)
-        frame_size = sample_rate * 20 // 1000
-        return b"".join(decoder.decode(bytes(p), frame_size) for p in packets)
+        decoder = self.module.Decoder(sample_rate, 1)
+        # ``frame_size`` is the output capacity in samples; libopus returns what the packet holds
+        # (20 ms for Plan A), so room for the longest legal frame costs nothing and rejects nothing.
+        max_samples = sample_rate * OPUS_MAX_FRAME_MS // 1000
+        return b"".join(decoder.decode(bytes(p), max_samples) for p in packets)
 
 
-def load_opus_decoder() -> OpusDecoder | None:
-    """An opuslib-backed decoder if ``opuslib`` (and libopus) can be imported, else ``None``."""
-    try:
-        module = importlib.import_module("opuslib")
-    except Exception:  # ImportError, or libopus missing (opuslib raises other errors then)
-        return None
-    return OpuslibDecoder(module)
+def load_opus_decoder(modules: Sequence[str] = OPUS_MODULES) -> OpusDecoder | None:
+    """A decoder over the first of ``modules`` that imports (with its libopus), else ``None``."""
+    for name in modules:
+        try:
+            module = importlib.import_module(name)
+        except Exception:  # ImportError, or libopus missing (the bindings raise other errors then)
+            continue
+        return OpuslibDecoder(module)
+    return None
 
 
 class StageError(Exception):
@@ -83,8 +93,9 @@ class HttpEngine:
 
     Options: service base URLs, ``timeout_s`` (per request) and ``connect_timeout_s``, ``beam_size``
     for ASR, TTS voices (``tts_voices`` by language, else ``tts_default_voice``), and
-    ``opus_decoder``: ``"auto"`` loads opuslib when available, ``None`` disables opus input, or pass
-    any :class:`OpusDecoder`. ``client`` lets tests or callers share a client (then not closed here).
+    ``opus_decoder``: ``"auto"`` loads ``opuslib_next`` (else ``opuslib``; see :data:`OPUS_MODULES`),
+    ``None`` disables opus input, or pass any :class:`OpusDecoder`. ``client`` lets tests or callers
+    share a client (then not closed here).
     """
 
     name = "http"
@@ -188,7 +199,7 @@ class HttpEngine:
                     EngineErrorCode.UNSUPPORTED_SAMPLE_RATE,
                     f"ASR needs {ASR_SAMPLE_RATE} Hz pcm16, job has {job.sample_rate} Hz (no resampling here)",
                 )
-            return job.audio[: len(job.audio) - len(job.audio) % 2]
+            return whole_pcm16_samples(job.audio)
         if job.audio_format != "opus":
             raise StageError(
                 EngineErrorCode.UNSUPPORTED_AUDIO_FORMAT, f"unknown audio_format {job.audio_format!r}"
@@ -202,7 +213,8 @@ class HttpEngine:
         if self.opus_decoder is None:
             raise StageError(
                 EngineErrorCode.UNSUPPORTED_AUDIO_FORMAT,
-                "opus input needs a decoder: install 'opuslib' (and libopus) or send pcm16",
+                "opus input needs a decoder: install 'opuslib-next-bundled' (or 'opuslib' and libopus)"
+                " or send pcm16",
             )
         try:
             return await asyncio.to_thread(self.opus_decoder.decode, packets, ASR_SAMPLE_RATE)

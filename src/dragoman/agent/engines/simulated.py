@@ -20,10 +20,11 @@ from dragoman.agent.engines.base import (
     EngineErrorCode,
     EngineJob,
     EngineResult,
-    audio_duration_ms,
     resolve_target,
-    wav_bytes,
+    whole_pcm16_samples,
 )
+from dragoman.core.audio import duration_ms as audio_duration_ms
+from dragoman.core.audio import wav_bytes
 
 Sleep = Callable[[float], Awaitable[Any]]
 
@@ -84,8 +85,9 @@ class SimulatedEngine:
         return max(0.0, base) / self.speed
 
     async def run(self, job: EngineJob) -> EngineResult:
+        audio = whole_pcm16_samples(job.audio) if job.audio_format == "pcm16" else job.audio
         try:
-            duration_ms = audio_duration_ms(job.audio, job.audio_format, job.sample_rate)
+            duration_ms = audio_duration_ms(job.audio_format, audio, job.sample_rate)
         except ValueError as exc:
             return EngineResult.failure(EngineErrorCode.PROCESSING_ERROR, f"simulated engine: {exc}")
         if duration_ms == 0:
