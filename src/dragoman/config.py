@@ -35,6 +35,8 @@ class Settings:
     default_max_concurrency: int = 4
     reaper_interval_ms: int = 1_000
     node_tokens: tuple[str, ...] = ()
+    operator_tokens: tuple[str, ...] = ()  # guard the operator actions (drain, cancel) when set
+    max_pools_per_node: int = 256
     max_frame_bytes: int = 4 * 1024 * 1024
     node_msgs_per_s: float = 200.0
 
@@ -126,6 +128,11 @@ def _validate(s: Settings) -> None:
                  "default_max_concurrency", "reaper_interval_ms", "queue_max", "pending_timeout_ms"):
         if getattr(s, name) <= 0:
             raise ConfigError(f"setting {name!r} must be positive, got {getattr(s, name)}")
+    # A job's record and audio must outlive every attempt and wait it can have.
+    lifetime = s.max_attempts * (s.job_timeout_ms + s.pending_timeout_ms) + s.node_ttl_ms
+    if s.job_ttl_ms < lifetime:
+        raise ConfigError(f"setting 'job_ttl_ms' must be at least max_attempts x (job_timeout_ms + "
+                          f"pending_timeout_ms) + node_ttl_ms = {lifetime}, got {s.job_ttl_ms}")
     if not s.cells:
         raise ConfigError("setting 'cells' needs at least one cell name")
     for cell in s.cells:

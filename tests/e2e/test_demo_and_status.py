@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 
@@ -25,8 +26,8 @@ def test_demo_runs_to_summary_with_every_slot_returned() -> None:
 async def test_status_shows_nodes_and_metrics_move(scheduler) -> None:
     base = scheduler()
     node = await ScriptedNode.connect(ws(base), node_id="shown-node", slots=3)
-    out = subprocess.run([sys.executable, "-m", "dragoman.cli.main", "status", "--url", base],
-                         capture_output=True, text=True, timeout=60)
+    out = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "dragoman.cli.main", "status", "--url", base],
+                                  capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert "shown-node" in out.stdout and "zh>en" in out.stdout
     async with httpx.AsyncClient() as c:

@@ -10,7 +10,15 @@ import pytest
 
 from dragoman.client import SessionClient
 from dragoman.core.audio import join_opus, pcm16_silence
-from dragoman.wire import ErrorMessage, MissingResult, TranslationResult, UiEvent
+from dragoman.wire import (
+    ClientHeartbeat,
+    ErrorMessage,
+    MissingResult,
+    ServerHeartbeat,
+    TranslationResult,
+    UiEvent,
+    Utterance,
+)
 from tests.e2e.peers import ScriptedNode
 from tests.e2e.test_node_plane import one_utterance, slots_used, ws
 from tests.helpers import wait_for
@@ -75,7 +83,8 @@ async def test_no_node_for_the_pair(scheduler) -> None:
         await one_utterance(client)
         (err,) = await client.results(1)
         assert isinstance(err, ErrorMessage) and err.code == "NO_AVAILABLE_NODE"
-        assert err.details == {"utterance_index": 0, "tgt_lang": "ko", "job_id": err.details["job_id"]}
+        assert err.details == {"utterance_index": 0, "tgt_lang": "ko", "job_id": err.details["job_id"],
+                               "trace_id": client.trace_id}
         ui = await client.wait_for((UiEvent,))
         assert ui.event == "ERROR" and ui.error_code == "NO_AVAILABLE_NODE"
 
@@ -187,3 +196,41 @@ async def test_bad_session_input(scheduler) -> None:
         await client.transport.send('{"type":"audio_chunk","seq":-1,"is_final":false}')
         err = await client.wait_for((ErrorMessage,))
         assert err.code == "INVALID_MESSAGE"
+        await client.transport.send(b"\x00binary")
+        err = await client.wait_for((ErrorMessage,))
+        assert err.code == "INVALID_MESSAGE" and "binary" in err.message
+        await client.send(Utterance(utterance_index=0, src_lang="zh", tgt_lang="en", audio="AAAA"))
+        err = await client.wait_for((ErrorMessage,))
+        assert "do not mix" in err.message
+        # the connection survived all of it
+        await client.send(ClientHeartbeat(session_id=client.session_id, timestamp=1))
+        await client.wait_for((ServerHeartbeat,))
+
+
+async def test_two_scheduler_processes_share_one_redis(scheduler) -> None:
+    """A node on one process, a session on another: jobs and results cross through Redis."""
+    node_side, session_side = scheduler(), scheduler()
+    node = await ScriptedNode.connect(ws(node_side), node_id="far-node", pairs=(("en", "de"),))
+    beat = asyncio.create_task(node.keep_alive())
+    async with SessionClient.connect(ws(session_side) + "/ws/session", src_lang="en", tgt_langs=["de"]) as client:
+        for i in range(3):
+            await one_utterance(client)
+            a = await node.expect("job_assign")
+            assert a["utterance_index"] == i
+            await node.result(a, f"fern{i}")
+        results = await client.results(3)
+        assert [r.text_translated for r in results] == ["de:fern0", "de:fern1", "de:fern2"]
+        await client.close()
+    beat.cancel()
+    assert await slots_used(node_side) == 0
+
+
+async def test_operator_actions_need_the_operator_token(scheduler) -> None:
+    base = scheduler(DRAGOMAN_OPERATOR_TOKENS="op-secret")
+    node = await ScriptedNode.connect(ws(base), node_id="guarded")
+    async with httpx.AsyncClient() as c:
+        refused = await c.post(base + "/api/v1/nodes/guarded/drain")
+        assert refused.status_code == 401
+        ok = await c.post(base + "/api/v1/nodes/guarded/drain", headers={"Authorization": "Bearer op-secret"})
+        assert ok.status_code == 200 and ok.json()["state"] == "draining"
+    await node.close()

@@ -91,6 +91,14 @@ async def stats(request: Request) -> Response:
     return JSONResponse({"counters": await hub.store.stats(), "slots": report, "latency": hub.metrics.snapshot()})
 
 
+def _operator_refused(request: Request) -> JSONResponse | None:
+    """Operator actions need an operator token when ``operator_tokens`` is configured."""
+    tokens = _hub(request).settings.operator_tokens
+    if tokens and bearer(request, "token") not in tokens:
+        return _error(401, "UNAUTHORIZED", "operator actions need a valid operator token")
+    return None
+
+
 async def drain_node(request: Request) -> Response:
     return await _drain(request, True)
 
@@ -100,6 +108,8 @@ async def undrain_node(request: Request) -> Response:
 
 
 async def _drain(request: Request, on: bool) -> Response:
+    if (refused := _operator_refused(request)) is not None:
+        return refused
     hub = _hub(request)
     try:
         reply = await hub.store.drain(request.path_params["node_id"], on=on, source="operator")
@@ -112,6 +122,8 @@ async def _drain(request: Request, on: bool) -> Response:
 
 
 async def cancel_job(request: Request) -> Response:
+    if (refused := _operator_refused(request)) is not None:
+        return refused
     hub = _hub(request)
     reply = await hub.store.cancel(request.path_params["job_id"])
     if reply.status == "unknown":
@@ -201,11 +213,16 @@ async def translate(request: Request) -> Response:
     parameters. Answers every target's outcome in one JSON document."""
     hub = _hub(request)
     keys = hub.settings.api_keys
-    if keys and bearer(request, "api_key") not in keys:  # type: ignore[arg-type]
+    if keys and bearer(request, "api_key") not in keys:
         return _error(401, "UNAUTHORIZED", "missing or wrong API key")
-    body = await request.body()
-    if len(body) > hub.settings.max_frame_bytes:
+    limit = hub.settings.max_frame_bytes
+    if int(request.headers.get("content-length") or 0) > limit:
         return _error(413, "INVALID_MESSAGE", "request body too large")
+    body = bytearray()
+    async for part in request.stream():
+        body += part
+        if len(body) > limit:
+            return _error(413, "INVALID_MESSAGE", "request body too large")
     try:
         if request.headers.get("content-type", "").startswith("application/json"):
             try:
@@ -216,10 +233,10 @@ async def translate(request: Request) -> Response:
         else:
             req = dict(request.query_params)
             req.setdefault("audio_format", "wav")
-            audio = body
+            audio = bytes(body)
         fmt = req.get("audio_format", "wav")
         if fmt == "wav":
-            audio, fmt = _wav_to_pcm16(audio), "pcm16"
+            audio, fmt = await asyncio.to_thread(_wav_to_pcm16, audio), "pcm16"
         if fmt not in ("pcm16", "opus"):
             raise ProtocolError("audio_format must be wav, pcm16 or opus")
         if not audio:

@@ -34,14 +34,30 @@ log = structlog.get_logger(__name__)
 def assign_frame(job_data: str, job_id: str, attempt: int) -> str:
     """The stored job_assign body lacks job_id and attempt_id (the job id names the cell the job
     landed in; the attempt changes on reassignment): splice them in without re-encoding the audio."""
-    return '{"job_id":"%s","attempt_id":%d,%s' % (job_id, attempt, job_data[1:])
+    return f'{{"job_id":"{job_id}","attempt_id":{attempt},{job_data[1:]}'
 
 
 class NodeSocket:
-    __slots__ = ("node_id", "conn", "link")
+    """A node socket held here. Frames for it wait in ``held`` until its node_register_ack is sent:
+    a job may be assigned to it (by any process) while the register script is still answering."""
+
+    __slots__ = ("node_id", "conn", "link", "held")
 
     def __init__(self, node_id: str, conn: str, link: Link) -> None:
         self.node_id, self.conn, self.link = node_id, conn, link
+        self.held: list[str] | None = []
+
+    def send(self, text: str) -> None:
+        if self.held is not None:
+            self.held.append(text)
+        else:
+            self.link.send(text)
+
+    def open(self) -> None:
+        """The ack went out: send what waited, then send directly."""
+        held, self.held = self.held or [], None
+        for text in held:
+            self.link.send(text)
 
 
 class Hub:
@@ -93,18 +109,22 @@ class Hub:
             await asyncio.sleep(every if pause is None else pause)
 
     async def _reap_once(self) -> float | None:
-        replies = await self.store.reap()
-        for reply in replies:
+        more = False
+        for cell in self.store.cell_names:  # deliver each cell's committed effects before the next call
+            reply = await self.store.reap_cell(cell)
             self.metrics.reaped_reply(reply)
             await self.deliver(reply.effects)
-        return 0.0 if any(r.more for r in replies) else None
+            more = more or reply.more
+        return 0.0 if more else None
 
     async def _touch_once(self) -> float | None:
         await self.store.touch_proc()
         return None
 
     async def _inbox_loop(self, cell: str) -> None:
-        last_id = "$"
+        # From the start of the stream, not "$": this process's id is new, so its stream holds only
+        # entries for it, and "$" would skip whatever arrives between two blocking reads.
+        last_id = "0-0"
         failures = 0
         while True:
             try:
@@ -120,30 +140,34 @@ class Hub:
                 continue
             for entry_id, effect in entries:
                 last_id = entry_id
-                try:
-                    await self.deliver([effect])
-                except Exception:
-                    log.exception("inbox effect failed", effect=effect.kind, job=effect.job)
+                await self.deliver([effect])
 
     # ------------------------------------------------------------------ delivery
     async def deliver(self, effects: list[Effect], payloads: dict[str, str] | None = None) -> None:
         """Carry out effects for sockets this process holds. An effect for a socket that has gone
-        is dropped: the lease rules recover the job, or the session is gone with nobody to tell."""
+        is dropped: the lease rules recover the job, or the session is gone with nobody to tell.
+        One effect failing (Redis gone while fetching job data) does not stop the others."""
         for effect in effects:
-            if effect.kind == "assign":
-                await self._send_assign(effect, payloads)
-            elif effect.kind == "cancel":
-                node = self.nodes.get(effect.node)
-                if node is not None:
-                    node.link.send(encode(JobCancel(job_id=effect.job, reason=effect.reason or None)))
-            elif effect.kind == "outcome":
-                self.metrics.outcome(effect)
-                actor = self.sessions.get(effect.session)
-                if actor is not None:
-                    payload = effect.payload if effect.payload is not None else (payloads or {}).get(effect.job)
-                    actor.post_outcome(effect, payload)
-            else:
-                log.warning("unknown effect", effect=effect.kind)
+            try:
+                await self._deliver_one(effect, payloads)
+            except Exception:
+                log.exception("effect not delivered", effect=effect.kind, job=effect.job)
+
+    async def _deliver_one(self, effect: Effect, payloads: dict[str, str] | None) -> None:
+        if effect.kind == "assign":
+            await self._send_assign(effect, payloads)
+        elif effect.kind == "cancel":
+            node = self.nodes.get(effect.node)
+            if node is not None:
+                node.send(encode(JobCancel(job_id=effect.job, reason=effect.reason or None)))
+        elif effect.kind == "outcome":
+            self.metrics.outcome(effect)
+            actor = self.sessions.get(effect.session)
+            if actor is not None:
+                payload = effect.payload if effect.payload is not None else (payloads or {}).get(effect.job)
+                actor.post_outcome(effect, payload)
+        else:
+            log.warning("unknown effect", effect=effect.kind)
 
     async def _send_assign(self, effect: Effect, payloads: dict[str, str] | None) -> None:
         node = self.nodes.get(effect.node)
@@ -155,7 +179,7 @@ class Hub:
             return
         if effect.attempt > 1:
             self.metrics.reassignments.inc()
-        node.link.send(assign_frame(data, effect.job, effect.attempt))
+        node.send(assign_frame(data, effect.job, effect.attempt))
 
     # ------------------------------------------------------------------ views
     def session_rows(self) -> list[dict[str, Any]]:

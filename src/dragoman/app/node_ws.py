@@ -9,10 +9,11 @@ from typing import TYPE_CHECKING
 
 import msgspec
 import structlog
+from starlette.requests import HTTPConnection
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from dragoman.core.pools import pools_for_pairs
-from dragoman.errors import DependencyDown, ProtocolError, ScriptError
+from dragoman.errors import DependencyDown, DragomanError, ProtocolError, ScriptError
 from dragoman.wire import (
     JobAck,
     JobResult,
@@ -35,10 +36,24 @@ if TYPE_CHECKING:
     from .hub import Hub
 
 log = structlog.get_logger(__name__)
-MAX_STRIKES = 20  # invalid frames tolerated before the connection is closed
+MAX_STRIKES = 20  # consecutive invalid frames tolerated before the connection is closed
+# Error codes a node may report that reach the client and the counters as they are; anything else
+# is counted as PROCESSING_ERROR (the node's own code still reaches the client, in details).
+NODE_ERROR_CODES = frozenset({"PROCESSING_ERROR", "MODEL_NOT_AVAILABLE", "NODE_OVERLOADED", "NODE_UNAVAILABLE",
+                              "JOB_TIMEOUT", "INVALID_MESSAGE", "INTERNAL_ERROR"})
 
 
-def bearer(ws: WebSocket, query_name: str) -> str:
+async def receive_text(ws: WebSocket) -> str:
+    """The next text frame. A binary frame is a protocol error (answered, connection kept)."""
+    message = await ws.receive()
+    if message["type"] == "websocket.disconnect":
+        raise WebSocketDisconnect(message.get("code", 1000))
+    if message.get("text") is not None:
+        return str(message["text"])
+    raise ProtocolError("binary frames are not part of the protocol: send JSON text frames")
+
+
+def bearer(ws: HTTPConnection, query_name: str) -> str:
     auth = ws.headers.get("authorization", "")
     if auth.lower().startswith("bearer "):
         return auth[7:].strip()
@@ -63,7 +78,8 @@ class RateLimiter:
 
 def job_outcome(msg: JobResult) -> tuple[str, str]:
     if not msg.success:
-        return "failed", (msg.error.code if msg.error else "") or "PROCESSING_ERROR"
+        code = (msg.error.code if msg.error else "") or "PROCESSING_ERROR"
+        return "failed", code if code in NODE_ERROR_CODES else "PROCESSING_ERROR"
     if msg.extra_reason in ("ASR_EMPTY", "NO_TEXT_ASSIGNED"):
         return "completed_empty", ""
     return "completed", ""
@@ -91,17 +107,20 @@ class NodeConnection:
         self.hub.metrics.open_sockets.labels("node").inc()
         try:
             while not self.link.closed.is_set():
-                text = await self.ws.receive_text()
-                if not self.limiter.allow():
-                    self.reject("RATE_LIMITED", "too many messages; slow down")
-                    continue
                 try:
+                    text = await receive_text(self.ws)
+                    if not self.limiter.allow():
+                        raise ProtocolError("too many messages; slow down", code="RATE_LIMITED")
                     msg = decode_node(text)
+                    self.strikes = 0
                     await self.handle(msg)
                 except ProtocolError as exc:
                     self.reject(exc.code, exc.message)
                 except DependencyDown as exc:
                     self.link.send(error_frame("SCHEDULER_DEPENDENCY_DOWN", str(exc)))
+                except DragomanError as exc:
+                    log.error("node frame failed", node=self.node_id, error=str(exc))
+                    self.link.send(error_frame("INTERNAL_ERROR", "the scheduler could not handle that frame"))
                 if self.strikes > MAX_STRIKES:
                     log.warning("closing misbehaving node connection", node=self.node_id)
                     break
@@ -117,17 +136,16 @@ class NodeConnection:
         self.link.send(error_frame(code, message))
 
     async def disconnected(self) -> None:
+        if self.node_id is not None:
+            current = self.hub.nodes.get(self.node_id)
+            if current is not None and current.conn == self.conn:
+                del self.hub.nodes[self.node_id]
+            try:  # first, so nothing more is assigned to a socket that is gone
+                reply = await self.hub.store.node_offline(self.node_id, conn=self.conn, reason="socket_closed")
+                await self.hub.deliver(reply.effects)
+            except Exception as exc:  # the heartbeat deadline will take the node down instead
+                log.warning("node_offline failed", node=self.node_id, error=str(exc))
         await self.link.flush_and_close(timeout=1.0)
-        if self.node_id is None:
-            return
-        current = self.hub.nodes.get(self.node_id)
-        if current is not None and current.conn == self.conn:
-            del self.hub.nodes[self.node_id]
-        try:
-            reply = await self.hub.store.node_offline(self.node_id, conn=self.conn, reason="socket_closed")
-            await self.hub.deliver(reply.effects)
-        except Exception as exc:  # the heartbeat deadline will take the node down instead
-            log.warning("node_offline failed", node=self.node_id, error=str(exc))
 
     def _require_node(self, node_id: str) -> str:
         if self.node_id is None:
@@ -160,22 +178,33 @@ class NodeConnection:
         if self.node_id is not None and node_id != self.node_id:
             raise ProtocolError("a connection registers one node; reconnect to register another")
         pools = pools_for_pairs(pairs)
+        if len(pools) > self.hub.settings.max_pools_per_node:
+            raise ProtocolError(f"node_register: {len(pools)} pools (language pairs) is more than the "
+                                f"{self.hub.settings.max_pools_per_node} allowed per node; send language_pairs")
         max_c = msg.max_concurrency or self.hub.settings.default_max_concurrency
         info = {"version": msg.version, "platform": msg.platform, "pairs": [list(p) for p in pairs],
                 "hardware": msgspec.to_builtins(msg.hardware) if msg.hardware else None,
                 "services": [s.type for s in msg.installed_services]}
+        # Known to this process before the script runs: a job assigned to it meanwhile is held, not lost.
+        sock = NodeSocket(node_id, self.conn, self.link)
+        previous = self.hub.nodes.get(node_id)
+        self.hub.nodes[node_id] = sock
         try:
             reply = await self.hub.store.register_node(node_id, conn=self.conn, max_concurrency=max_c,
                                                        pools=pools, info=info)
         except (ValueError, ScriptError) as exc:
+            if previous is not None:
+                self.hub.nodes[node_id] = previous
+            else:
+                self.hub.nodes.pop(node_id, None)
             raise ProtocolError(f"node_register: {exc}") from None
         self.node_id, self.register_msg, self.pools = node_id, msg, pools
         self.explicit_pairs = msg.language_pairs is not None
-        self.hub.nodes[node_id] = NodeSocket(node_id, self.conn, self.link)
         s = self.hub.settings
         self.link.send(encode(NodeRegisterAck(node_id=node_id, message="registered", status="ready",
                                               heartbeat_interval_ms=s.heartbeat_interval_ms,
                                               lease_ms=s.job_timeout_ms)))
+        sock.open()
         log.info("node registered", node=node_id, pools=pools, max_concurrency=max_c,
                  reconnected=reply.reconnected)
         await self.hub.deliver(reply.effects)
@@ -202,10 +231,11 @@ class NodeConnection:
         payload = encode(msg)
         reply = await self.hub.store.complete(msg.job_id, node_id, msg.attempt_id, outcome, code, payload)
         if reply.status == "rejected":
+            # Counted and logged, answered so the node knows, but no strike: late results are normal.
             self.hub.metrics.stale_results.labels(reply.reason).inc()
             log.info("result rejected", node=node_id, job=msg.job_id, attempt=msg.attempt_id, reason=reply.reason)
-            self.reject("INVALID_MESSAGE", f"job_result for {msg.job_id} attempt {msg.attempt_id} rejected: "
-                        f"{reply.reason} (not the job's current holder and attempt)")
+            self.link.send(error_frame("INVALID_MESSAGE", f"job_result for {msg.job_id} attempt {msg.attempt_id} "
+                                       f"rejected: {reply.reason} (not the job's current holder and attempt)"))
             return
         if reply.status == "duplicate":
             self.hub.metrics.stale_results.labels("duplicate").inc()

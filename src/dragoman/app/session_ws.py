@@ -15,7 +15,7 @@ from dragoman.sessions.actor import SessionActor, SessionSpec
 from dragoman.wire import SessionInit, decode_session, error_frame
 
 from .links import Link
-from .node_ws import MAX_STRIKES, bearer
+from .node_ws import MAX_STRIKES, bearer, receive_text
 
 if TYPE_CHECKING:
     from .hub import Hub
@@ -39,7 +39,7 @@ async def session_endpoint(ws: WebSocket) -> None:
     strikes = 0
     try:
         while not link.closed.is_set():
-            receive = asyncio.ensure_future(ws.receive_text())
+            receive = asyncio.ensure_future(receive_text(ws))
             waiters: set[asyncio.Future[object]] = {receive}  # type: ignore[arg-type]
             if task is not None:
                 waiters.add(task)  # type: ignore[arg-type]
@@ -49,8 +49,8 @@ async def session_endpoint(ws: WebSocket) -> None:
                 with contextlib.suppress(asyncio.CancelledError, WebSocketDisconnect, RuntimeError):
                     await receive
                 break
-            text = receive.result()
             try:
+                text = receive.result()
                 msg = decode_session(text)
                 if actor is None:
                     if not isinstance(msg, SessionInit):
@@ -63,7 +63,9 @@ async def session_endpoint(ws: WebSocket) -> None:
                     actor.ack()
                     task = asyncio.create_task(actor.run(), name=f"session:{actor.spec.session_id[:8]}")
                 else:
+                    await actor.frame_slots.acquire()
                     actor.post_frame(msg)
+                strikes = 0
             except ProtocolError as exc:
                 strikes += 1
                 hub.metrics.invalid_frames.labels("session").inc()
@@ -77,8 +79,10 @@ async def session_endpoint(ws: WebSocket) -> None:
         if actor is not None:
             actor.post_disconnect()
             if task is not None:
-                with contextlib.suppress(Exception):
+                try:
                     await asyncio.wait_for(task, 5)
+                except Exception as exc:  # the actor logged its own failure; note the cleanup
+                    log.warning("session actor ended with an error", session=actor.spec.session_id, error=repr(exc))
             hub.sessions.pop(actor.spec.session_id, None)
             hub.sessions_per_key[key] = max(0, hub.sessions_per_key.get(key, 1) - 1)
         await link.flush_and_close(timeout=2.0)

@@ -37,7 +37,7 @@ from dragoman.embedded import EmbeddedServer, free_port
 from dragoman.logging import setup_logging
 from dragoman.server import build_server
 from dragoman.store.api import Store
-from dragoman.wire import ErrorMessage, MissingResult, SessionCloseAck, TranslationResult
+from dragoman.wire import ErrorMessage, SessionCloseAck, TranslationResult
 
 AUDIO = Path(__file__).resolve().parents[1] / "demo" / "audio"
 
@@ -96,7 +96,7 @@ async def speaker(url: str, clip: str, src: str, tgts: list[str], fmt: str, unti
                                          sample_rate=rate) as client:
             sent_at: dict[int, float] = {}
 
-            async def listen() -> None:
+            async def listen(sent_at: dict[int, float] = sent_at) -> None:
                 async for msg in client.follow():
                     if isinstance(msg, SessionCloseAck):
                         return

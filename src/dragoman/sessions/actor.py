@@ -126,6 +126,11 @@ class SessionActor:
         self.orderer: ResultOrderer[list[Message]] = ResultOrderer(gap_ms=s.result_gap_ms)
         self.jobs: dict[str, _Job] = {}
         self.inbox: asyncio.Queue[tuple[str, Any, Any]] = asyncio.Queue()
+        # Client frames waiting in the inbox are bounded: the socket reader takes a slot before
+        # posting one, so a client that sends faster than we dispatch is slowed down by TCP.
+        self.frame_slots = asyncio.Semaphore(64)
+        self.streaming: bool | None = None  # audio_chunk (True) or whole utterances (False)
+        self._last_client_index = -1
         self.opened_at_ms = int(time.time() * 1000)
         self.utterances = 0
         self.closing_deadline: int | None = None
@@ -136,6 +141,7 @@ class SessionActor:
 
     # ------------------------------------------------------------------ inbox
     def post_frame(self, msg: Message) -> None:
+        """Post a client frame (the caller holds one of ``frame_slots``; it is released when handled)."""
         self.inbox.put_nowait(("frame", msg, None))
 
     def post_outcome(self, effect: Effect, payload: str | None) -> None:
@@ -164,15 +170,34 @@ class SessionActor:
                     await self._tick()
                 else:
                     if kind == "gone":
+                        await self._abandon_waiting_jobs()
                         return
                     if kind == "frame":
-                        await self._on_frame(item)
+                        try:
+                            await self._on_frame(item)
+                        finally:
+                            self.frame_slots.release()
                     else:
                         self._on_outcome(item, extra)
                 if self._maybe_finish():
                     return
+        except Exception:
+            log.exception("session actor failed", session=self.spec.session_id)
+            self.error("INTERNAL_ERROR", "the session failed; please reconnect")
+            raise
         finally:
             self.finished.set()
+
+    async def _abandon_waiting_jobs(self) -> None:
+        """The client went away: jobs already running finish and free their slots, but jobs still
+        waiting in a queue would take a slot for nobody, so they are cancelled."""
+        for job_id in list(self.jobs):
+            try:
+                job = await self.hub.store.job(job_id)
+                if job is not None and job.get("state") == "queued":
+                    await self.hub.store.cancel(job_id, "SESSION_CLOSED")
+            except DragomanError as exc:
+                log.warning("could not cancel a waiting job", job=job_id, error=str(exc))
 
     def _next_deadline(self) -> int | None:
         times = [t for t in (self.segmenter.next_deadline_ms(), self.orderer.next_deadline_ms(),
@@ -231,9 +256,19 @@ class SessionActor:
         except ProtocolError as exc:
             self.error(exc.code, exc.message)
 
+    def _mode(self, streaming: bool) -> None:
+        """A session either streams audio (the scheduler numbers utterances) or sends whole
+        utterances (the client numbers them); mixing the two would mix two numberings."""
+        if self.streaming is None:
+            self.streaming = streaming
+        elif self.streaming != streaming:
+            raise ProtocolError("this session " + ("streams audio_chunk" if self.streaming else "sends utterance")
+                                + " messages; do not mix audio_chunk and utterance in one session")
+
     async def _on_chunk(self, msg: AudioChunk) -> None:
         if self.closing_deadline is not None:
             raise ProtocolError("session is closing", code="SESSION_CLOSED")
+        self._mode(streaming=True)
         if not self._rate_ok():
             self.send(Backpressure(action="SLOW_DOWN", resume_after_ms=1000, message="too many chunks"))
             raise ProtocolError("audio_chunk rate limit exceeded; chunk dropped", code="RATE_LIMITED")
@@ -249,6 +284,9 @@ class SessionActor:
 
     async def _on_utterance(self, msg: Utterance) -> None:
         """A client-cut utterance: one job per target, numbered by the client."""
+        if self.closing_deadline is not None:
+            raise ProtocolError("session is closing", code="SESSION_CLOSED")
+        self._mode(streaming=False)
         try:
             audio = base64.b64decode(msg.audio, validate=True)
         except (binascii.Error, ValueError):
@@ -262,11 +300,14 @@ class SessionActor:
         now = now_ms()
         cut = Cut(index=msg.utterance_index, audio=audio, duration_ms=0, reason="final",  # type: ignore[arg-type]
                   turn_id=None, started_at_ms=now, ended_at_ms=now)
-        try:
-            for tgt in self.spec.tgt_langs:
-                self.orderer.expect(tgt, msg.utterance_index, now)
-        except ValueError as exc:
-            raise ProtocolError(f"utterance_index: {exc}") from None
+        owed = self.orderer.unsettled()
+        last = max((i for _, i in owed), default=-1)
+        if msg.utterance_index <= max(last, self._last_client_index):
+            raise ProtocolError(f"utterance_index must increase: {msg.utterance_index} after "
+                                f"{max(last, self._last_client_index)}")
+        self._last_client_index = msg.utterance_index
+        for tgt in self.spec.tgt_langs:
+            self.orderer.expect(tgt, msg.utterance_index, now)
         await self._dispatch(cut, expected=True)
 
     async def _on_close(self) -> None:
@@ -335,10 +376,13 @@ class SessionActor:
                                        message=f"queue full for {spec.pool}"))
             await self.hub.deliver(reply.effects, payloads={reply.job_id: data})
 
-    def _failure(self, code: str, message: str, utt: int, tgt: str, job_id: str | None) -> list[Message]:
-        details: dict[str, Any] = {"utterance_index": utt, "tgt_lang": tgt}
+    def _failure(self, code: str, message: str, utt: int, tgt: str, job_id: str | None,
+                 node_code: str | None = None) -> list[Message]:
+        details: dict[str, Any] = {"utterance_index": utt, "tgt_lang": tgt, "trace_id": self.spec.trace_id}
         if job_id:
             details["job_id"] = job_id
+        if node_code and node_code != code:
+            details["node_error_code"] = node_code
         return [
             ErrorMessage(code=code, message=message, details=details),
             UiEvent(trace_id=self.spec.trace_id, session_id=self.spec.session_id, job_id=job_id or "",
@@ -385,9 +429,11 @@ class SessionActor:
             "NODE_OVERLOADED": "every node of the pool is busy and its queue is full",
             "JOB_CANCELLED": "the job was cancelled",
         }.get(code, "the job failed")
-        if result is not None and result.error is not None and result.error.message:
-            message = result.error.message
-        return self._failure(code, message, utt, job.tgt, effect.job)
+        node_code = None
+        if result is not None and result.error is not None:
+            message = result.error.message or message
+            node_code = result.error.code
+        return self._failure(code, message, utt, job.tgt, effect.job, node_code)
 
     def _settle(self, tgt: str, utt: int, messages: list[Message]) -> None:
         self._deliver(self.orderer.push(tgt, utt, messages, now_ms()))

@@ -104,10 +104,12 @@ class Store:
 
     @classmethod
     def from_url(cls, url: str, settings: Settings, proc: str | None = None, cluster: bool = False) -> Store:
+        # Timeouts above the inbox's 1 s blocking read: a stalled Redis becomes DependencyDown, not a hang.
+        timeouts = {"socket_timeout": 5.0, "socket_connect_timeout": 3.0}
         if cluster:
-            client: Any = RedisCluster.from_url(url, decode_responses=False)
+            client: Any = RedisCluster.from_url(url, decode_responses=False, **timeouts)
         else:
-            client = aioredis.Redis.from_url(url, decode_responses=False, health_check_interval=10)
+            client = aioredis.Redis.from_url(url, decode_responses=False, health_check_interval=10, **timeouts)
         return cls(client, settings, proc)
 
     async def aclose(self) -> None:
@@ -193,8 +195,8 @@ class Store:
         check_name("session_id", spec.session_id)
         s = self.settings
         cells = self._cells_to_try(spec)
-        if len(cells) > 1:
-            serving = [ck for ck in cells if await self.client.sismember(ck.pools, spec.pool)]
+        if len(cells) > 1:  # a hint only: each script decides for itself
+            serving = [ck for ck in cells if await self.client.zcard(ck.pool(spec.pool)) > 0]
             cells = serving or cells[:1]
         reply: Reply | None = None
         for i, ck in enumerate(cells):
@@ -231,8 +233,12 @@ class Store:
             return Reply(status="unknown")
         return await self._call("cancel_job", ck, [ck.nodes, ck.job(job_id)], [self.proc, job_id, code])
 
+    async def reap_cell(self, cell: str, batch: int = 100) -> Reply:
+        ck = self.cells[cell]
+        return await self._call("reap", ck, [ck.nodes], [self.proc, batch])
+
     async def reap(self, batch: int = 100) -> list[Reply]:
-        return [await self._call("reap", ck, [ck.nodes], [self.proc, batch]) for ck in self.cells.values()]
+        return [await self.reap_cell(cell, batch) for cell in self.cell_names]
 
     async def touch_proc(self, ttl_ms: int | None = None) -> None:
         for ck in self.cells.values():
@@ -269,14 +275,13 @@ class Store:
         return {_text(k): _text(v) for k, v in raw.items()} if raw else None
 
     async def nodes(self) -> list[dict[str, str]]:
-        """Every node known to the cells, live or recently offline (SCAN: an operator view)."""
+        """Every live node and every node offline for less than an hour (operators' view)."""
         out = []
         for ck in self.cells.values():
-            async for key in self.client.scan_iter(match=ck.base + "node:*", count=500):
-                k = _text(key)
-                if k.endswith(":jobs"):
-                    continue
-                raw = await self.client.hgetall(k)
+            ids = {_text(n) for n in await self.client.zrange(ck.nodes, 0, -1)}
+            ids |= {_text(n) for n in await self.client.zrange(ck.offline, 0, -1)}
+            for nid in sorted(ids):
+                raw = await self.client.hgetall(ck.node(nid))
                 if raw:
                     out.append({_text(a): _text(b) for a, b in raw.items()} | {"cell": ck.cell})
         return sorted(out, key=lambda n: n.get("id", ""))

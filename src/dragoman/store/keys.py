@@ -65,6 +65,10 @@ class CellKeys:
         return self.base + "procs"
 
     @property
+    def offline(self) -> str:  # zset node_id -> when it went offline (kept an hour, for operators)
+        return self.base + "offline"
+
+    @property
     def clock(self) -> str:  # test-only clock offset (ms) added to the server's TIME
         return self.base + "clock"
 

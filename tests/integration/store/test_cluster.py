@@ -75,6 +75,8 @@ async def test_full_lifecycle_on_a_cluster(cstore: Store) -> None:
 async def test_cross_process_inbox_on_a_cluster(cstore: Store, cluster: EmbeddedCluster) -> None:
     other = Store.from_url(cluster.url, Settings(cells=CELLS), proc="p2", cluster=True)
     try:
+        await cstore.touch_proc()
+        await other.touch_proc()
         await other.register_node("far", conn="c", max_concurrency=1, pools=["de>en"])
         d = await cstore.dispatch(JobSpec(pool="de>en", session_id="s", utterance_index=0, tgt_lang="en",
                                           data='{"x":1}'))

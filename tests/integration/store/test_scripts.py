@@ -135,7 +135,7 @@ async def test_dead_node_jobs_are_reassigned_then_fail_after_attempt_cap(store: 
 
 async def test_socket_close_moves_jobs_at_once_and_is_fenced_by_connection(store: Store) -> None:
     await register(store, "n1")
-    d = await store.dispatch(job())
+    assert (await store.dispatch(job())).node == "n1"
     stale = await store.node_offline("n1", conn="an-old-connection")
     assert stale.status == "superseded"
     await register(store, "n2")
@@ -202,6 +202,21 @@ async def test_operator_drain_sticks_until_undrained(store: Store) -> None:
     assert (await store.dispatch(job(utt=1))).status == "assigned"
 
 
+async def test_a_drain_outlives_a_reconnect(store: Store) -> None:
+    await register(store, "n1")
+    await store.drain("n1")
+    again = await store.register_node("n1", conn="conn-2", max_concurrency=1, pools=[ZH_EN])
+    assert again.state == "draining"
+    assert (await store.dispatch(job())).code == "NO_AVAILABLE_NODE"
+
+
+async def test_an_old_connection_cannot_revive_a_node(store: Store) -> None:
+    await register(store, "n1")
+    await store.register_node("n1", conn="newer", max_concurrency=1, pools=[ZH_EN])
+    await store.node_offline("n1", conn="newer")
+    assert (await store.heartbeat("n1", conn="conn-n1")).status == "superseded"
+
+
 async def test_session_affinity_and_load_spreading(store: Store) -> None:
     await register(store, "n1", max_c=4)
     await register(store, "n2", max_c=4)
@@ -260,6 +275,8 @@ async def test_survives_script_flush(store: Store) -> None:
 async def test_effects_for_sockets_on_other_processes_go_to_their_inbox(store: Store, redis_url, settings) -> None:
     other = Store.from_url(redis_url, settings, proc="p2")
     try:
+        await store.touch_proc()  # both processes are registered: only live processes get inbox entries
+        await other.touch_proc()
         await other.register_node("n9", conn="c9", max_concurrency=1, pools=[ZH_EN])  # socket held by p2
         d = await store.dispatch(job())  # dispatched by p1 for a session on p1
         assert d.node == "n9" and d.effects == []  # the assignment went to p2's inbox
@@ -276,7 +293,7 @@ async def test_effects_for_sockets_on_other_processes_go_to_their_inbox(store: S
 async def test_lua_key_names_match_keys_py(store: Store) -> None:
     src = (Path(__file__).parents[3] / "src/dragoman/store/lua/includes/keys.lua").read_text()
     names = ["node", "node_jobs", "pool", "queue", "job", "jobdata", "affinity", "inbox"]
-    fixed = ["nodes", "pools", "leases", "pending", "stats", "events", "procs", "clock"]
+    fixed = ["nodes", "pools", "leases", "pending", "stats", "events", "procs", "clock", "offline"]
     body = src + "\nreturn {" + ",".join(f"k_{n}(ARGV[1], 'X')" for n in names) + "," + ",".join(
         f"k_{n}(ARGV[1])" for n in fixed) + "}"
     ck = CellKeys("dragoman", "c0")

@@ -67,7 +67,6 @@ rcall('HSET', KEYS[2], 'id', jid, 'state', 'new', 'pool', pid, 'session', sid, '
   'tgt', ARGV[6], 'sproc', ARGV[13], 'node', '', 'attempt', 0, 'max_attempts', math.max(1, nums[10]),
   'job_timeout', nums[7], 'pending_timeout', nums[8], 'queue_max', nums[9], 'tried', '', 'ttl', ttl,
   'created', ctx.now, 'code', '')
-rcall('PEXPIRE', KEYS[2], ttl)
 rcall('HINCRBY', k_stats(base), 'dispatched', 1)
 local j = job_fields(ctx, jid)
 

@@ -34,10 +34,12 @@ if not ttl or ttl <= 0 then error('ERR dragoman: node_ttl_ms must be positive') 
 
 local ctx = new_context(base, ARGV[1])
 local n = node_fields(ctx, nid)
-if not n or n.state == 'offline' then return reply(ctx, { status = 'unknown' }) end
-if conn ~= '' and rcall('HGET', KEYS[2], 'conn') ~= conn then
+local current = rcall('HGET', KEYS[2], 'conn')
+if conn ~= '' and current and current ~= conn then
+  -- checked first: an older socket must not re-register a node that now lives on another one
   return reply(ctx, { status = 'superseded' })
 end
+if not n or n.state == 'offline' then return reply(ctx, { status = 'unknown' }) end
 
 local deadline = ctx.now + ttl
 rcall('HSET', KEYS[2], 'deadline', deadline, 'last_heartbeat', ctx.now, 'usage', ARGV[8])

@@ -6,7 +6,8 @@
     2. jobs past their lease (job_timeout from assignment) get a job_cancel for their node and are
        reassigned the same way; the node's freed slot may take waiting work;
     3. queued jobs past their pending timeout fail with JOB_TIMEOUT;
-    4. scheduler processes whose registration expired lose their inbox streams.
+    4. scheduler processes whose registration expired lose their inbox streams;
+    5. nodes offline for more than an hour leave the operators' list of recent nodes.
   Together with the reaper interval this bounds recovery (I5).
 
   Input:
@@ -67,6 +68,8 @@ for _, p in ipairs(procs) do
   rcall('DEL', k_inbox(base, p))
   rcall('ZREM', k_procs(base), p)
 end
+
+rcall('ZREMRANGEBYSCORE', k_offline(base), '-inf', ctx.now - 3600000)
 
 return reply(ctx, { status = 'ok', dead_nodes = #dead, expired_leases = #expired,
   expired_pending = #waited, dead_procs = #procs, more = more })

@@ -16,7 +16,8 @@
     ARGV[6] node info (JSON, kept for operators)
     ARGV[7] node_ttl_ms (heartbeat deadline = now + node_ttl_ms)
   Derived keys (same hash tag): pool:<id>, queue:<id>, pools, job:*, leases, pending, stats, events, inbox:*
-  Output: JSON {status:"registered", node, max, used, deadline, reconnected, effects, now}
+  Output: JSON {status:"registered", node, state, max, used, deadline, reconnected, effects, now}
+    state is "draining" when the node was draining before it reconnected (a drain outlives a reconnect)
   Errors: "ERR dragoman: ..." on invalid arguments (no state changed).
 ]]
 --- @include "includes/keys"
@@ -40,18 +41,25 @@ if not ttl or ttl <= 0 then error('ERR dragoman: node_ttl_ms must be positive') 
 local ctx = new_context(base, ARGV[1])
 local old = node_fields(ctx, nid)
 if old then unpool(ctx, nid, old.pools) end
+-- A drain outlives a reconnect: an operator's until undrained, the node's own until its next heartbeat.
+local state, drain_source = 'ready', ''
+if old and old.state == 'draining' then
+  state, drain_source = 'draining', rcall('HGET', KEYS[2], 'drain_source') or ''
+end
 local used = rcall('SCARD', KEYS[3])
 local deadline = ctx.now + ttl
-rcall('HSET', KEYS[2], 'id', nid, 'state', 'ready', 'max', max, 'used', used, 'deadline', deadline,
+rcall('HSET', KEYS[2], 'id', nid, 'state', state, 'max', max, 'used', used, 'deadline', deadline,
   'pools', pools, 'proc', ctx.proc, 'conn', conn, 'info', ARGV[6], 'registered_at', ctx.now,
-  'drain_source', '', 'last_heartbeat', ctx.now)
+  'drain_source', drain_source, 'last_heartbeat', ctx.now)
 rcall('PERSIST', KEYS[2])
 rcall('ZADD', KEYS[1], deadline, nid)
+rcall('ZREM', k_offline(base), nid)
 for _, pid in ipairs(split_words(pools)) do rcall('SADD', k_pools(base), pid) end
-local n = node_fields(ctx, nid)
-score_pools(ctx, nid, n)
 rcall('HINCRBY', k_stats(base), 'registrations', 1)
 if not old or old.state == 'offline' then log_event(ctx, 'node_ready', { node = nid, max = max }) end
-fill_from_queues(ctx, nid)
-return reply(ctx, { status = 'registered', node = nid, max = max, used = used, deadline = deadline,
-  reconnected = old ~= nil })
+if state == 'ready' then
+  score_pools(ctx, nid, node_fields(ctx, nid))
+  fill_from_queues(ctx, nid)
+end
+return reply(ctx, { status = 'registered', node = nid, state = state, max = max, used = used,
+  deadline = deadline, reconnected = old ~= nil })

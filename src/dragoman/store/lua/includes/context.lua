@@ -21,14 +21,20 @@ local function new_context(base, proc)
   return { base = base, proc = proc, now = server_now_ms(base), effects = {} }
 end
 
+-- Inbox entries can carry audio or results: keep each stream short. A reader that falls this
+-- far behind loses the oldest effects, which the lease rules then recover.
+local INBOX_MAXLEN = 1000
+
 local function emit(ctx, target_proc, effect, payload)
   if target_proc == nil or target_proc == false or target_proc == '' or target_proc == ctx.proc then
     table.insert(ctx.effects, effect)
-  else
+  elseif rcall('ZSCORE', k_procs(ctx.base), target_proc) then
+    -- (a process that is not registered is dead: its sockets, and whoever would hear this, are gone)
+    local key = k_inbox(ctx.base, target_proc)
     if payload then
-      rcall('XADD', k_inbox(ctx.base, target_proc), 'MAXLEN', '~', 10000, '*', 'e', cjson.encode(effect), 'r', payload)
+      rcall('XADD', key, 'MAXLEN', '~', INBOX_MAXLEN, '*', 'e', cjson.encode(effect), 'r', payload)
     else
-      rcall('XADD', k_inbox(ctx.base, target_proc), 'MAXLEN', '~', 10000, '*', 'e', cjson.encode(effect))
+      rcall('XADD', key, 'MAXLEN', '~', INBOX_MAXLEN, '*', 'e', cjson.encode(effect))
     end
   end
 end

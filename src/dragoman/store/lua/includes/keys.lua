@@ -18,3 +18,4 @@ local function k_stats(base) return base .. 'stats' end
 local function k_events(base) return base .. 'events' end
 local function k_procs(base) return base .. 'procs' end
 local function k_clock(base) return base .. 'clock' end
+local function k_offline(base) return base .. 'offline' end
