@@ -50,8 +50,8 @@ end
 
 local ctx = new_context(base, ARGV[1])
 local place_only = ARGV[15] == 'place_only'
-local existing = job_fields(ctx, jid)
-if existing then
+if rcall('EXISTS', KEYS[2]) == 1 then
+  local existing = job_fields(ctx, jid)
   local code = rcall('HGET', KEYS[2], 'code') or ''
   return reply(ctx, { status = 'exists', state = existing.state, node = existing.node,
     attempt = existing.attempt, code = code })
@@ -63,12 +63,17 @@ if rcall('ZCARD', KEYS[3]) > 0 then nid = pick_node(ctx, KEYS[3], affinity, word
 if place_only and not nid then return reply(ctx, { status = 'no_capacity' }) end
 
 local ttl = nums[11]
-rcall('HSET', KEYS[2], 'id', jid, 'state', 'new', 'pool', pid, 'session', sid, 'utt', nums[5],
-  'tgt', ARGV[6], 'sproc', ARGV[13], 'node', '', 'attempt', 0, 'max_attempts', math.max(1, nums[10]),
-  'job_timeout', nums[7], 'pending_timeout', nums[8], 'queue_max', nums[9], 'tried', '', 'ttl', ttl,
-  'created', ctx.now, 'code', '')
+-- the record (nothing expires it while the job lives: finish_job sets its lifetime)
+local j = {
+  state = 'new', node = '', attempt = 0, pool = pid, session = sid, utt = nums[5], tgt = ARGV[6],
+  sproc = ARGV[13], max_attempts = math.max(1, nums[10]), job_timeout = nums[7], pending_timeout = nums[8],
+  queue_max = nums[9], tried = '', ttl = ttl,
+}
+rcall('HSET', KEYS[2], 'id', jid, 'state', j.state, 'pool', pid, 'session', sid, 'utt', j.utt,
+  'tgt', j.tgt, 'sproc', j.sproc, 'node', '', 'attempt', 0, 'max_attempts', j.max_attempts,
+  'job_timeout', j.job_timeout, 'pending_timeout', j.pending_timeout, 'queue_max', j.queue_max,
+  'tried', '', 'ttl', ttl, 'created', ctx.now, 'code', '')
 rcall('HINCRBY', k_stats(base), 'dispatched', 1)
-local j = job_fields(ctx, jid)
 
 if not nid and rcall('ZCARD', KEYS[3]) == 0 then
   finish_job(ctx, jid, j, 'failed', 'NO_AVAILABLE_NODE')

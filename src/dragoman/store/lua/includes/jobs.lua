@@ -21,8 +21,11 @@ end
 local function finish_job(ctx, jid, j, state, code, payload)
   local jk = k_job(ctx.base, jid)
   rcall('HSET', jk, 'state', state, 'code', code or '', 'finished', ctx.now)
-  rcall('ZREM', k_leases(ctx.base), jid)
-  rcall('ZREM', k_pending(ctx.base), jid)
+  if j.state == 'queued' then
+    rcall('ZREM', k_pending(ctx.base), jid)
+  elseif j.state ~= 'new' then
+    rcall('ZREM', k_leases(ctx.base), jid)
+  end
   rcall('DEL', k_jobdata(ctx.base, jid))
   rcall('PEXPIRE', jk, j.ttl)
   rcall('HINCRBY', k_stats(ctx.base), 'jobs_' .. state, 1)
@@ -38,7 +41,7 @@ local function finish_job(ctx, jid, j, state, code, payload)
 end
 
 local function assign_job(ctx, jid, j, nid)
-  take_slot(ctx, nid, jid)
+  local n = take_slot(ctx, nid, jid) or node_fields(ctx, nid)
   local attempt = j.attempt + 1
   local lease = ctx.now + j.job_timeout
   local tried = j.tried
@@ -46,7 +49,7 @@ local function assign_job(ctx, jid, j, nid)
   rcall('HSET', k_job(ctx.base, jid), 'state', 'assigned', 'node', nid, 'attempt', attempt,
     'assigned_at', ctx.now, 'lease', lease, 'tried', tried)
   rcall('ZADD', k_leases(ctx.base), lease, jid)
-  rcall('ZREM', k_pending(ctx.base), jid)
+  if j.state == 'queued' then rcall('ZREM', k_pending(ctx.base), jid) end
   local ak = k_affinity(ctx.base, j.session)
   rcall('HSET', ak, j.pool, nid)
   rcall('PEXPIRE', ak, 3600000)
@@ -55,7 +58,7 @@ local function assign_job(ctx, jid, j, nid)
     rcall('HINCRBY', k_stats(ctx.base), 'reassigned', 1)
     log_event(ctx, 'job_reassigned', { job = jid, node = nid, attempt = attempt, from = j.node })
   end
-  local proc = rcall('HGET', k_node(ctx.base, nid), 'proc') or ''
+  local proc = n.proc
   local payload = nil
   if proc ~= '' and proc ~= ctx.proc then payload = rcall('GET', k_jobdata(ctx.base, jid)) or nil end
   emit(ctx, proc, {

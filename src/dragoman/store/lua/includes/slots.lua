@@ -40,18 +40,20 @@ local function unpool(ctx, nid, pools)
   end
 end
 
+-- Both return the node's fields after the change (nil when nothing changed).
 local function take_slot(ctx, nid, jid)
-  if rcall('SADD', k_node_jobs(ctx.base, nid), jid) == 0 then return end
+  if rcall('SADD', k_node_jobs(ctx.base, nid), jid) == 0 then return nil end
   rcall('HINCRBY', k_node(ctx.base, nid), 'used', 1)
   local n = node_fields(ctx, nid)
   if n.state == 'ready' then score_pools(ctx, nid, n) end
+  return n
 end
 
 local function release_slot(ctx, nid, jid)
-  if not nid or nid == '' then return false end
-  if rcall('SREM', k_node_jobs(ctx.base, nid), jid) == 0 then return false end
+  if not nid or nid == '' then return nil end
+  if rcall('SREM', k_node_jobs(ctx.base, nid), jid) == 0 then return nil end
   rcall('HINCRBY', k_node(ctx.base, nid), 'used', -1)
   local n = node_fields(ctx, nid)
   if n and n.state == 'ready' then score_pools(ctx, nid, n) end
-  return true
+  return n
 end
