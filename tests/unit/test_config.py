@@ -1,0 +1,49 @@
+"""Settings: defaults < file < environment < flags, and clear errors naming the setting."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dragoman.config import Settings, load_settings
+from dragoman.errors import ConfigError
+
+
+def test_precedence(tmp_path: Path) -> None:
+    f = tmp_path / "d.toml"
+    f.write_text('[dragoman]\nport = 9000\npause_ms = 1000\nqueue_max = 5\ncells = ["a", "b"]\n')
+    s = load_settings(f, env={"DRAGOMAN_PAUSE_MS": "2000", "DRAGOMAN_QUEUE_MAX": "6"},
+                      overrides={"queue_max": 7})
+    assert (s.port, s.pause_ms, s.queue_max, s.cells) == (9000, 2000, 7, ("a", "b"))
+    assert s.node_ttl_ms == Settings().node_ttl_ms == 45_000  # PROTOCOL.md default
+
+
+def test_protocol_defaults() -> None:
+    s = load_settings(env={})
+    assert (s.heartbeat_interval_ms, s.node_ttl_ms, s.job_timeout_ms, s.pause_ms, s.max_duration_ms,
+            s.max_buffer_bytes, s.pending_timeout_ms, s.result_gap_ms, s.default_max_concurrency) == (
+        15_000, 45_000, 60_000, 3_000, 10_000, 500 * 1024, 10_000, 30_000, 4)
+
+
+def test_lists_from_the_environment() -> None:
+    s = load_settings(env={"DRAGOMAN_NODE_TOKENS": "a, b", "DRAGOMAN_CELLS": "c0,c1"})
+    assert s.node_tokens == ("a", "b") and s.cells == ("c0", "c1")
+
+
+@pytest.mark.parametrize(("env", "message"), [
+    ({"DRAGOMAN_PORT": "eighty"}, "'port'"),
+    ({"DRAGOMAN_QUEUE_MAX": "0"}, "'queue_max' must be positive"),
+    ({"DRAGOMAN_CELLS": "a{b}"}, "cell name"),
+    ({"DRAGOMAN_JOB_TTL_MS": "1000"}, "'job_ttl_ms' must be at least"),
+])
+def test_bad_values_are_refused_with_the_setting_named(env: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_settings(env=env)
+
+
+def test_unknown_setting_in_a_file(tmp_path: Path) -> None:
+    f = tmp_path / "d.toml"
+    f.write_text("colour = 'blue'\n")
+    with pytest.raises(ConfigError, match="unknown setting 'colour'"):
+        load_settings(f, env={})
