@@ -1,0 +1,1 @@
+"""Benchmarks for the Redis-backed store (``make bench`` -> ``python -m bench.run``)."""
