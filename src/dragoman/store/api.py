@@ -107,9 +107,12 @@ class Store:
         # Timeouts above the inbox's 1 s blocking read: a stalled Redis becomes DependencyDown, not a hang.
         timeouts = {"socket_timeout": 5.0, "socket_connect_timeout": 3.0}
         if cluster:
-            client: Any = RedisCluster.from_url(url, decode_responses=False, **timeouts)
+            client: Any = RedisCluster.from_url(url, decode_responses=False, max_connections=512, **timeouts)
         else:
-            client = aioredis.Redis.from_url(url, decode_responses=False, health_check_interval=10, **timeouts)
+            # A blocking pool: past max_connections calls wait for a connection instead of failing.
+            pool = aioredis.BlockingConnectionPool.from_url(url, max_connections=256, timeout=5,
+                                                            health_check_interval=10, **timeouts)
+            client = aioredis.Redis(connection_pool=pool, decode_responses=False)
         return cls(client, settings, proc)
 
     async def aclose(self) -> None:

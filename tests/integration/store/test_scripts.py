@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 
@@ -200,6 +201,26 @@ async def test_operator_drain_sticks_until_undrained(store: Store) -> None:
     assert (await store.dispatch(job())).code == "NO_AVAILABLE_NODE"
     assert (await store.drain("n1", on=False)).state == "ready"
     assert (await store.dispatch(job(utt=1))).status == "assigned"
+
+
+async def test_lowered_capacity_takes_effect_as_jobs_finish(store: Store) -> None:
+    await register(store, "n1", max_c=2)
+    a = await store.dispatch(job(utt=0))
+    b = await store.dispatch(job(utt=1))
+    again = await store.register_node("n1", conn="conn-2", max_concurrency=1, pools=[ZH_EN])
+    assert (again.max, again.used) == (2, 2)  # never used > max (I1)
+    await store.complete(a.job_id, "n1", 1, "completed", payload="{}")
+    assert (await store.node("n1"))["max"] == "1"
+    await store.complete(b.job_id, "n1", 1, "completed", payload="{}")
+    node = await store.node("n1")
+    assert (node["max"], node["used"], "max_target" in node) == ("1", "0", False)
+    assert (await store.slot_report())["violations"] == []
+
+
+async def test_more_calls_at_once_than_pool_connections(store: Store) -> None:
+    await register(store, "n1", max_c=1)
+    replies = await asyncio.gather(*(store.heartbeat("n1", conn="conn-n1") for _ in range(400)))
+    assert {r.status for r in replies} == {"ok"}
 
 
 async def test_a_drain_outlives_a_reconnect(store: Store) -> None:

@@ -48,7 +48,10 @@ if old and old.state == 'draining' then
 end
 local used = rcall('SCARD', KEYS[3])
 local deadline = ctx.now + ttl
-rcall('HSET', KEYS[2], 'id', nid, 'state', state, 'max', max, 'used', used, 'deadline', deadline,
+-- A capacity lowered below the jobs the node already holds takes effect as they finish (I1).
+local effective = math.max(max, used)
+if effective > max then rcall('HSET', KEYS[2], 'max_target', max) else rcall('HDEL', KEYS[2], 'max_target') end
+rcall('HSET', KEYS[2], 'id', nid, 'state', state, 'max', effective, 'used', used, 'deadline', deadline,
   'pools', pools, 'proc', ctx.proc, 'conn', conn, 'info', ARGV[6], 'registered_at', ctx.now,
   'drain_source', drain_source, 'last_heartbeat', ctx.now)
 rcall('PERSIST', KEYS[2])
@@ -61,5 +64,5 @@ if state == 'ready' then
   score_pools(ctx, nid, node_fields(ctx, nid))
   fill_from_queues(ctx, nid)
 end
-return reply(ctx, { status = 'registered', node = nid, state = state, max = max, used = used,
+return reply(ctx, { status = 'registered', node = nid, state = state, max = effective, used = used,
   deadline = deadline, reconnected = old ~= nil })

@@ -8,11 +8,12 @@
 ]]
 
 local function node_fields(ctx, nid)
-  local f = rcall('HMGET', k_node(ctx.base, nid), 'state', 'max', 'used', 'deadline', 'pools', 'proc')
+  local f = rcall('HMGET', k_node(ctx.base, nid), 'state', 'max', 'used', 'deadline', 'pools', 'proc',
+    'max_target')
   if not f[1] then return nil end
   return {
     state = f[1], max = tonumber(f[2]) or 0, used = tonumber(f[3]) or 0,
-    deadline = tonumber(f[4]) or 0, pools = f[5] or '', proc = f[6] or '',
+    deadline = tonumber(f[4]) or 0, pools = f[5] or '', proc = f[6] or '', max_target = tonumber(f[7]),
   }
 end
 
@@ -52,8 +53,15 @@ end
 local function release_slot(ctx, nid, jid)
   if not nid or nid == '' then return nil end
   if rcall('SREM', k_node_jobs(ctx.base, nid), jid) == 0 then return nil end
-  rcall('HINCRBY', k_node(ctx.base, nid), 'used', -1)
+  local nk = k_node(ctx.base, nid)
+  rcall('HINCRBY', nk, 'used', -1)
   local n = node_fields(ctx, nid)
+  if n and n.max_target and n.max > n.max_target then
+    -- capacity lowered while the node held more jobs: shrink with each slot given back (I1 holds)
+    n.max = math.max(n.max_target, n.used)
+    rcall('HSET', nk, 'max', n.max)
+    if n.max == n.max_target then rcall('HDEL', nk, 'max_target') end
+  end
   if n and n.state == 'ready' then score_pools(ctx, nid, n) end
   return n
 end
