@@ -234,3 +234,40 @@ async def test_operator_actions_need_the_operator_token(scheduler) -> None:
         ok = await c.post(base + "/api/v1/nodes/guarded/drain", headers={"Authorization": "Bearer op-secret"})
         assert ok.status_code == 200 and ok.json()["state"] == "draining"
     await node.close()
+
+
+async def test_api_keys_are_checked_at_the_upgrade(scheduler) -> None:
+    from websockets.exceptions import InvalidStatus
+
+    base = scheduler(DRAGOMAN_API_KEYS="k1")
+    with pytest.raises(InvalidStatus) as info:
+        async with SessionClient.connect(ws(base) + "/ws/session", src_lang="zh", tgt_langs=["en"]):
+            pass
+    assert info.value.response.status_code == 403
+    async with SessionClient.connect(ws(base) + "/ws/session", src_lang="zh", tgt_langs=["en"],
+                                     api_key="k1") as client:
+        assert client.session_id
+
+
+async def test_speak_streams_a_wav_and_prints_each_result(scheduler, spawn) -> None:
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    base = scheduler()
+    spawn("node", "--scheduler", ws(base) + "/ws/node", "--pairs", "en:zh,en:de", "--slots", "4",
+          "--sim-speed", "50", name="speak-node")
+
+    async def ready() -> bool:
+        async with httpx.AsyncClient() as c:
+            return len((await c.get(base + "/api/v1/pools")).json()["pools"]) == 2
+
+    await wait_for(ready, timeout=20)
+    wav = Path(__file__).resolve().parents[2] / "src/dragoman/demo/audio/speech-en.wav"
+    run = await asyncio.to_thread(subprocess.run, [
+        sys.executable, "-m", "dragoman.cli.main", "speak", str(wav), "--src", "en", "--tgt", "zh,de",
+        "--url", ws(base) + "/ws/session", "--speed", "20", "--format", "opus"],
+        capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stdout + run.stderr
+    out = run.stdout
+    assert "[sim en->zh]" in out and "[sim en->de]" in out and "latency" in out and "done" in out

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from dragoman.errors import ScriptError
+from dragoman.errors import DependencyDown, ScriptError
 from dragoman.store.api import JobSpec, Store
 from dragoman.store.keys import CellKeys
 from dragoman.store.scripts import ScriptLoadError, discover, resolve_includes
@@ -343,3 +343,24 @@ def test_every_script_documents_its_keys_and_args() -> None:
         assert "Input:" in header and "Output:" in header, name
         for i in range(1, spec.num_keys + 1):
             assert f"KEYS[{i}]" in header, f"{name}: KEYS[{i}] undocumented"
+
+
+async def test_survives_a_server_restart(settings) -> None:
+    from dragoman.embedded import EmbeddedServer
+
+    server = EmbeddedServer().start()
+    port = server.port
+    store = Store.from_url(server.url, settings, proc="p1")
+    try:
+        await register(store, "n1")
+        server.stop()
+        server = EmbeddedServer(port=port).start()  # same address, empty and with no scripts loaded
+        # The pooled connection died with the old server: that one call fails loudly (no silent
+        # retry, which could lose a reply's effects); the next reconnects and reloads the script.
+        with pytest.raises(DependencyDown):
+            await register(store, "n1")
+        await register(store, "n1")
+        assert (await store.dispatch(job())).status == "assigned"
+    finally:
+        await store.aclose()
+        server.stop()
