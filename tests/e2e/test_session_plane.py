@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+from pathlib import Path
 
 import httpx
 import pytest
@@ -24,6 +25,7 @@ from tests.e2e.test_node_plane import one_utterance, slots_used, ws
 from tests.helpers import wait_for
 
 pytestmark = pytest.mark.e2e
+SPEECH_EN = Path(__file__).resolve().parents[2] / "src/dragoman/demo/audio/speech-en.wav"
 
 
 def opus_chunk(packets: int = 13, size: int = 40) -> bytes:
@@ -252,7 +254,6 @@ async def test_api_keys_are_checked_at_the_upgrade(scheduler) -> None:
 async def test_speak_streams_a_wav_and_prints_each_result(scheduler, spawn) -> None:
     import subprocess
     import sys
-    from pathlib import Path
 
     base = scheduler()
     spawn("node", "--scheduler", ws(base) + "/ws/node", "--pairs", "en:zh,en:de", "--slots", "4",
@@ -263,7 +264,7 @@ async def test_speak_streams_a_wav_and_prints_each_result(scheduler, spawn) -> N
             return len((await c.get(base + "/api/v1/pools")).json()["pools"]) == 2
 
     await wait_for(ready, timeout=20)
-    wav = Path(__file__).resolve().parents[2] / "src/dragoman/demo/audio/speech-en.wav"
+    wav = SPEECH_EN
     run = await asyncio.to_thread(subprocess.run, [
         sys.executable, "-m", "dragoman.cli.main", "speak", str(wav), "--src", "en", "--tgt", "zh,de",
         "--url", ws(base) + "/ws/session", "--speed", "20", "--format", "opus"],

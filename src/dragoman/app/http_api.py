@@ -3,14 +3,12 @@ live stream the dashboard reads."""
 
 from __future__ import annotations
 
-import array
 import asyncio
 import base64
 import binascii
 import io
 import json
 import time
-import wave
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
@@ -18,7 +16,7 @@ import msgspec
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from dragoman.core.audio import resample_linear
+from dragoman.core.audio import read_wav_pcm16
 from dragoman.errors import DependencyDown, ProtocolError
 from dragoman.sessions.actor import SessionActor, SessionSpec
 from dragoman.wire import SessionClose, SessionInit, Utterance
@@ -193,18 +191,9 @@ class _Collector:
 
 def _wav_to_pcm16(data: bytes) -> bytes:
     try:
-        with wave.open(io.BytesIO(data)) as w:
-            if w.getsampwidth() != 2:
-                raise ProtocolError("WAV must be 16-bit PCM")
-            channels, rate, frames = w.getnchannels(), w.getframerate(), w.readframes(w.getnframes())
-    except (wave.Error, EOFError) as exc:
-        raise ProtocolError(f"not a readable WAV file: {exc}") from None
-    samples = array.array("h", frames)
-    if channels > 1:
-        samples = array.array("h", (sum(samples[i:i + channels]) // channels for i in range(0, len(samples), channels)))
-    if rate != 16000:
-        samples = resample_linear(samples, rate, 16000)
-    return samples.tobytes()
+        return read_wav_pcm16(io.BytesIO(data))[0]
+    except ValueError as exc:
+        raise ProtocolError(str(exc)) from None
 
 
 async def translate(request: Request) -> Response:

@@ -21,7 +21,7 @@ import os
 import sys
 import wave
 from collections.abc import Iterable
-from typing import Literal
+from typing import IO, Literal
 
 AudioFormat = Literal["opus", "pcm16"]
 AUDIO_FORMATS: tuple[AudioFormat, ...] = ("opus", "pcm16")
@@ -179,26 +179,28 @@ def resample_linear(samples: array.array[int], src_rate: int, dst_rate: int) -> 
     return out
 
 
-def read_wav_pcm16(path: str | os.PathLike[str], target_rate: int = DEFAULT_SAMPLE_RATE) -> tuple[bytes, int]:
-    """Read a 16-bit PCM WAV as mono pcm16 at ``target_rate``; returns ``(pcm_bytes, target_rate)``.
+def read_wav_pcm16(path: str | os.PathLike[str] | IO[bytes],
+                   target_rate: int = DEFAULT_SAMPLE_RATE) -> tuple[bytes, int]:
+    """Read a 16-bit PCM WAV (a path, or a binary file object such as ``io.BytesIO``) as mono pcm16 at
+    ``target_rate``; returns ``(pcm_bytes, target_rate)``.
 
     Multi-channel audio is averaged to mono and other rates are linearly resampled, so any ordinary
     recording can be used as session audio. Other sample widths (8-, 24-, 32-bit) and non-PCM
     encodings are rejected with ``ValueError`` instead of being guessed at.
     """
     _check_sample_rate(target_rate)
+    name = os.fspath(path) if isinstance(path, (str, os.PathLike)) else "WAV data"
+    source = name if isinstance(path, (str, os.PathLike)) else path
     try:
-        with wave.open(os.fspath(path), "rb") as wav:
+        with wave.open(source, "rb") as wav:
             channels = wav.getnchannels()
             width = wav.getsampwidth()
             rate = wav.getframerate()
             data = wav.readframes(wav.getnframes())
-    except wave.Error as exc:
-        raise ValueError(f"{os.fspath(path)}: not a PCM WAV file we can read ({exc})") from exc
+    except (wave.Error, EOFError) as exc:
+        raise ValueError(f"{name}: not a PCM WAV file we can read ({exc})") from exc
     if width != PCM16_SAMPLE_BYTES:
-        raise ValueError(
-            f"{os.fspath(path)}: {8 * width}-bit samples are not supported; convert to 16-bit PCM"
-        )
+        raise ValueError(f"{name}: {8 * width}-bit samples are not supported; convert to 16-bit PCM")
     usable = len(data) - len(data) % (PCM16_SAMPLE_BYTES * channels)  # drop a torn final frame
     mono = _downmix(_samples_from_le(data[:usable]), channels)
     return _samples_to_le(resample_linear(mono, rate, target_rate)), target_rate

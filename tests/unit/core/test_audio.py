@@ -195,3 +195,20 @@ class TestResample:
         assert len(out) == len(samples) * 16_000 // src
         if samples:
             assert all(min(samples) <= v <= max(samples) for v in out)
+
+
+def test_read_wav_pcm16_from_memory_matches_the_file(tmp_path) -> None:
+    import io
+    import wave
+
+    path = tmp_path / "stereo8k.wav"
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(2)
+        w.setsampwidth(2)
+        w.setframerate(8000)
+        w.writeframes(b"\x10\x00\x30\x00" * 800)
+    from_file = read_wav_pcm16(path)
+    from_memory = read_wav_pcm16(io.BytesIO(path.read_bytes()))
+    assert from_memory == from_file and from_file[1] == 16000 and len(from_file[0]) == 3200
+    with pytest.raises(ValueError, match="WAV data: not a PCM WAV"):
+        read_wav_pcm16(io.BytesIO(b"not a wav"))
