@@ -13,6 +13,7 @@ from starlette.requests import HTTPConnection
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from dragoman.core.pools import pools_for_pairs
+from dragoman.core.ratelimit import TokenBucket
 from dragoman.errors import DependencyDown, DragomanError, ProtocolError, ScriptError
 from dragoman.wire import (
     JobAck,
@@ -60,20 +61,8 @@ def bearer(ws: HTTPConnection, query_name: str) -> str:
     return ws.query_params.get(query_name, "")
 
 
-class RateLimiter:
-    """Token bucket; ``rate`` messages per second with a burst of ``2 x rate``."""
-
-    def __init__(self, rate: float) -> None:
-        self.rate, self.tokens, self.at = rate, rate * 2, time.monotonic()
-
-    def allow(self) -> bool:
-        now = time.monotonic()
-        self.tokens = min(self.rate * 2, self.tokens + (now - self.at) * self.rate)
-        self.at = now
-        if self.tokens < 1:
-            return False
-        self.tokens -= 1
-        return True
+def _now_ms() -> int:
+    return int(time.monotonic() * 1000)
 
 
 def job_outcome(msg: JobResult) -> tuple[str, str]:
@@ -95,7 +84,8 @@ class NodeConnection:
         self.explicit_pairs = False
         self.pools: list[str] = []
         self.strikes = 0
-        self.limiter = RateLimiter(hub.settings.node_msgs_per_s)
+        rate = hub.settings.node_msgs_per_s
+        self.limiter = TokenBucket(rate, burst=2 * rate, now_ms=_now_ms())
 
     async def serve(self) -> None:
         tokens = self.hub.settings.node_tokens
@@ -109,7 +99,7 @@ class NodeConnection:
             while not self.link.closed.is_set():
                 try:
                     text = await receive_text(self.ws)
-                    if not self.limiter.allow():
+                    if not self.limiter.allow(_now_ms()):
                         raise ProtocolError("too many messages; slow down", code="RATE_LIMITED")
                     msg = decode_node(text)
                     self.strikes = 0

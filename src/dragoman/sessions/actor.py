@@ -23,6 +23,7 @@ import structlog
 
 from dragoman.core.ordering import GapTimeout, ResultOrderer
 from dragoman.core.pools import pool_for_job
+from dragoman.core.ratelimit import TokenBucket
 from dragoman.core.segmentation import Segmenter, SegmenterConfig
 from dragoman.core.segmentation import Utterance as Cut
 from dragoman.errors import DependencyDown, DragomanError, ProtocolError
@@ -135,8 +136,7 @@ class SessionActor:
         self.utterances = 0
         self.closing_deadline: int | None = None
         self.finished = asyncio.Event()
-        self._tokens = s.chunks_per_s
-        self._tokens_at = now_ms()
+        self._chunks = TokenBucket(s.chunks_per_s, burst=s.chunks_per_s, now_ms=now_ms())
         self._strikes = 0
 
     # ------------------------------------------------------------------ inbox
@@ -225,16 +225,6 @@ class SessionActor:
     def error(self, code: str, message: str, details: dict[str, Any] | None = None) -> None:
         self.send(ErrorMessage(code=code, message=message, details=details))
 
-    def _rate_ok(self) -> bool:
-        now = now_ms()
-        rate = self.hub.settings.chunks_per_s
-        self._tokens = min(rate, self._tokens + (now - self._tokens_at) * rate / 1000)
-        self._tokens_at = now
-        if self._tokens < 1:
-            return False
-        self._tokens -= 1
-        return True
-
     async def _on_frame(self, msg: Message) -> None:
         try:
             if isinstance(msg, AudioChunk):
@@ -269,7 +259,7 @@ class SessionActor:
         if self.closing_deadline is not None:
             raise ProtocolError("session is closing", code="SESSION_CLOSED")
         self._mode(streaming=True)
-        if not self._rate_ok():
+        if not self._chunks.allow(now_ms()):
             self.send(Backpressure(action="SLOW_DOWN", resume_after_ms=1000, message="too many chunks"))
             raise ProtocolError("audio_chunk rate limit exceeded; chunk dropped", code="RATE_LIMITED")
         try:
