@@ -81,7 +81,8 @@ class Hub:
             asyncio.create_task(self._loop("proc", self._touch_once, self.settings.proc_ttl_ms / 3000)),
         ]
         for cell in self.store.cell_names:
-            self._tasks.append(asyncio.create_task(self._inbox_loop(cell), name=f"inbox:{cell}"))
+            self._tasks.append(asyncio.create_task(self._loop(f"inbox:{cell}", self._inbox_reader(cell), 0),
+                                                   name=f"inbox:{cell}"))
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -121,26 +122,19 @@ class Hub:
         await self.store.touch_proc()
         return None
 
-    async def _inbox_loop(self, cell: str) -> None:
+    def _inbox_reader(self, cell: str) -> Callable[[], Awaitable[float | None]]:
         # From the start of the stream, not "$": this process's id is new, so its stream holds only
         # entries for it, and "$" would skip whatever arrives between two blocking reads.
         last_id = "0-0"
-        failures = 0
-        while True:
-            try:
-                entries = await self.store.read_inbox(cell, last_id, block_ms=1000)
-                failures = 0
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                failures += 1
-                pause = min(10.0, 0.2 * 2 ** min(failures, 6)) * (0.5 + random.random())
-                log.warning("inbox read failed", cell=cell, error=str(exc), retry_in_s=round(pause, 2))
-                await asyncio.sleep(pause)
-                continue
-            for entry_id, effect in entries:
+
+        async def read_once() -> float | None:
+            nonlocal last_id
+            for entry_id, effect in await self.store.read_inbox(cell, last_id, block_ms=1000):
                 last_id = entry_id
                 await self.deliver([effect])
+            return 0.0  # the read itself blocked: go straight back to it
+
+        return read_once
 
     # ------------------------------------------------------------------ delivery
     async def deliver(self, effects: list[Effect], payloads: dict[str, str] | None = None) -> None:
