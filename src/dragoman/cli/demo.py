@@ -20,6 +20,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -29,15 +30,14 @@ from rich.table import Table
 from dragoman.cli.views import cluster_view
 from dragoman.client import SessionClient
 from dragoman.client.admin import AdminClient
-from dragoman.client.session import OUTCOMES
-from dragoman.client.speech import OpusPlanA, chunks, split_on_silence
+from dragoman.client.speech import follow_outcomes, outcome_index, send_utterances, split_on_silence
 from dragoman.config import load_settings
 from dragoman.core.audio import read_wav_pcm16
 from dragoman.embedded import EmbeddedServer, free_port
 from dragoman.logging import setup_logging
 from dragoman.server import build_server
 from dragoman.store.api import Store
-from dragoman.wire import ErrorMessage, SessionCloseAck, TranslationResult
+from dragoman.wire import ErrorMessage, TranslationResult
 
 AUDIO = Path(__file__).resolve().parents[1] / "demo" / "audio"
 
@@ -89,35 +89,24 @@ async def speaker(url: str, clip: str, src: str, tgts: list[str], fmt: str, unti
                   speed: float) -> None:
     pcm, rate = read_wav_pcm16(AUDIO / clip)
     pieces = split_on_silence(pcm, rate)
-    encoder = OpusPlanA(rate) if fmt == "opus" else None
-    chunk_bytes = rate * 256 // 1000 * 2
     while time.monotonic() < until:
         async with SessionClient.connect(url, src_lang=src, tgt_langs=tgts, audio_format=fmt,
                                          sample_rate=rate) as client:
             sent_at: dict[int, float] = {}
 
-            async def listen(sent_at: dict[int, float] = sent_at) -> None:
-                async for msg in client.follow():
-                    if isinstance(msg, SessionCloseAck):
-                        return
-                    if isinstance(msg, OUTCOMES):
-                        idx = msg.utterance_index if not isinstance(msg, ErrorMessage) else \
-                            (msg.details or {}).get("utterance_index", -1)
-                        tally.add(type(msg).__name__ if not isinstance(msg, ErrorMessage) else f"error:{msg.code}")
-                        if isinstance(msg, TranslationResult) and idx in sent_at:
-                            tally.latencies_ms.append((time.monotonic() - sent_at[idx]) * 1000)
+            def count(msg: Any, sent_at: dict[int, float] = sent_at) -> None:
+                idx = outcome_index(msg)
+                tally.add(f"error:{msg.code}" if isinstance(msg, ErrorMessage) else type(msg).__name__)
+                if isinstance(msg, TranslationResult) and idx in sent_at:
+                    tally.latencies_ms.append((time.monotonic() - sent_at[idx]) * 1000)
 
-            listener = asyncio.create_task(listen())
-            for index, piece in enumerate(pieces):
-                parts = list(chunks(piece, chunk_bytes))
-                for n, part in enumerate(parts):
-                    last = n == len(parts) - 1
-                    await client.send_audio(encoder.encode(part) if encoder else part, is_final=last)
-                    if last:
-                        sent_at[index] = time.monotonic()
-                        tally.utterances += 1
-                        tally.expected += len(tgts)
-                    await asyncio.sleep(len(part) / 2 / rate / speed)  # microphone pace
+            def spoken(index: int, sent_at: dict[int, float] = sent_at) -> None:
+                sent_at[index] = time.monotonic()
+                tally.utterances += 1
+                tally.expected += len(tgts)
+
+            listener = asyncio.create_task(follow_outcomes(client, count))
+            await send_utterances(client, pieces, rate, fmt, speed, on_final=spoken)
             await client.close(timeout=120)
             await listener
 

@@ -5,66 +5,48 @@ from __future__ import annotations
 import asyncio
 import time
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 
 from dragoman.client import SessionClient
-from dragoman.client.session import OUTCOMES
-from dragoman.client.speech import OpusPlanA, chunks, split_on_silence
+from dragoman.client.speech import follow_outcomes, outcome_index, send_utterances, split_on_silence
 from dragoman.core.audio import read_wav_pcm16
-from dragoman.wire import ErrorMessage, MissingResult, SessionCloseAck, TranslationResult
-
-CHUNK_MS = 256  # what the existing web client sends per audio_chunk
+from dragoman.wire import MissingResult, TranslationResult
 
 
 async def stream_file(url: str, path: Path, src: str, tgts: list[str], fmt: str, speed: float | None,
                       api_key: str | None, console: Console) -> int:
     pcm, rate = read_wav_pcm16(path)
     pieces = split_on_silence(pcm, rate)
-    encoder = OpusPlanA(rate) if fmt == "opus" else None
-    chunk_bytes = rate * CHUNK_MS // 1000 * 2
     sent_final: dict[int, float] = {}
     failures = 0
+
+    def show(msg: Any) -> None:
+        nonlocal failures
+        idx = outcome_index(msg)
+        lag = time.monotonic() - sent_final.get(idx, time.monotonic())
+        if isinstance(msg, TranslationResult):
+            console.print(f"[green]#{idx} {msg.tgt_lang}[/] {escape(repr(msg.text_asr))} -> "
+                          f"{escape(repr(msg.text_translated))} [dim](latency {lag * 1000:.0f} ms)[/]")
+        elif isinstance(msg, MissingResult):
+            console.print(f"[yellow]#{idx} {msg.tgt_lang or ''}[/] missing: {msg.reason}")
+        else:
+            failures += 1
+            console.print(f"[red]#{idx} error {msg.code}[/]: {escape(msg.message)}")
+
     async with SessionClient.connect(url, src_lang=src, tgt_langs=tgts, audio_format=fmt, sample_rate=rate,
                                      api_key=api_key) as client:
         console.print(f"[bold]session[/] {client.session_id}: {len(pieces)} utterance(s), {len(pcm) // (rate // 500)} ms "
                       f"of audio, {fmt}, targets {','.join(tgts)}")
         started = time.monotonic()
-
-        async def printer() -> None:
-            nonlocal failures
-            async for msg in client.follow():
-                if isinstance(msg, SessionCloseAck):
-                    return
-                if not isinstance(msg, OUTCOMES):
-                    continue
-                idx = msg.utterance_index if not isinstance(msg, ErrorMessage) else (msg.details or {}).get(
-                    "utterance_index", -1)
-                lag = time.monotonic() - sent_final.get(idx, time.monotonic())
-                if isinstance(msg, TranslationResult):
-                    console.print(f"[green]#{idx} {msg.tgt_lang}[/] {escape(repr(msg.text_asr))} -> {escape(repr(msg.text_translated))} "
-                                  f"[dim](latency {lag * 1000:.0f} ms)[/]")
-                elif isinstance(msg, MissingResult):
-                    console.print(f"[yellow]#{idx} {msg.tgt_lang or ''}[/] missing: {msg.reason}")
-                else:
-                    failures += 1
-                    console.print(f"[red]#{idx} error {msg.code}[/]: {escape(msg.message)}")
-
-        show = asyncio.create_task(printer())
-        for index, piece in enumerate(pieces):
-            parts = list(chunks(piece, chunk_bytes))
-            for n, part in enumerate(parts):
-                payload = encoder.encode(part) if encoder else part
-                last = n == len(parts) - 1
-                await client.send_audio(payload, is_final=last)
-                if last:
-                    sent_final[index] = time.monotonic()
-                if speed:  # pace like a microphone (a duty cycle, not synchronisation)
-                    await asyncio.sleep(len(part) / 2 / rate / speed)
+        printer = asyncio.create_task(follow_outcomes(client, show))
+        await send_utterances(client, pieces, rate, fmt, speed,
+                              on_final=lambda i: sent_final.__setitem__(i, time.monotonic()))
         await client.close(timeout=120)
-        await show
+        await printer
         console.print(f"[bold]done[/] in {time.monotonic() - started:.1f}s")
     return failures
 

@@ -4,10 +4,14 @@ audio paced in chunks, and Opus "Plan A" framing (20 ms packets with 2-byte litt
 from __future__ import annotations
 
 import array
+import asyncio
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
+from dragoman.client.session import OUTCOMES, SessionClient
 from dragoman.core.audio import join_opus
+from dragoman.wire import ErrorMessage, SessionCloseAck
 
 FRAME_MS = 20
 
@@ -65,3 +69,40 @@ class OpusPlanA:
                 piece = piece + b"\x00" * (frame - len(piece))
             packets.append(self._enc.encode(piece, self.samples))
         return join_opus(packets)
+
+
+CHUNK_MS = 256  # what the existing web client sends per audio_chunk
+
+
+def outcome_index(msg: Any) -> int:
+    """The utterance an outcome is about (an ``error`` names it in ``details``)."""
+    if isinstance(msg, ErrorMessage):
+        return int((msg.details or {}).get("utterance_index", -1))
+    return int(msg.utterance_index)
+
+
+async def send_utterances(client: SessionClient, pieces: list[bytes], sample_rate: int, audio_format: str,
+                          speed: float | None, on_final: Callable[[int], None] | None = None) -> None:
+    """Stream pcm16 ``pieces`` as a live client: ``CHUNK_MS`` chunks (Opus Plan A when asked), the
+    last chunk of each piece marked ``is_final``, paced at ``speed`` x real time (``None``: at once).
+    ``on_final(index)`` is called as each piece's final chunk goes out."""
+    encoder = OpusPlanA(sample_rate) if audio_format == "opus" else None
+    chunk_bytes = sample_rate * CHUNK_MS // 1000 * 2
+    for index, piece in enumerate(pieces):
+        parts = list(chunks(piece, chunk_bytes))
+        for n, part in enumerate(parts):
+            last = n == len(parts) - 1
+            await client.send_audio(encoder.encode(part) if encoder else part, is_final=last)
+            if last and on_final is not None:
+                on_final(index)
+            if speed:  # pace like a microphone (a duty cycle, not synchronisation)
+                await asyncio.sleep(len(part) / 2 / sample_rate / speed)
+
+
+async def follow_outcomes(client: SessionClient, on_outcome: Callable[[Any], None]) -> None:
+    """Call ``on_outcome`` for every outcome the session receives, until ``session_close_ack``."""
+    async for msg in client.follow():
+        if isinstance(msg, SessionCloseAck):
+            return
+        if isinstance(msg, OUTCOMES):
+            on_outcome(msg)
