@@ -156,13 +156,13 @@ def git_commit() -> str:
 class _Recorder:
     """Stands in for Scripts: records each call Store would make and answers a canned reply."""
 
-    _CANNED = {"dispatch_task": b'{"status":"assigned","node":"-","attempt":1,"effects":[]}',
-               "complete_task": b'{"status":"completed","effects":[]}'}
+    _CANNED = {"dispatch_task": [b'{"status":"assigned","node":"-","attempt":1}', b"[]"],
+               "complete_task": [b'{"status":"completed"}', b"[]"]}
 
     def __init__(self) -> None:
         self.calls: list[tuple[str, list[str], list[Any]]] = []
 
-    async def call(self, name: str, keys: list[str], args: list[Any]) -> bytes:
+    async def call(self, name: str, keys: list[str], args: list[Any]) -> list[bytes]:
         self.calls.append((name, list(keys), list(args)))
         return self._CANNED[name]
 
@@ -208,7 +208,7 @@ class Bench:
         """One dispatch then its complete; returns (dispatch ns, complete ns). With ``probe``, the
         server time of each script call is recorded (see server_profile)."""
         store = store or self.store
-        spec = JobSpec(pool=POOL, session_id=session, utterance_index=utt, tgt_lang="en", data=JOB_DATA)
+        spec = JobSpec(pool=POOL, session_id=session, utterance_index=utt, tgt_lang="en", body=JOB_DATA)
         t0 = time.perf_counter_ns()
         d = await store.dispatch(spec)
         t1 = time.perf_counter_ns()
@@ -379,19 +379,19 @@ class Bench:
             jobs = []
             for k in range(p.hot_batch):
                 d = await self.rec_store.dispatch(JobSpec(pool=POOL, session_id=f"{tag}-hot-{b}-{k}",
-                                                          utterance_index=0, tgt_lang="en", data=JOB_DATA))
+                                                          utterance_index=0, tgt_lang="en", body=JOB_DATA))
                 jobs.append(d.job_id)
             replies, usec = await self._pipelined(list(self.recorder.calls))
             per["dispatch_task"].append(usec)
             self.recorder.calls.clear()
             for job_id, raw in zip(jobs, replies, strict=True):
-                d = json.loads(raw)
+                d = json.loads(raw[0])
                 if d["status"] != "assigned":
                     raise RuntimeError(f"hot_profile: dispatch did not assign: {d}")
                 await self.rec_store.complete(job_id, d["node"], d["attempt"], "completed", payload=RESULT)
             replies, usec = await self._pipelined(list(self.recorder.calls))
             per["complete_task"].append(usec)
-            bad = [r for r in replies if json.loads(r)["status"] != "completed"]
+            bad = [r for r in replies if json.loads(r[0])["status"] != "completed"]
             if bad:
                 raise RuntimeError(f"hot_profile: complete refused: {bad[0]!r}")
         return {name: {"batches": len(v), "batch": p.hot_batch, "p50": statistics.median(v),

@@ -29,12 +29,13 @@ def redis_url(redis_server: EmbeddedServer) -> str:
 
 @pytest.fixture
 def settings() -> Settings:
-    return Settings(node_ttl_ms=45_000, job_timeout_ms=60_000, pending_timeout_ms=10_000, queue_max=4)
+    return Settings(node_ttl_ms=45_000, job_timeout_ms=60_000, pending_timeout_ms=10_000, queue_max=4, warmup_ms=0,
+                    redis_retry_ms=3_000)
 
 
 @pytest.fixture
 async def store(redis_url: str, settings: Settings) -> AsyncIterator[Store]:
-    s = Store.from_url(redis_url, settings, proc="p1")
+    s = Store.from_url(redis_url, settings, proc="p1", test_clock=True)
     yield s
     await s.aclose()
 

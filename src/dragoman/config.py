@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -22,6 +23,9 @@ class Settings:
     redis_url: str = ""
     key_prefix: str = "dragoman"
     cells: tuple[str, ...] = ("c0",)
+    redis_retry_ms: int = 15_000  # a transition is retried this long while Redis is unreachable
+    inbox_max_len: int = 10_000  # unread effects a process's inbox holds before effects for it move on
+    warmup_ms: int = 5_000  # after Redis lost its data, a pool with no node queues jobs this long
 
     # HTTP / WebSocket server
     host: str = "127.0.0.1"
@@ -34,6 +38,8 @@ class Settings:
     max_attempts: int = 3
     default_max_concurrency: int = 4
     reaper_interval_ms: int = 1_000
+    ws_ping_interval_ms: int = 2_000  # WebSocket pings: a peer that stops answering is gone within
+    ws_ping_timeout_ms: int = 2_500  # interval + timeout, and its jobs move on (hung node detection)
     node_tokens: tuple[str, ...] = ()
     operator_tokens: tuple[str, ...] = ()  # guard the operator actions (drain, cancel) when set
     max_pools_per_node: int = 256
@@ -45,7 +51,8 @@ class Settings:
     max_duration_ms: int = 10_000
     max_buffer_bytes: int = 500 * 1024
     pending_timeout_ms: int = 10_000
-    result_gap_ms: int = 30_000
+    outcome_check_ms: int = 5_000  # a session asks Redis about a job it has waited on this long
+    session_grace_ms: int = 15_000  # a session whose socket or process is lost can be resumed this long
     queue_max: int = 64
     api_keys: tuple[str, ...] = ()
     chunks_per_s: float = 50.0
@@ -53,8 +60,8 @@ class Settings:
     padding_ms: int = 0
 
     # Bookkeeping
-    job_ttl_ms: int = 3_600_000  # how long a finished job stays readable
-    proc_ttl_ms: int = 15_000  # a scheduler process's registration lifetime (renewed)
+    proc_ttl_ms: int = 5_000  # a scheduler process's registration lifetime (renewed every third of it)
+    stats_flush_ms: int = 2_000  # per-process counters are added to the cluster-wide ones this often
 
     log_level: str = "info"
 
@@ -63,6 +70,7 @@ class Settings:
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
+_CELL = re.compile(r"^[A-Za-z0-9_\-]{1,32}$")
 
 
 def _coerce(name: str, value: Any) -> Any:
@@ -125,16 +133,17 @@ def load_settings(
 
 def _validate(s: Settings) -> None:
     for name in ("heartbeat_interval_ms", "node_ttl_ms", "job_timeout_ms", "max_attempts",
-                 "default_max_concurrency", "reaper_interval_ms", "queue_max", "pending_timeout_ms"):
+                 "default_max_concurrency", "reaper_interval_ms", "queue_max", "pending_timeout_ms",
+                 "outcome_check_ms", "proc_ttl_ms", "inbox_max_len", "redis_retry_ms", "ws_ping_interval_ms",
+                 "ws_ping_timeout_ms", "stats_flush_ms"):
         if getattr(s, name) <= 0:
             raise ConfigError(f"setting {name!r} must be positive, got {getattr(s, name)}")
-    # A job's record and audio must outlive every attempt and wait it can have.
-    lifetime = s.max_attempts * (s.job_timeout_ms + s.pending_timeout_ms) + s.node_ttl_ms
-    if s.job_ttl_ms < lifetime:
-        raise ConfigError(f"setting 'job_ttl_ms' must be at least max_attempts x (job_timeout_ms + "
-                          f"pending_timeout_ms) + node_ttl_ms = {lifetime}, got {s.job_ttl_ms}")
+    for name in ("session_grace_ms", "warmup_ms"):
+        if getattr(s, name) < 0:
+            raise ConfigError(f"setting {name!r} must not be negative, got {getattr(s, name)}")
     if not s.cells:
         raise ConfigError("setting 'cells' needs at least one cell name")
     for cell in s.cells:
-        if any(c in cell for c in "{}: "):
-            raise ConfigError(f"cell name {cell!r} may not contain braces, colons or spaces")
+        if not _CELL.match(cell):
+            raise ConfigError(f"cell name {cell!r} must be 1-32 letters, digits, '_' or '-' "
+                              "(it is a key's hash tag and a job id's prefix)")

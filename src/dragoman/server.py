@@ -31,7 +31,10 @@ def redis_for(settings: Settings) -> Iterator[str]:
 def build_server(settings: Settings, store: Store) -> uvicorn.Server:
     app = create_app(settings, store)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, ws_max_size=settings.max_frame_bytes,
-                            log_level="warning", lifespan="on", ws_ping_interval=20, ws_ping_timeout=20,
+                            log_level="warning", lifespan="on",
+                            # a peer that stops answering pings is gone within interval + timeout
+                            ws_ping_interval=settings.ws_ping_interval_ms / 1000,
+                            ws_ping_timeout=settings.ws_ping_timeout_ms / 1000,
                             timeout_graceful_shutdown=5)
     return uvicorn.Server(config)
 

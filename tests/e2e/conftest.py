@@ -21,8 +21,10 @@ FAST = {  # short timeouts so failure paths finish in seconds
     "DRAGOMAN_JOB_TIMEOUT_MS": "2500",
     "DRAGOMAN_REAPER_INTERVAL_MS": "100",
     "DRAGOMAN_PENDING_TIMEOUT_MS": "4000",
-    "DRAGOMAN_RESULT_GAP_MS": "8000",
+    "DRAGOMAN_OUTCOME_CHECK_MS": "1000",
     "DRAGOMAN_PAUSE_MS": "800",
+    "DRAGOMAN_WARMUP_MS": "0",  # tests that restart Redis set their own
+    "DRAGOMAN_PROC_TTL_MS": "1500",
 }
 
 

@@ -22,8 +22,17 @@ def test_precedence(tmp_path: Path) -> None:
 def test_protocol_defaults() -> None:
     s = load_settings(env={})
     assert (s.heartbeat_interval_ms, s.node_ttl_ms, s.job_timeout_ms, s.pause_ms, s.max_duration_ms,
-            s.max_buffer_bytes, s.pending_timeout_ms, s.result_gap_ms, s.default_max_concurrency) == (
-        15_000, 45_000, 60_000, 3_000, 10_000, 500 * 1024, 10_000, 30_000, 4)
+            s.max_buffer_bytes, s.pending_timeout_ms, s.default_max_concurrency) == (
+        15_000, 45_000, 60_000, 3_000, 10_000, 500 * 1024, 10_000, 4)
+
+
+def test_defaults_are_coherent_for_real_time_speech() -> None:
+    """A node that stops answering is gone (and its jobs move on) within 5 s of WebSocket pings, long
+    before the job's own lease; a session checks a job it waits on well within its bound."""
+    s = Settings()
+    assert s.ws_ping_interval_ms + s.ws_ping_timeout_ms <= 5_000 < s.job_timeout_ms
+    assert s.outcome_check_ms <= 5_000 and s.proc_ttl_ms <= 5_000
+    assert s.session_grace_ms > 0 and s.redis_retry_ms > 5_000  # outlasts a 5 s Redis stall
 
 
 def test_lists_from_the_environment() -> None:
@@ -35,7 +44,9 @@ def test_lists_from_the_environment() -> None:
     ({"DRAGOMAN_PORT": "eighty"}, "'port'"),
     ({"DRAGOMAN_QUEUE_MAX": "0"}, "'queue_max' must be positive"),
     ({"DRAGOMAN_CELLS": "a{b}"}, "cell name"),
-    ({"DRAGOMAN_JOB_TTL_MS": "1000"}, "'job_ttl_ms' must be at least"),
+    ({"DRAGOMAN_CELLS": "c.0"}, "cell name"),  # a job id is "<cell>.<unique>"
+    ({"DRAGOMAN_INBOX_MAX_LEN": "0"}, "'inbox_max_len' must be positive"),
+    ({"DRAGOMAN_SESSION_GRACE_MS": "-1"}, "'session_grace_ms' must not be negative"),
 ])
 def test_bad_values_are_refused_with_the_setting_named(env: dict[str, str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):

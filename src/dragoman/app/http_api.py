@@ -6,10 +6,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import functools
 import io
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -18,12 +19,15 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from dragoman.core.audio import read_wav_pcm16
 from dragoman.errors import DependencyDown, ProtocolError
-from dragoman.sessions.actor import SessionActor, SessionSpec
+from dragoman.sessions.actor import monotonic_ms, wall_offset_ms
+from dragoman.sessions.protocol import SessionProtocol
+from dragoman.sessions.spec import SessionConfig, SessionSpec
+from dragoman.store.replies import Status
 from dragoman.wire import SessionClose, SessionInit, Utterance
 from dragoman.wire.codec import decode_session_outbound
 
-from .node_ws import bearer
 from .openapi import OPENAPI
+from .sockets import bearer
 
 if TYPE_CHECKING:
     from .hub import Hub
@@ -56,6 +60,27 @@ async def readyz(request: Request) -> Response:
                         status_code=200 if ok and scripts else 503)
 
 
+def operator(handler: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
+    """The operator surface (read API, actions, metrics, live stream) needs an operator token when
+    ``operator_tokens`` is configured; when the listener requires credentials of nodes or clients
+    but no operator token is configured, it is closed (never open to anyone while the rest is not)."""
+
+    @functools.wraps(handler)
+    async def guarded(request: Request) -> Response:
+        s = _hub(request).settings
+        if s.operator_tokens:
+            if bearer(request, "token") not in s.operator_tokens:
+                return _error(401, "UNAUTHORIZED", "this needs a valid operator token (Authorization: Bearer, "
+                                                   "or ?token=)")
+        elif s.node_tokens or s.api_keys:
+            return _error(401, "UNAUTHORIZED", "node tokens or API keys are configured but no operator token: "
+                                               "configure operator_tokens to use the operator surface")
+        return await handler(request)
+
+    return guarded
+
+
+@operator
 async def list_nodes(request: Request) -> Response:
     nodes = await _hub(request).store.nodes()
     for n in nodes:
@@ -68,68 +93,63 @@ async def list_nodes(request: Request) -> Response:
     return JSONResponse({"nodes": nodes})
 
 
+@operator
 async def list_pools(request: Request) -> Response:
     return JSONResponse({"pools": await _hub(request).store.pools()})
 
 
+@operator
 async def list_sessions(request: Request) -> Response:
     return JSONResponse({"sessions": _hub(request).session_rows(), "scope": "this process"})
 
 
+@operator
 async def get_job(request: Request) -> Response:
     job = await _hub(request).store.job(request.path_params["job_id"])
     if job is None:
-        return _error(404, "NOT_FOUND", "no such job (unknown, or finished longer ago than job_ttl)")
+        return _error(404, "NOT_FOUND", "no such job (unknown, or ended and its outcome delivered)")
     return JSONResponse({"job": job})
 
 
+@operator
 async def stats(request: Request) -> Response:
     hub = _hub(request)
+    await hub.store.flush_stats()
     report = await hub.store.slot_report()
     return JSONResponse({"counters": await hub.store.stats(), "slots": report, "latency": hub.metrics.snapshot()})
 
 
-def _operator_refused(request: Request) -> JSONResponse | None:
-    """Operator actions need an operator token when ``operator_tokens`` is configured."""
-    tokens = _hub(request).settings.operator_tokens
-    if tokens and bearer(request, "token") not in tokens:
-        return _error(401, "UNAUTHORIZED", "operator actions need a valid operator token")
-    return None
-
-
+@operator
 async def drain_node(request: Request) -> Response:
     return await _drain(request, True)
 
 
+@operator
 async def undrain_node(request: Request) -> Response:
     return await _drain(request, False)
 
 
 async def _drain(request: Request, on: bool) -> Response:
-    if (refused := _operator_refused(request)) is not None:
-        return refused
     hub = _hub(request)
     try:
         reply = await hub.store.drain(request.path_params["node_id"], on=on, source="operator")
     except ValueError as exc:
         return _error(400, "INVALID_MESSAGE", str(exc))
-    if reply.status == "unknown":
+    if reply.status == Status.UNKNOWN:
         return _error(404, "NOT_FOUND", "no such live node")
-    await hub.deliver(reply.effects)
     return JSONResponse({"node": request.path_params["node_id"], "state": reply.state, "used": reply.used})
 
 
+@operator
 async def cancel_job(request: Request) -> Response:
-    if (refused := _operator_refused(request)) is not None:
-        return refused
     hub = _hub(request)
     reply = await hub.store.cancel(request.path_params["job_id"])
-    if reply.status == "unknown":
+    if reply.status == Status.UNKNOWN:
         return _error(404, "NOT_FOUND", "no such job")
-    await hub.deliver(reply.effects)
     return JSONResponse({"job": request.path_params["job_id"], "status": reply.status, "state": reply.state})
 
 
+@operator
 async def metrics(request: Request) -> Response:
     hub = _hub(request)
     await hub.metrics.refresh(hub.store)
@@ -153,6 +173,7 @@ async def snapshot(hub: Hub) -> dict[str, Any]:
     }
 
 
+@operator
 async def stream(request: Request) -> Response:
     hub = _hub(request)
 
@@ -237,20 +258,24 @@ async def translate(request: Request) -> Response:
                                 "tgt_langs": tgts, "audio_format": fmt, "lang_a": req.get("lang_a"),
                                 "lang_b": req.get("lang_b"),
                                 "mode": "two_way_auto" if req.get("src_lang") == "auto" else None}, SessionInit)
-        spec = SessionSpec.from_init(init)
+        key = bearer(request, "api_key")
+        spec = SessionSpec.from_init(init, api_key=key)
     except (msgspec.ValidationError, ProtocolError) as exc:
         return _error(400, "INVALID_MESSAGE", getattr(exc, "message", str(exc)))
     sink = _Collector()
-    actor = SessionActor(hub, spec, sink)
-    hub.sessions[spec.session_id] = actor
+    proto = SessionProtocol(spec, SessionConfig.from_settings(hub.settings), now=monotonic_ms(),
+                            wall_offset_ms=wall_offset_ms())
+    actor = hub.new_session(proto, sink, api_key=key)
     try:
         task = asyncio.create_task(actor.run())
-        actor.post_frame(Utterance(utterance_index=0, src_lang=spec.src_lang, tgt_lang=tgts[0],
-                                   audio=base64.b64encode(audio).decode(), audio_format=fmt))
-        actor.post_frame(SessionClose(reason="one_shot"))
+        for frame in (Utterance(utterance_index=0, src_lang=spec.src_lang, tgt_lang=tgts[0],
+                                audio=base64.b64encode(audio).decode(), audio_format=fmt),
+                      SessionClose(reason="one_shot")):
+            await actor.frame_slots.acquire()
+            actor.post_frame(frame)
         await task
     finally:
-        hub.sessions.pop(spec.session_id, None)
+        hub.end_session(actor)
     results = [msgspec.to_builtins(decode_session_outbound(f)) for f in sink.frames]
     wanted = {"translation_result", "missing_result", "error"}
     return JSONResponse({"session_id": spec.session_id, "results": [r for r in results if r["type"] in wanted]})

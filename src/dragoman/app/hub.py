@@ -1,11 +1,14 @@
-"""One scheduler process's share of the world: the sockets it holds, and the loops that keep
-the cells moving.
+"""One scheduler process's share of the world: the sockets it holds, and the loops that keep the
+cells moving.
 
-The hub holds no scheduler state of its own (that is all in Redis). It knows which node and session
-sockets are attached to this process, delivers effects to them (directly for effects a script
-returned to us, or read from this process's inbox streams for effects other processes' scripts
-addressed to us), and runs the upkeep loops every process runs: reaper, inbox readers, and the
-renewal of this process's registration.
+The hub holds no scheduler state of its own (that is all in Redis). It owns the registries of the
+node and session sockets attached to this process, and it is the one place where effects are
+carried out (``deliver``, wired into the Store as its sink: every transition's local effects, and
+the effects other processes' scripts put in this process's inbox streams). It runs the upkeep every
+process runs: the reaper, the inbox readers, this process's registration, the counters, and the
+watch on Redis's data generation: when Redis has lost its data (a restart without persistence, a
+failover that lost writes) the hub registers its nodes again and has its sessions check every job
+they are owed, within a reaper interval.
 """
 
 from __future__ import annotations
@@ -13,39 +16,45 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
 
 from dragoman.config import Settings
 from dragoman.errors import DependencyDown
-from dragoman.store.api import Effect, Store
-from dragoman.wire import JobCancel, encode
+from dragoman.sessions.actor import SessionActor
+from dragoman.sessions.protocol import SessionProtocol
+from dragoman.store.api import Store
+from dragoman.store.replies import Effect, EffectKind
+from dragoman.types import Transport
+from dragoman.wire import JobCancel, assign_frame, encode
 
 if TYPE_CHECKING:
-    from dragoman.app.links import Link
     from dragoman.app.metrics import Metrics
-    from dragoman.sessions.actor import SessionActor
+    from dragoman.app.sockets import Link
 
 log = structlog.get_logger(__name__)
+_SENT_MEMORY = 4096
 
 
-def assign_frame(job_data: str, job_id: str, attempt: int) -> str:
-    """The stored job_assign body lacks job_id and attempt_id (the job id names the cell the job
-    landed in; the attempt changes on reassignment): splice them in without re-encoding the audio."""
-    return f'{{"job_id":"{job_id}","attempt_id":{attempt},{job_data[1:]}'
+class NodeConnectionLike(Protocol):
+    async def reregister(self) -> None: ...
 
 
-class NodeSocket:
+class NodeLink:
     """A node socket held here. Frames for it wait in ``held`` until its node_register_ack is sent:
-    a job may be assigned to it (by any process) while the register script is still answering."""
+    a job may be assigned to it (by any process) while the register script is still answering.
+    ``sent`` remembers the (job, attempt) pairs sent, so an assignment repeated (a retry after a
+    lost reply, a re-registration) reaches the node once."""
 
-    __slots__ = ("node_id", "conn", "link", "held")
+    __slots__ = ("node_id", "conn", "link", "held", "sent", "connection")
 
-    def __init__(self, node_id: str, conn: str, link: Link) -> None:
-        self.node_id, self.conn, self.link = node_id, conn, link
+    def __init__(self, node_id: str, conn: str, link: Link, connection: NodeConnectionLike | None = None) -> None:
+        self.node_id, self.conn, self.link, self.connection = node_id, conn, link, connection
         self.held: list[str] | None = []
+        self.sent: OrderedDict[str, int] = OrderedDict()
 
     def send(self, text: str) -> None:
         if self.held is not None:
@@ -59,38 +68,87 @@ class NodeSocket:
         for text in held:
             self.link.send(text)
 
+    def assign(self, job_id: str, attempt: int, body: str) -> None:
+        if self.sent.get(job_id) == attempt:
+            return
+        self.sent[job_id] = attempt
+        self.sent.move_to_end(job_id)
+        while len(self.sent) > _SENT_MEMORY:
+            self.sent.popitem(last=False)
+        self.send(assign_frame(body, job_id, attempt))
+
+    def forget(self, job_id: str) -> None:
+        self.sent.pop(job_id, None)
+
 
 class Hub:
     def __init__(self, store: Store, settings: Settings, metrics: Metrics) -> None:
         self.store = store
         self.settings = settings
         self.metrics = metrics
-        self.nodes: dict[str, NodeSocket] = {}
+        self.nodes: dict[str, NodeLink] = {}
         self.sessions: dict[str, SessionActor] = {}
         self.sessions_per_key: dict[str, int] = {}
-        self._tasks: list[asyncio.Task[None]] = []
+        self.boots: dict[str, str] = {}
         self.redis_ok = False
+        self._tasks: list[asyncio.Task[None]] = []
+        self._recovering: asyncio.Task[None] | None = None
+        store.sink = self.deliver
+
+    # ------------------------------------------------------------------ registries
+    def attach_node(self, link: NodeLink) -> NodeLink | None:
+        previous = self.nodes.get(link.node_id)
+        self.nodes[link.node_id] = link
+        return previous
+
+    def detach_node(self, node_id: str, conn: str, restore: NodeLink | None = None) -> None:
+        """Forget the node's socket if it is still this connection's (put ``restore`` back)."""
+        current = self.nodes.get(node_id)
+        if current is not None and current.conn == conn:
+            if restore is not None:
+                self.nodes[node_id] = restore
+            else:
+                del self.nodes[node_id]
+
+    def new_session(self, proto: SessionProtocol, transport: Transport, api_key: str = "",
+                    cells: set[str] | None = None) -> SessionActor:
+        actor = SessionActor(proto, self.store, transport, observer=self.metrics,
+                             grace_ms=self.settings.session_grace_ms, cells=cells, api_key=api_key)
+        self.sessions[proto.session_id] = actor
+        self.sessions_per_key[api_key] = self.sessions_per_key.get(api_key, 0) + 1
+        return actor
+
+    def end_session(self, actor: SessionActor) -> None:
+        if self.sessions.get(actor.session_id) is actor:
+            del self.sessions[actor.session_id]
+        self.sessions_per_key[actor.api_key] = max(0, self.sessions_per_key.get(actor.api_key, 1) - 1)
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
         await self.store.load_scripts()
-        await self.store.touch_proc()
+        self.boots = await self.store.touch_proc()
         self.redis_ok = True
+        s = self.settings
         self._tasks = [
-            asyncio.create_task(self._loop("reaper", self._reap_once, self.settings.reaper_interval_ms / 1000)),
-            asyncio.create_task(self._loop("proc", self._touch_once, self.settings.proc_ttl_ms / 3000)),
+            asyncio.create_task(self._loop("reaper", self._reap_once, s.reaper_interval_ms / 1000)),
+            asyncio.create_task(self._loop("proc", self._touch_once, s.proc_ttl_ms / 3000)),
+            asyncio.create_task(self._loop("stats", self._flush_stats, s.stats_flush_ms / 1000)),
         ]
         for cell in self.store.cell_names:
             self._tasks.append(asyncio.create_task(self._loop(f"inbox:{cell}", self._inbox_reader(cell), 0),
                                                    name=f"inbox:{cell}"))
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        for task in [*self._tasks, self._recovering]:
+            if task is not None:
+                task.cancel()
+        for task in [*self._tasks, self._recovering]:
+            if task is not None:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
         self._tasks.clear()
+        with contextlib.suppress(Exception):
+            await self.store.flush_stats()
 
     async def _loop(self, name: str, once: Callable[[], Awaitable[float | None]], every: float) -> None:
         """Run ``once`` forever; on failure log it and back off (capped, jittered), never spin."""
@@ -111,15 +169,20 @@ class Hub:
 
     async def _reap_once(self) -> float | None:
         more = False
-        for cell in self.store.cell_names:  # deliver each cell's committed effects before the next call
+        for cell in self.store.cell_names:  # each cell's effects are delivered before the next call
             reply = await self.store.reap_cell(cell)
             self.metrics.reaped_reply(reply)
-            await self.deliver(reply.effects)
+            self._watch_boot(cell, reply.boot)
             more = more or reply.more
         return 0.0 if more else None
 
     async def _touch_once(self) -> float | None:
-        await self.store.touch_proc()
+        for cell, boot in (await self.store.touch_proc()).items():
+            self._watch_boot(cell, boot)
+        return None
+
+    async def _flush_stats(self) -> float | None:
+        await self.store.flush_stats()
         return None
 
     def _inbox_reader(self, cell: str) -> Callable[[], Awaitable[float | None]]:
@@ -129,51 +192,77 @@ class Hub:
 
         async def read_once() -> float | None:
             nonlocal last_id
-            for entry_id, effect in await self.store.read_inbox(cell, last_id, block_ms=1000):
-                last_id = entry_id
-                await self.deliver([effect])
+            entries = await self.store.read_inbox(cell, last_id, block_ms=1000)
+            if entries:
+                await self.deliver([effect for _, effect in entries if effect.kind])
+                last_id = entries[-1][0]
+                await self.store.trim_inbox(cell, [entry_id for entry_id, _ in entries])
             return 0.0  # the read itself blocked: go straight back to it
 
         return read_once
 
+    # ------------------------------------------------------------------ Redis lost its data
+    def _watch_boot(self, cell: str, boot: str) -> None:
+        known = self.boots.get(cell)
+        if boot == known:
+            return
+        self.boots[cell] = boot
+        if known is not None and (self._recovering is None or self._recovering.done()):
+            log.warning("Redis lost its data: registering this process's nodes and sessions again",
+                        cell=cell, was=known, now=boot or "(none)")
+            self._recovering = asyncio.create_task(self._recover(), name="recover")
+
+    async def _recover(self) -> None:
+        self.metrics.redis_resets.inc()
+        for cell, boot in (await self.store.touch_proc()).items():
+            self.boots[cell] = boot
+        for link in list(self.nodes.values()):
+            if link.connection is not None:
+                try:
+                    await link.connection.reregister()
+                except Exception as exc:  # its heartbeat registers it later
+                    log.warning("could not register a node again", node=link.node_id, error=str(exc))
+        for actor in list(self.sessions.values()):
+            actor.post_reset()
+
     # ------------------------------------------------------------------ delivery
-    async def deliver(self, effects: list[Effect], payloads: dict[str, str] | None = None) -> None:
-        """Carry out effects for sockets this process holds. An effect for a socket that has gone
-        is dropped: the lease rules recover the job, or the session is gone with nobody to tell.
-        One effect failing (Redis gone while fetching job data) does not stop the others."""
+    async def deliver(self, effects: list[Effect]) -> None:
+        """Carry out effects for sockets this process holds. An effect for a socket that has gone is
+        dropped: the job's lease recovers an assignment, and an outcome waits in Redis for the
+        session (a resume, or its own check). One effect failing does not stop the others."""
         for effect in effects:
             try:
-                await self._deliver_one(effect, payloads)
+                self._deliver_one(effect)
             except Exception:
                 log.exception("effect not delivered", effect=effect.kind, job=effect.job)
 
-    async def _deliver_one(self, effect: Effect, payloads: dict[str, str] | None) -> None:
-        if effect.kind == "assign":
-            await self._send_assign(effect, payloads)
-        elif effect.kind == "cancel":
+    def _deliver_one(self, effect: Effect) -> None:
+        kind = effect.kind
+        if kind == EffectKind.ASSIGN:
+            node = self.nodes.get(effect.node)
+            if node is not None and effect.payload is not None:
+                if effect.attempt > 1:
+                    self.metrics.reassignments.inc()
+                node.assign(effect.job, effect.attempt, effect.payload)
+        elif kind == EffectKind.CANCEL:
             node = self.nodes.get(effect.node)
             if node is not None:
+                node.forget(effect.job)
                 node.send(encode(JobCancel(job_id=effect.job, reason=effect.reason or None)))
-        elif effect.kind == "outcome":
-            self.metrics.outcome(effect)
+        elif kind == EffectKind.OUTCOME:
             actor = self.sessions.get(effect.session)
             if actor is not None:
-                payload = effect.payload if effect.payload is not None else (payloads or {}).get(effect.job)
-                actor.post_outcome(effect, payload)
+                actor.post_outcome(effect)
+        elif kind == EffectKind.PARTIAL:
+            actor = self.sessions.get(effect.session)
+            if actor is not None and effect.payload is not None:
+                actor.post_partial(effect.payload)
+        elif kind == EffectKind.SUPERSEDED:
+            actor = self.sessions.get(effect.session)
+            if actor is not None:
+                actor.post_superseded()
         else:
-            log.warning("unknown effect", effect=effect.kind)
-
-    async def _send_assign(self, effect: Effect, payloads: dict[str, str] | None) -> None:
-        node = self.nodes.get(effect.node)
-        if node is None:
-            return
-        data = effect.payload or (payloads or {}).get(effect.job) or await self.store.job_data(effect.job)
-        if data is None:
-            log.warning("job data expired before delivery", job=effect.job)
-            return
-        if effect.attempt > 1:
-            self.metrics.reassignments.inc()
-        node.send(assign_frame(data, effect.job, effect.attempt))
+            log.warning("unknown effect", effect=kind)
 
     # ------------------------------------------------------------------ views
     def session_rows(self) -> list[dict[str, Any]]:

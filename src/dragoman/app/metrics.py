@@ -8,7 +8,8 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 if TYPE_CHECKING:
-    from dragoman.store.api import Effect, Reply, Store
+    from dragoman.store.api import Store
+    from dragoman.store.replies import ReapReply
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5,
                    1, 2.5, 5, 10, 30)
@@ -36,18 +37,26 @@ class Metrics:
         self.slots_total = Gauge("dragoman_slots_total", "Slots of live nodes (cluster-wide)", registry=r)
         self.queue_depth = Gauge("dragoman_queue_depth", "Jobs waiting per pool", ["pool"], registry=r)
         self.jobs_total = Gauge("dragoman_jobs", "Cluster-wide job counters from Redis", ["counter"], registry=r)
+        self.redis_resets = Counter("dragoman_redis_data_lost", "Times this process saw Redis lose its data "
+                                    "and registered its nodes and sessions again", registry=r)
 
-    def outcome(self, effect: Effect) -> None:
-        self.outcomes.labels(effect.state, effect.code or "").inc()
+    def settled(self, state: str, code: str) -> None:
+        """A session took a job's one outcome (``dragoman.types.Observer``)."""
+        self.outcomes.labels(state, code or "").inc()
 
-    def reaped_reply(self, reply: Reply) -> None:
+    def observe(self, name: str, seconds: float) -> None:
+        """A session's measurement (``dragoman.types.Observer``)."""
+        (self.dispatch_latency if name == "dispatch" else self.e2e_latency).observe(seconds)
+
+    def reaped_reply(self, reply: ReapReply) -> None:
         for kind, n in (("dead_nodes", reply.dead_nodes), ("expired_leases", reply.expired_leases),
-                        ("expired_pending", reply.expired_pending)):
+                        ("expired_pending", reply.expired_pending), ("dead_procs", reply.dead_procs),
+                        ("abandoned_sessions", reply.abandoned)):
             if n:
                 self.reaped.labels(kind).inc(n)
 
-
     async def refresh(self, store: Store) -> None:
+        await store.flush_stats()  # this process's counts first (others' are at most stats_flush_ms old)
         nodes = await store.nodes()
         by_state: dict[str, int] = {"ready": 0, "draining": 0, "offline": 0}
         used = total = 0

@@ -1,21 +1,26 @@
-"""``/ws/node``: a worker's connection. Thin: decode a frame, call one Store transition, deliver
-the effects, answer. Every rule about slots, leases and fencing lives in the scripts."""
+"""``/ws/node``: a worker's connection. Thin: decode a frame, call one Store transition, answer.
+Every rule about slots, leases and fencing lives in the scripts; the Store hands their effects to
+the hub."""
 
 from __future__ import annotations
 
+import hashlib
 import time
 import uuid
 from typing import TYPE_CHECKING
 
 import msgspec
 import structlog
-from starlette.requests import HTTPConnection
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from dragoman.core.pools import pools_for_pairs
 from dragoman.core.ratelimit import TokenBucket
 from dragoman.errors import DependencyDown, DragomanError, ProtocolError, ScriptError
+from dragoman.store.replies import Status
 from dragoman.wire import (
+    NODE_ERROR_CODES,
+    AsrPartial,
+    ErrorCode,
     JobAck,
     JobResult,
     JobStarted,
@@ -28,37 +33,20 @@ from dragoman.wire import (
     encode,
     error_frame,
 )
-from dragoman.wire.messages import AsrPartial
 
-from .hub import NodeSocket
-from .links import Link
+from .hub import NodeLink
+from .sockets import MAX_STRIKES, Link, bearer, receive_text
 
 if TYPE_CHECKING:
     from .hub import Hub
 
 log = structlog.get_logger(__name__)
-MAX_STRIKES = 20  # consecutive invalid frames tolerated before the connection is closed
-# Error codes a node may report that reach the client and the counters as they are; anything else
-# is counted as PROCESSING_ERROR (the node's own code still reaches the client, in details).
-NODE_ERROR_CODES = frozenset({"PROCESSING_ERROR", "MODEL_NOT_AVAILABLE", "NODE_OVERLOADED", "NODE_UNAVAILABLE",
-                              "JOB_TIMEOUT", "INVALID_MESSAGE", "INTERNAL_ERROR"})
 
-
-async def receive_text(ws: WebSocket) -> str:
-    """The next text frame. A binary frame is a protocol error (answered, connection kept)."""
-    message = await ws.receive()
-    if message["type"] == "websocket.disconnect":
-        raise WebSocketDisconnect(message.get("code", 1000))
-    if message.get("text") is not None:
-        return str(message["text"])
-    raise ProtocolError("binary frames are not part of the protocol: send JSON text frames")
-
-
-def bearer(ws: HTTPConnection, query_name: str) -> str:
-    auth = ws.headers.get("authorization", "")
-    if auth.lower().startswith("bearer "):
-        return auth[7:].strip()
-    return ws.query_params.get(query_name, "")
+# The existing worker answers an assignment it already has (a re-sent job_assign after a reconnect)
+# with a failed result whose message starts with this: it still runs the job, so nothing changes.
+_ALREADY_HAS_IT = "DUPLICATE_JOB_ID"
+# ... and one it cannot take with these: the job moves on to another node.
+_CANNOT_TAKE = ("DUPLICATE_UTTERANCE_INDEX",)
 
 
 def _now_ms() -> int:
@@ -66,12 +54,23 @@ def _now_ms() -> int:
 
 
 def job_outcome(msg: JobResult) -> tuple[str, str]:
+    """What a node's job_result means: (outcome, code); outcome "ignore" changes nothing."""
     if not msg.success:
-        code = (msg.error.code if msg.error else "") or "PROCESSING_ERROR"
-        return "failed", code if code in NODE_ERROR_CODES else "PROCESSING_ERROR"
+        code = (msg.error.code if msg.error else "") or ErrorCode.PROCESSING_ERROR
+        text = msg.error.message if msg.error else ""
+        if text.startswith(_ALREADY_HAS_IT):
+            return "ignore", code
+        if code == ErrorCode.NODE_OVERLOADED or text.startswith(_CANNOT_TAKE):
+            return "refused", ErrorCode.NODE_OVERLOADED
+        return "failed", code if code in NODE_ERROR_CODES else ErrorCode.PROCESSING_ERROR
     if msg.extra_reason in ("ASR_EMPTY", "NO_TEXT_ASSIGNED"):
         return "completed_empty", ""
     return "completed", ""
+
+
+def owner_of(token: str) -> str:
+    """What binds a node id to the token that first registered it (never the token itself)."""
+    return hashlib.sha256(token.encode()).hexdigest()[:16] if token else ""
 
 
 class NodeConnection:
@@ -80,6 +79,7 @@ class NodeConnection:
         self.conn = uuid.uuid4().hex
         self.link = Link(ws, f"node:{self.conn[:8]}")
         self.node_id: str | None = None
+        self.owner = ""
         self.register_msg: NodeRegister | None = None
         self.explicit_pairs = False
         self.pools: list[str] = []
@@ -89,9 +89,11 @@ class NodeConnection:
 
     async def serve(self) -> None:
         tokens = self.hub.settings.node_tokens
-        if tokens and bearer(self.ws, "token") not in tokens:
+        token = bearer(self.ws, "token")
+        if tokens and token not in tokens:
             await self.ws.close(code=1008)  # before accept: the upgrade is refused with HTTP 403
             return
+        self.owner = owner_of(token) if tokens else ""
         await self.ws.accept()
         self.link.start()
         self.hub.metrics.open_sockets.labels("node").inc()
@@ -100,17 +102,17 @@ class NodeConnection:
                 try:
                     text = await receive_text(self.ws)
                     if not self.limiter.allow(_now_ms()):
-                        raise ProtocolError("too many messages; slow down", code="RATE_LIMITED")
+                        raise ProtocolError("too many messages; slow down", code=ErrorCode.RATE_LIMITED)
                     msg = decode_node(text)
                     self.strikes = 0
-                    await self.handle(msg)
+                    await self.handle(msg, text)
                 except ProtocolError as exc:
                     self.reject(exc.code, exc.message)
                 except DependencyDown as exc:
-                    self.link.send(error_frame("SCHEDULER_DEPENDENCY_DOWN", str(exc)))
+                    self.link.send(error_frame(ErrorCode.SCHEDULER_DEPENDENCY_DOWN, str(exc)))
                 except DragomanError as exc:
                     log.error("node frame failed", node=self.node_id, error=str(exc))
-                    self.link.send(error_frame("INTERNAL_ERROR", "the scheduler could not handle that frame"))
+                    self.link.send(error_frame(ErrorCode.INTERNAL_ERROR, "the scheduler could not handle that frame"))
                 if self.strikes > MAX_STRIKES:
                     log.warning("closing misbehaving node connection", node=self.node_id)
                     break
@@ -127,15 +129,18 @@ class NodeConnection:
 
     async def disconnected(self) -> None:
         if self.node_id is not None:
-            current = self.hub.nodes.get(self.node_id)
-            if current is not None and current.conn == self.conn:
-                del self.hub.nodes[self.node_id]
-            try:  # first, so nothing more is assigned to a socket that is gone
-                reply = await self.hub.store.node_offline(self.node_id, conn=self.conn, reason="socket_closed")
-                await self.hub.deliver(reply.effects)
-            except Exception as exc:  # the heartbeat deadline will take the node down instead
-                log.warning("node_offline failed", node=self.node_id, error=str(exc))
-        await self.link.flush_and_close(timeout=1.0)
+            self.hub.detach_node(self.node_id, self.conn)
+            await self._offline()
+        await self.link.close(timeout=1.0)
+
+    async def _offline(self, node_id: str | None = None, reason: str = "socket_closed") -> None:
+        """First, so nothing more is assigned to a socket that is gone (fenced by this connection)."""
+        node_id = node_id or self.node_id
+        assert node_id is not None
+        try:
+            await self.hub.store.node_offline(node_id, conn=self.conn, reason=reason)
+        except Exception as exc:  # its heartbeat deadline (or this process's death) takes it down instead
+            log.warning("node_offline failed", node=node_id, error=str(exc))
 
     def _require_node(self, node_id: str) -> str:
         if self.node_id is None:
@@ -144,23 +149,23 @@ class NodeConnection:
             raise ProtocolError(f"node_id {node_id!r} is not the node registered on this connection")
         return self.node_id
 
-    async def handle(self, msg: msgspec.Struct) -> None:
+    async def handle(self, msg: msgspec.Struct, text: str) -> None:
         if isinstance(msg, NodeRegister):
             await self.register(msg)
         elif isinstance(msg, NodeHeartbeat):
             await self.heartbeat(msg)
         elif isinstance(msg, JobResult):
-            await self.result(msg)
-        elif isinstance(msg, (JobAck, JobStarted)):
+            await self.result(msg, text)
+        elif isinstance(msg, JobAck | JobStarted):
             node_id = self._require_node(msg.node_id)
             await self.hub.store.start_job(msg.job_id, node_id, msg.attempt_id)
         elif isinstance(msg, NodeAsrPartial):
-            self._require_node(msg.node_id)
-            self.relay_partial(msg)
+            await self.partial(msg)
         elif isinstance(msg, NodeError):
             log.warning("node reported an error", node=self.node_id, code=msg.code, message=msg.message)
 
-    async def register(self, msg: NodeRegister) -> None:
+    # ------------------------------------------------------------------ registration
+    async def register(self, msg: NodeRegister, announce: bool = True) -> None:
         pairs = msg.effective_language_pairs()
         if not pairs:
             raise ProtocolError("node_register names no language pairs (language_pairs or language_capabilities)")
@@ -168,36 +173,59 @@ class NodeConnection:
         if self.node_id is not None and node_id != self.node_id:
             raise ProtocolError("a connection registers one node; reconnect to register another")
         pools = pools_for_pairs(pairs)
-        if len(pools) > self.hub.settings.max_pools_per_node:
-            raise ProtocolError(f"node_register: {len(pools)} pools (language pairs) is more than the "
-                                f"{self.hub.settings.max_pools_per_node} allowed per node; send language_pairs")
         max_c = msg.max_concurrency or self.hub.settings.default_max_concurrency
         info = {"version": msg.version, "platform": msg.platform, "pairs": [list(p) for p in pairs],
                 "hardware": msgspec.to_builtins(msg.hardware) if msg.hardware else None,
                 "services": [s.type for s in msg.installed_services]}
         # Known to this process before the script runs: a job assigned to it meanwhile is held, not lost.
-        sock = NodeSocket(node_id, self.conn, self.link)
-        previous = self.hub.nodes.get(node_id)
-        self.hub.nodes[node_id] = sock
+        link = self.hub.nodes.get(node_id) if announce is False else None
+        if link is None or link.conn != self.conn:
+            link = NodeLink(node_id, self.conn, self.link, self)
+        previous = self.hub.attach_node(link)
         try:
-            reply = await self.hub.store.register_node(node_id, conn=self.conn, max_concurrency=max_c,
-                                                       pools=pools, info=info)
+            reply = await self.hub.store.register_node(node_id, conn=self.conn, max_concurrency=max_c, pools=pools,
+                                                       info=info, owner=self.owner)
+            if reply.status == Status.IN_USE and self._holder_is_gone(previous, reply.proc):
+                reply = await self.hub.store.register_node(node_id, conn=self.conn, max_concurrency=max_c,
+                                                           pools=pools, info=info, owner=self.owner, force=True)
         except (ValueError, ScriptError) as exc:
-            if previous is not None:
-                self.hub.nodes[node_id] = previous
-            else:
-                self.hub.nodes.pop(node_id, None)
+            self.hub.detach_node(node_id, self.conn, restore=previous)
             raise ProtocolError(f"node_register: {exc}") from None
+        except BaseException:
+            # The reply was lost (Redis gone past the retries, or the socket closed meanwhile): the
+            # script may have run. Undo it, so Redis never holds a node ready on a socket that never
+            # heard its ack and whose assignments would wait forever.
+            self.hub.detach_node(node_id, self.conn, restore=previous)
+            await self._offline(node_id, reason="register_failed")
+            raise
+        if reply.status == Status.FORBIDDEN:
+            self.hub.detach_node(node_id, self.conn, restore=previous)
+            raise ProtocolError(f"node_id {node_id!r} is registered with another node token", code=ErrorCode.UNAUTHORIZED)
+        if reply.status == Status.IN_USE:
+            self.hub.detach_node(node_id, self.conn, restore=previous)
+            raise ProtocolError(f"node_id {node_id!r} is in use by a live connection; register again once it "
+                                "is gone (a connection that stops answering pings is gone within seconds)")
         self.node_id, self.register_msg, self.pools = node_id, msg, pools
         self.explicit_pairs = msg.language_pairs is not None
         s = self.hub.settings
-        self.link.send(encode(NodeRegisterAck(node_id=node_id, message="registered", status="ready",
-                                              heartbeat_interval_ms=s.heartbeat_interval_ms,
-                                              lease_ms=s.job_timeout_ms)))
-        sock.open()
-        log.info("node registered", node=node_id, pools=pools, max_concurrency=max_c,
+        if announce:
+            self.link.send(encode(NodeRegisterAck(node_id=node_id, message="registered", status="ready",
+                                                  heartbeat_interval_ms=s.heartbeat_interval_ms,
+                                                  lease_ms=s.job_timeout_ms)))
+        link.open()
+        log.info("node registered", node=node_id, pools=pools, max_concurrency=max_c, held=reply.held,
                  reconnected=reply.reconnected)
-        await self.hub.deliver(reply.effects)
+
+    def _holder_is_gone(self, previous: NodeLink | None, proc: str) -> bool:
+        """The live connection Redis names is on this process: is it really still there?"""
+        if proc != self.hub.store.proc:
+            return False  # another process holds it; its pings take it down if it is gone
+        return previous is None or previous.conn == self.conn or previous.link.closed.is_set()
+
+    async def reregister(self) -> None:
+        """Redis lost its data: register this node again over the same connection (no new ack)."""
+        if self.register_msg is not None:
+            await self.register(self.register_msg, announce=False)
 
     async def heartbeat(self, msg: NodeHeartbeat) -> None:
         node_id = self._require_node(msg.node_id)
@@ -205,43 +233,53 @@ class NodeConnection:
         if msg.language_capabilities is not None and not self.explicit_pairs:
             new = pools_for_pairs(msg.language_capabilities.default_language_pairs())
             if new and new != self.pools:
-                pools, self.pools = new, new
+                pools = new
         usage = msgspec.to_builtins(msg.resource_usage) if msg.resource_usage else {}
-        reply = await self.hub.store.heartbeat(node_id, conn=self.conn, draining=msg.draining,
-                                               pools=pools, usage=usage)
-        if reply.status == "unknown" and self.register_msg is not None:
-            # reaped while it was silent: it is back, so it registers again
-            await self.register(self.register_msg)
-            return
-        await self.hub.deliver(reply.effects)
+        try:
+            reply = await self.hub.store.heartbeat(node_id, conn=self.conn, draining=msg.draining, pools=pools,
+                                                   usage=usage)
+        except ValueError as exc:  # the same checks as at registration
+            raise ProtocolError(f"node_heartbeat: {exc}") from None
+        if pools is not None:
+            self.pools = pools
+        if reply.status == Status.UNKNOWN and self.register_msg is not None:
+            # reaped while it was silent (or Redis lost it): it is back, so it registers again
+            await self.register(self.register_msg, announce=False)
 
-    async def result(self, msg: JobResult) -> None:
+    # ------------------------------------------------------------------ jobs
+    async def result(self, msg: JobResult, text: str) -> None:
         node_id = self._require_node(msg.node_id)
         outcome, code = job_outcome(msg)
-        payload = encode(msg)
-        reply = await self.hub.store.complete(msg.job_id, node_id, msg.attempt_id, outcome, code, payload)
-        if reply.status == "rejected":
+        if outcome == "ignore":
+            log.info("node already runs the job", node=node_id, job=msg.job_id, attempt=msg.attempt_id)
+            return
+        link = self.hub.nodes.get(node_id)
+        if link is not None:
+            link.forget(msg.job_id)
+        reply = await self.hub.store.complete(msg.job_id, node_id, msg.attempt_id, outcome, code, text, result=msg)
+        if reply.status == Status.REJECTED:
             # Counted and logged, answered so the node knows, but no strike: late results are normal.
             self.hub.metrics.stale_results.labels(reply.reason).inc()
             log.info("result rejected", node=node_id, job=msg.job_id, attempt=msg.attempt_id, reason=reply.reason)
-            self.link.send(error_frame("INVALID_MESSAGE", f"job_result for {msg.job_id} attempt {msg.attempt_id} "
-                                       f"rejected: {reply.reason} (not the job's current holder and attempt)"))
-            return
-        if reply.status == "duplicate":
+            self.link.send(error_frame(ErrorCode.INVALID_MESSAGE, f"job_result for {msg.job_id} attempt "
+                                       f"{msg.attempt_id} rejected: {reply.reason} (not the job's current holder "
+                                       "and attempt)"))
+        elif reply.status == Status.DUPLICATE:
             self.hub.metrics.stale_results.labels("duplicate").inc()
-            return
-        await self.hub.deliver(reply.effects, payloads={msg.job_id: payload})
 
-    def relay_partial(self, msg: NodeAsrPartial) -> None:
-        """Interim transcripts are best-effort: relayed when the session's socket is on this process."""
-        if not msg.session_id or msg.utterance_index is None:
+    async def partial(self, msg: NodeAsrPartial) -> None:
+        """Interim transcripts go to the job's session, wherever it is, and only from the job's holder."""
+        node_id = self._require_node(msg.node_id)
+        if msg.session_id is None or msg.utterance_index is None:
             return
-        actor = self.hub.sessions.get(msg.session_id)
-        if actor is not None:
-            actor.send(AsrPartial(session_id=msg.session_id, utterance_index=msg.utterance_index,
-                                  job_id=msg.job_id, text=msg.text, is_final=msg.is_final,
-                                  trace_id=msg.trace_id or actor.spec.trace_id))
+        frame = encode(AsrPartial(session_id=msg.session_id, utterance_index=msg.utterance_index, job_id=msg.job_id,
+                                  text=msg.text, is_final=msg.is_final, trace_id=msg.trace_id or ""))
+        reply = await self.hub.store.relay_partial(msg.job_id, node_id, msg.session_id, msg.utterance_index, frame)
+        if reply.status == Status.REJECTED:
+            self.reject(ErrorCode.INVALID_MESSAGE, f"asr_partial for {msg.job_id} refused: {reply.reason} "
+                                                   "(only the job's current holder may send it)")
 
 
 async def node_endpoint(ws: WebSocket) -> None:
     await NodeConnection(ws.app.state.hub, ws).serve()
+

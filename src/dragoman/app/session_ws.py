@@ -1,5 +1,5 @@
-"""``/ws/session``: a client's connection. Reads frames and posts them to the session's actor;
-the actor owns everything else (segmentation, dispatch, ordering)."""
+"""``/ws/session``: a client's connection. The first frame opens (or resumes) the session; every
+later frame goes to the session's actor, which owns everything else."""
 
 from __future__ import annotations
 
@@ -10,12 +10,14 @@ from typing import TYPE_CHECKING
 import structlog
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from dragoman.errors import ProtocolError
-from dragoman.sessions.actor import SessionActor, SessionSpec
-from dragoman.wire import SessionInit, decode_session, error_frame
+from dragoman.errors import DragomanError, ProtocolError
+from dragoman.sessions.actor import SessionActor, monotonic_ms, wait_finished, wall_offset_ms
+from dragoman.sessions.protocol import ResumeState, SessionProtocol
+from dragoman.sessions.spec import SessionConfig, SessionSpec, key_digest
+from dragoman.store.replies import Status
+from dragoman.wire import ErrorCode, SessionInit, decode_session, error_frame
 
-from .links import Link
-from .node_ws import MAX_STRIKES, bearer, receive_text
+from .sockets import MAX_STRIKES, Link, bearer, receive_text
 
 if TYPE_CHECKING:
     from .hub import Hub
@@ -44,24 +46,21 @@ async def session_endpoint(ws: WebSocket) -> None:
             if task is not None:
                 waiters.add(task)  # type: ignore[arg-type]
             done, _ = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-            if receive not in done:  # the actor finished (session closed and flushed)
+            if receive not in done:  # the actor finished (session closed and flushed, or taken over)
                 receive.cancel()
                 with contextlib.suppress(asyncio.CancelledError, WebSocketDisconnect, RuntimeError):
                     await receive
                 break
             try:
-                text = receive.result()
-                msg = decode_session(text)
+                msg = decode_session(receive.result())
                 if actor is None:
                     if not isinstance(msg, SessionInit):
-                        raise ProtocolError("send session_init first", code="INVALID_SESSION")
+                        raise ProtocolError("send session_init first", code=ErrorCode.INVALID_SESSION)
                     if hub.sessions_per_key.get(key, 0) >= hub.settings.max_sessions_per_key:
-                        raise ProtocolError("too many open sessions for this key", code="RATE_LIMITED")
-                    actor = SessionActor(hub, SessionSpec.from_init(msg), link, api_key=key)
-                    hub.sessions[actor.spec.session_id] = actor
-                    hub.sessions_per_key[key] = hub.sessions_per_key.get(key, 0) + 1
-                    actor.ack()
-                    task = asyncio.create_task(actor.run(), name=f"session:{actor.spec.session_id[:8]}")
+                        raise ProtocolError("too many open sessions for this key", code=ErrorCode.RATE_LIMITED)
+                    actor, resumed = await open_or_resume(hub, msg, key, link)
+                    task = asyncio.create_task(actor.run(open_record=not resumed),
+                                               name=f"session:{actor.session_id[:8]}")
                 else:
                     await actor.frame_slots.acquire()
                     actor.post_frame(msg)
@@ -72,17 +71,48 @@ async def session_endpoint(ws: WebSocket) -> None:
                 link.send(error_frame(exc.code, exc.message))
                 if strikes > MAX_STRIKES:
                     break
+            except DragomanError as exc:  # Redis unreachable while opening: say so, let the client retry
+                link.send(error_frame(getattr(exc, "code", ErrorCode.INTERNAL_ERROR), str(exc)))
+                break
     except (WebSocketDisconnect, RuntimeError):
         pass
     finally:
         hub.metrics.open_sockets.labels("session").dec()
         if actor is not None:
-            actor.post_disconnect()
-            if task is not None:
-                try:
-                    await asyncio.wait_for(task, 5)
-                except Exception as exc:  # the actor logged its own failure; note the cleanup
-                    log.warning("session actor ended with an error", session=actor.spec.session_id, error=repr(exc))
-            hub.sessions.pop(actor.spec.session_id, None)
-            hub.sessions_per_key[key] = max(0, hub.sessions_per_key.get(key, 1) - 1)
-        await link.flush_and_close(timeout=2.0)
+            actor.post_gone()
+            await wait_finished(actor, 5)
+            hub.end_session(actor)
+        code = actor.close_code if actor is not None and actor.close_code else 1000
+        await link.close(code=code, timeout=2.0)
+
+
+async def open_or_resume(hub: Hub, init: SessionInit, key: str, link: Link) -> tuple[SessionActor, bool]:
+    """A new session, or (``resume_session_id``) the session a lost socket or process held, taken over."""
+    config = SessionConfig.from_settings(hub.settings)
+    now = monotonic_ms()
+    if not init.resume_session_id:
+        spec = SessionSpec.from_init(init, api_key=key)
+        proto = SessionProtocol(spec, config, now=now, wall_offset_ms=wall_offset_ms())
+        return hub.new_session(proto, link, api_key=key), False
+    sid = init.resume_session_id
+    try:
+        record = await hub.store.session(sid)
+    except ValueError:
+        record = None
+    if not record or not record.get("spec"):
+        raise ProtocolError(f"no session {sid} to resume (unknown, or its grace period is over)",
+                            code=ErrorCode.INVALID_SESSION)
+    spec = SessionSpec.from_json(record["spec"])
+    if spec.key != key_digest(key):
+        raise ProtocolError("that session was opened with another API key", code=ErrorCode.UNAUTHORIZED)
+    replies = await hub.store.resume_session(sid)
+    home = replies[0]
+    if home.status != Status.RESUMED:
+        raise ProtocolError(f"no session {sid} to resume (unknown, or its grace period is over)",
+                            code=ErrorCode.INVALID_SESSION)
+    jobs = tuple(job for reply in replies if reply.status == Status.RESUMED for job in reply.jobs)
+    state = ResumeState(epoch=home.epoch, next_utt=max(home.next_utt, 0), seq=home.seq, skip=home.skip, jobs=jobs)
+    proto = SessionProtocol(spec, config, now=now, wall_offset_ms=wall_offset_ms(), resume=state)
+    cells = {reply.cell for reply in replies if reply.status == Status.RESUMED}
+    log.info("session resumed", session=sid, epoch=home.epoch, owed=len(jobs))
+    return hub.new_session(proto, link, api_key=key, cells=cells), True

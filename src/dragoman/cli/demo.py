@@ -131,7 +131,7 @@ async def wait_until(check, timeout: float) -> bool:  # noqa: ANN001
 async def run_demo(duration: float, port: int, speed: float, sim_speed: float, console: Console) -> int:
     settings = load_settings(overrides={
         "port": port, "heartbeat_interval_ms": 1000, "node_ttl_ms": 3000, "job_timeout_ms": 8000,
-        "reaper_interval_ms": 250, "pause_ms": 1500, "result_gap_ms": 15000, "pending_timeout_ms": 10000})
+        "reaper_interval_ms": 250, "pause_ms": 1500, "pending_timeout_ms": 10000})
     logdir = Path(tempfile.mkdtemp(prefix="dragoman-demo-"))
     with EmbeddedServer() as redis:
         store = Store.from_url(redis.url, settings)

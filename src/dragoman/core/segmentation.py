@@ -16,6 +16,12 @@ How to drive it::
 Every call that returns utterances returns them in index order; hand each to dispatch. Invalid audio
 makes ``feed_chunk`` raise ``ValueError`` (answer ``INVALID_MESSAGE``) and leaves the state untouched.
 
+Resume points. Given each chunk's ``seq``, every utterance says where the audio after it starts
+(``Utterance.next_seq`` / ``next_skip``: that chunk, minus its first ``next_skip`` payload bytes).
+A session records it once the utterance is dispatched; a client that resumes the session sends its
+chunks again from ``next_seq``, and a segmenter built with ``start_index`` and ``skip`` (the first
+chunk's bytes already dispatched) goes on exactly where the lost one stopped.
+
 Cut rules, in the order ``feed_chunk`` applies them:
 
 1. **pause**: if ``pause_ms`` or more passed since the last audio (TTS playback excluded), what was
@@ -115,6 +121,8 @@ class Utterance:
     turn_id: str | None
     started_at_ms: int
     ended_at_ms: int
+    next_seq: int = 0
+    next_skip: int = 0
 
     @property
     def is_manual_cut(self) -> bool:
@@ -134,6 +142,8 @@ class _Piece:
     at_ms: int
     data: bytes
     units: int
+    seq: int = 0
+    offset: int = 0  # where ``data`` starts in its chunk's payload
 
 
 class _AudioBuffer:
@@ -169,6 +179,10 @@ class _AudioBuffer:
             count += 1
         return count
 
+    def start(self) -> tuple[int, int] | None:
+        """(seq, offset) of the first buffered byte, or None when empty."""
+        return (self._pieces[0].seq, self._pieces[0].offset) if self._pieces else None
+
     def take(self, units: int) -> tuple[bytes, int]:
         """Remove the first ``units`` units; return their bytes and the arrival time of the first."""
         started_at_ms = self._pieces[0].at_ms
@@ -183,7 +197,8 @@ class _AudioBuffer:
             else:  # only a pcm16 piece holds several units
                 split = remaining * PCM16_SAMPLE_BYTES
                 parts.append(piece.data[:split])
-                self._pieces[0] = _Piece(piece.at_ms, piece.data[split:], piece.units - remaining)
+                self._pieces[0] = _Piece(piece.at_ms, piece.data[split:], piece.units - remaining,
+                                         piece.seq, piece.offset + split)
                 remaining = 0
         audio = b"".join(parts)
         self.units -= units
@@ -194,10 +209,15 @@ class _AudioBuffer:
 class Segmenter:
     """The utterance cutter of one session. See the module docstring for the calling sequence."""
 
-    def __init__(self, config: SegmenterConfig | None = None) -> None:
+    def __init__(self, config: SegmenterConfig | None = None, start_index: int = 0,
+                 start_seq: int = 0, skip: int = 0) -> None:
         self._config = config or SegmenterConfig()
         self._buffer = _AudioBuffer(self._config.audio_format)
-        self._next_index = 0
+        self._next_index = start_index
+        # The resume point when nothing is buffered: the chunk whose bytes come next, and how many
+        # of its first bytes were already dispatched (only ever for the first chunk of a resume).
+        self._cursor_seq = start_seq
+        self._skip = (start_seq, skip) if skip else None
         self._turn_id: str | None = None
         # Arrival of the last audio still able to end in a pause; None once a turn-ending cut settled it.
         self._last_audio_ms: int | None = None
@@ -239,15 +259,24 @@ class Segmenter:
 
     # -- events -----------------------------------------------------------------------------------------
 
-    def feed_chunk(self, payload: bytes, is_final: bool, now_ms: int) -> list[Utterance]:
-        """Take one ``audio_chunk``; return the utterances it completes (possibly several, or none)."""
+    def feed_chunk(self, payload: bytes, is_final: bool, now_ms: int, seq: int | None = None) -> list[Utterance]:
+        """Take one ``audio_chunk``; return the utterances it completes (possibly several, or none).
+        ``seq`` (the chunk's ``audio_chunk.seq``) places resume points; without it chunks count from 0."""
         if self._closed:
             raise ProtocolError("audio_chunk after session_close", code="SESSION_CLOSED")
-        pieces = self._parse(payload, now_ms)  # raises before anything changes
+        seq = self._cursor_seq if seq is None else seq
+        offset = 0
+        if self._skip is not None and self._skip[0] == seq:
+            offset = min(self._skip[1], len(payload))
+            payload = payload[offset:]
+        pieces = self._parse(payload, now_ms, seq, offset)  # raises before anything changes
+        self._skip = None
+        self._cursor_seq = seq
         out = self._cut_if_paused(now_ms)
         if pieces:
             self._buffer.append(pieces)
             self._last_audio_ms = now_ms
+        self._cursor_seq = seq + 1
         out += self._cut_over_limits(now_ms, is_final)
         if is_final:
             out += self._end_turn(CutReason.FINAL, now_ms)
@@ -290,7 +319,7 @@ class Segmenter:
 
     # -- internals --------------------------------------------------------------------------------------
 
-    def _parse(self, payload: bytes, now_ms: int) -> list[_Piece]:
+    def _parse(self, payload: bytes, now_ms: int, seq: int, offset: int) -> list[_Piece]:
         if self._config.audio_format == "opus":
             frames = split_opus_frames(payload)
             too_big = [len(f) for f in frames if len(f) > self._config.max_buffer_bytes]
@@ -299,12 +328,16 @@ class Segmenter:
                     f"opus packet of {too_big[0]} bytes exceeds max_buffer_bytes="
                     f"{self._config.max_buffer_bytes}"
                 )
-            return [_Piece(now_ms, frame, 1) for frame in frames]
+            pieces = []
+            for frame in frames:
+                pieces.append(_Piece(now_ms, frame, 1, seq, offset))
+                offset += len(frame)
+            return pieces
         if len(payload) % PCM16_SAMPLE_BYTES:
             raise ValueError(f"pcm16 audio must have an even byte count, got {len(payload)}")
         if not payload:
             return []
-        return [_Piece(now_ms, bytes(payload), len(payload) // PCM16_SAMPLE_BYTES)]
+        return [_Piece(now_ms, bytes(payload), len(payload) // PCM16_SAMPLE_BYTES, seq, offset)]
 
     def _cut_if_paused(self, now_ms: int) -> list[Utterance]:
         if (
@@ -340,6 +373,7 @@ class Segmenter:
 
     def _emit(self, units: int, reason: CutReason, now_ms: int) -> Utterance:
         audio, started_at_ms = self._buffer.take(units)
+        next_seq, next_skip = self._buffer.start() or (self._cursor_seq, 0)
         utterance = Utterance(
             index=self._next_index,
             audio=audio,
@@ -348,6 +382,8 @@ class Segmenter:
             turn_id=self._turn_id,
             started_at_ms=started_at_ms,
             ended_at_ms=now_ms,
+            next_seq=next_seq,
+            next_skip=next_skip,
         )
         self._next_index += 1
         return utterance

@@ -1,1 +1,1 @@
-"""The session plane: one actor per client session."""
+"""The session plane: ``protocol`` (the rules, sans-I/O), ``actor`` (the asyncio shell), ``spec``."""

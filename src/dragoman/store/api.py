@@ -1,78 +1,88 @@
 """The async Store: the only way the rest of Dragoman touches scheduler state.
 
 One method per transition script (each one atomic call) plus read-only views for operators and
-tests. Script answers are JSON; ``Reply.effects`` lists what the caller must deliver over sockets it
-holds itself (effects for sockets held elsewhere were already appended to those processes' inboxes
-by the script). Redis being unreachable raises ``DependencyDown``; an argument a script refuses raises
-``ScriptError`` and changes nothing.
+tests. Every transition's local effects (what the caller must deliver over sockets it holds; effects
+for sockets held elsewhere were already appended to those processes' inboxes by the script) are
+handed to the ``sink`` the owner wired in, in this one place, so no caller can forget them; they are
+also on the reply, for callers without a sink (tests, benchmarks).
+
+Failure rules:
+- Redis unreachable, timing out, loading or read-only (a failover in progress): the call is retried
+  with capped, jittered backoff for up to ``redis_retry_ms``, then raises ``DependencyDown``. Every
+  script is retry-safe (I8), and a retry after a lost reply gets the effects it would have lost
+  (dispatch/complete re-emit them, the others replay their kept reply under the same call id).
+- An argument a script refuses raises ``ScriptError`` and changes nothing.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
+import random
 import uuid
 import zlib
-from collections.abc import Sequence
-from typing import Any
+from collections import Counter, defaultdict
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import Any, TypeVar
 
 import msgspec
 import redis.asyncio as aioredis
+import structlog
 from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import BusyLoadingError, ReadOnlyError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from dragoman.config import Settings
 from dragoman.errors import DependencyDown, ScriptError
-from dragoman.store.keys import CellKeys, cell_of_job, cell_of_node, check_name, check_pool, job_id_for
+from dragoman.store.keys import (
+    CellKeys,
+    cell_of_job,
+    cell_of_node,
+    check_name,
+    check_pool,
+    home_cell,
+    job_id_for,
+)
+from dragoman.store.replies import (
+    AckReply,
+    CancelReply,
+    CloseReply,
+    CompleteReply,
+    DispatchReply,
+    DrainReply,
+    Effect,
+    HeartbeatReply,
+    JobsReply,
+    JobStatus,
+    OfflineReply,
+    ReapReply,
+    RegisterReply,
+    RelayReply,
+    Reply,
+    SessionReply,
+    StartReply,
+    Status,
+    TouchReply,
+)
 from dragoman.store.scripts import Scripts
 
+log = structlog.get_logger(__name__)
+R = TypeVar("R", bound=Reply)
+Sink = Callable[[list[Effect]], Awaitable[None]]
 
-class Effect(msgspec.Struct, kw_only=True):
-    """Something a socket holder must do: ``assign`` (send job_assign to ``node``), ``cancel``
-    (send job_cancel to ``node``), ``outcome`` (the job's one outcome, for ``session``)."""
-
-    kind: str
-    job: str
-    node: str = ""
-    attempt: int = 0
-    session: str = ""
-    utt: int = 0
-    tgt: str = ""
-    state: str = ""
-    code: str = ""
-    lease: int = 0
-    reason: str = ""
-    cell: str = ""
-    payload: str | None = None  # carried along when the effect came through an inbox stream
-
-
-class Reply(msgspec.Struct, kw_only=True):
-    status: str
-    now: int = 0
-    effects: list[Effect] | dict[str, Any] = msgspec.field(default_factory=list)
-    state: str = ""
-    node: str = ""
-    attempt: int = 0
-    code: str = ""
-    reason: str = ""
-    max: int = 0
-    used: int = 0
-    deadline: int = 0
-    reconnected: bool = False
-    jobs: int = 0
-    dead_nodes: int = 0
-    expired_leases: int = 0
-    expired_pending: int = 0
-    dead_procs: int = 0
-    more: bool = False
-    job_id: str = ""
-    cell: str = ""
-
-
-_reply_decoder = msgspec.json.Decoder(Reply)
+# Errors after which a call may be repeated: the server could not be reached or could not take
+# writes for a moment (restart, loading, a failover's demoted primary). Any other error is final.
+RETRYABLE = (RedisConnectionError, RedisTimeoutError, BusyLoadingError, ReadOnlyError, OSError)
 _effect_decoder = msgspec.json.Decoder(Effect)
+_decoders: dict[type, msgspec.json.Decoder[Any]] = {}
+
+
+def _decoder(kind: type[R]) -> msgspec.json.Decoder[R]:
+    if kind not in _decoders:
+        _decoders[kind] = msgspec.json.Decoder(kind)
+    return _decoders[kind]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -83,10 +93,12 @@ class JobSpec:
     session_id: str
     utterance_index: int
     tgt_lang: str
-    data: str  # the job_assign body (JSON, without attempt_id), kept for redelivery
+    body: str  # the encoded JobAssignBody (job_assign without its ids), kept for reassignment
     unique: str = dataclasses.field(default_factory=lambda: uuid.uuid4().hex)
     avoid: tuple[str, ...] = ()
     session_proc: str | None = None
+    epoch: int = 1
+    commit: tuple[int, int, int, int] | None = None  # the session's resume point once this is dispatched
 
 
 def _text(value: Any) -> str:
@@ -94,16 +106,21 @@ def _text(value: Any) -> str:
 
 
 class Store:
-    def __init__(self, client: Any, settings: Settings, proc: str | None = None) -> None:
+    def __init__(self, client: Any, settings: Settings, proc: str | None = None, *,
+                 test_clock: bool = False) -> None:
         self.client = client
         self.settings = settings
         self.proc = proc or uuid.uuid4().hex[:12]
         self.cells = {c: CellKeys(settings.key_prefix, c) for c in settings.cells}
         self.cell_names = tuple(settings.cells)
-        self.scripts = Scripts(client)
+        self.scripts = Scripts(client, defines={"test_clock": test_clock, "inbox_max_len": settings.inbox_max_len})
+        self.sink: Sink | None = None
+        self.undecodable_effects = 0
+        self.counts: Counter[str] = Counter()  # frequent counters, added to Redis by flush_stats
 
     @classmethod
-    def from_url(cls, url: str, settings: Settings, proc: str | None = None, cluster: bool = False) -> Store:
+    def from_url(cls, url: str, settings: Settings, proc: str | None = None, cluster: bool = False,
+                 test_clock: bool = False) -> Store:
         # Timeouts above the inbox's 1 s blocking read: a stalled Redis becomes DependencyDown, not a hang.
         timeouts = {"socket_timeout": 5.0, "socket_connect_timeout": 3.0}
         if cluster:
@@ -113,7 +130,7 @@ class Store:
             pool = aioredis.BlockingConnectionPool.from_url(url, max_connections=256, timeout=5,
                                                             health_check_interval=10, **timeouts)
             client = aioredis.Redis(connection_pool=pool, decode_responses=False)
-        return cls(client, settings, proc)
+        return cls(client, settings, proc, test_clock=test_clock)
 
     async def aclose(self) -> None:
         await self.client.aclose()
@@ -126,179 +143,360 @@ class Store:
         cell = cell_of_job(job_id, self.cell_names)
         return self.cells[cell] if cell else None
 
-    async def _call(self, name: str, ck: CellKeys, keys: list[str], args: list[Any]) -> Reply:
+    def keys_for_session(self, session_id: str) -> CellKeys:
+        return self.cells[home_cell(session_id, self.cell_names)]
+
+    async def retrying(self, what: str, attempt: Callable[[], Awaitable[Any]]) -> Any:
+        """Run ``attempt`` until it succeeds, retrying Redis outages for up to ``redis_retry_ms``."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.redis_retry_ms / 1000
+        pause = 0.05
+        while True:
+            try:
+                return await attempt()
+            except RETRYABLE as exc:
+                if loop.time() + pause > deadline:
+                    raise DependencyDown(f"Redis unreachable during {what}: {exc}") from exc
+                log.info("redis call failed, retrying", call=what, error=str(exc), retry_in_s=round(pause, 2))
+                await asyncio.sleep(pause * (0.5 + random.random()))
+                pause = min(1.0, pause * 2)
+
+    async def _call(self, name: str, ck: CellKeys, keys: list[str], args: list[Any], kind: type[R],
+                    own_payload: str | None = None, own_result: Any = None) -> R:
         try:
-            raw = await self.scripts.call(name, keys, args)
-        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
-            raise DependencyDown(f"Redis unreachable during {name}: {exc}") from exc
+            raw = await self.retrying(name, lambda: self.scripts.call(name, keys, args))
         except ResponseError as exc:
             raise ScriptError(f"{name}: {exc}") from exc
-        reply = _reply_decoder.decode(raw)
-        if isinstance(reply.effects, dict):  # Lua's cjson encodes an empty table as {}
-            reply.effects = []
-        for effect in reply.effects:
-            effect.cell = ck.cell
+        payloads = [_text(p) for p in raw[2:]]
+        reply = _decoder(kind).decode(raw[0])
         reply.cell = ck.cell
+        reply.effects = self._effects(name, raw[1], payloads, ck.cell, own_payload, own_result)
+        jobs = getattr(reply, "jobs", None)
+        if isinstance(jobs, list):
+            for status in jobs:
+                if status.p > 0:
+                    status.result = payloads[status.p - 1]
+        if reply.effects and self.sink is not None:
+            await self.sink(reply.effects)
         return reply
+
+    def _effects(self, name: str, raw: bytes, payloads: list[str], cell: str, own_payload: str | None,
+                 own_result: Any) -> list[Effect]:
+        out: list[Effect] = []
+        for item in msgspec.json.decode(raw, type=list[msgspec.Raw]):
+            try:
+                effect = _effect_decoder.decode(item)
+            except msgspec.DecodeError as exc:  # one bad effect never takes the others with it
+                self.undecodable_effects += 1
+                log.error("undecodable effect", script=name, effect=bytes(item)[:200], error=str(exc))
+                continue
+            effect.cell = cell
+            if effect.p > 0:
+                effect.payload = payloads[effect.p - 1]
+            elif effect.p == -1:
+                effect.payload, effect.result = own_payload, own_result
+            out.append(effect)
+        return out
+
+    @staticmethod
+    def call_id() -> str:
+        return uuid.uuid4().hex
 
     async def ping(self) -> bool:
         try:
             return bool(await self.client.ping())
-        except (RedisConnectionError, RedisTimeoutError, OSError):
+        except (*RETRYABLE, ResponseError):
             return False
 
     async def load_scripts(self) -> None:
         try:
             await self.scripts.load_all(self.client)
-        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+        except RETRYABLE as exc:
             raise DependencyDown(f"Redis unreachable: {exc}") from exc
 
     # ---------------------------------------------------------------- node plane
-    async def register_node(self, node_id: str, *, conn: str, max_concurrency: int, pools: Sequence[str],
-                            info: dict[str, Any] | None = None, node_ttl_ms: int | None = None) -> Reply:
-        check_name("node_id", node_id)
+    def check_pools(self, pools: Sequence[str]) -> str:
         for pool in pools:
             check_pool(pool)
+        if len(set(pools)) > self.settings.max_pools_per_node:
+            raise ValueError(f"{len(set(pools))} pools (language pairs) is more than the "
+                             f"{self.settings.max_pools_per_node} allowed per node")
+        return " ".join(sorted(set(pools)))
+
+    async def register_node(self, node_id: str, *, conn: str, max_concurrency: int, pools: Sequence[str],
+                            info: dict[str, Any] | None = None, node_ttl_ms: int | None = None,
+                            owner: str = "", force: bool = False) -> RegisterReply:
+        check_name("node_id", node_id)
+        pool_arg = self.check_pools(pools)
         ck = self.keys_for_node(node_id)
         return await self._call("register_node", ck, [ck.nodes, ck.node(node_id), ck.node_jobs(node_id)], [
-            self.proc, node_id, conn, max_concurrency, " ".join(sorted(set(pools))),
-            json.dumps(info or {}), node_ttl_ms or self.settings.node_ttl_ms])
+            self.proc, node_id, conn, max_concurrency, pool_arg, json.dumps(info or {}),
+            node_ttl_ms or self.settings.node_ttl_ms, owner, "force" if force else "", self.call_id()],
+            RegisterReply)
 
     async def heartbeat(self, node_id: str, *, conn: str = "", draining: bool | None = None,
                         pools: Sequence[str] | None = None, usage: dict[str, Any] | None = None,
-                        node_ttl_ms: int | None = None) -> Reply:
+                        node_ttl_ms: int | None = None) -> HeartbeatReply:
         check_name("node_id", node_id)
+        pools_arg = "" if pools is None else self.check_pools(pools)
         ck = self.keys_for_node(node_id)
         drain_arg = "" if draining is None else ("1" if draining else "0")
-        pools_arg = "" if pools is None else " ".join(sorted(set(pools)))
         return await self._call("heartbeat", ck, [ck.nodes, ck.node(node_id)], [
             self.proc, node_id, conn, node_ttl_ms or self.settings.node_ttl_ms, drain_arg,
-            "" if pools is None else "1", pools_arg, json.dumps(usage or {})])
+            "" if pools is None else "1", pools_arg, json.dumps(usage or {}), self.call_id()], HeartbeatReply)
 
-    async def drain(self, node_id: str, on: bool = True, source: str = "operator") -> Reply:
+    async def drain(self, node_id: str, on: bool = True, source: str = "operator") -> DrainReply:
         ck = self.keys_for_node(check_name("node_id", node_id))
         return await self._call("drain_node", ck, [ck.nodes, ck.node(node_id)],
-                                [self.proc, node_id, "1" if on else "0", source])
+                                [self.proc, node_id, "1" if on else "0", source, self.call_id()], DrainReply)
 
-    async def node_offline(self, node_id: str, conn: str = "", reason: str = "socket_closed") -> Reply:
+    async def node_offline(self, node_id: str, conn: str = "", reason: str = "socket_closed") -> OfflineReply:
         ck = self.keys_for_node(check_name("node_id", node_id))
         return await self._call("node_offline", ck, [ck.nodes, ck.node(node_id)],
-                                [self.proc, node_id, conn, reason])
+                                [self.proc, node_id, conn, reason, self.call_id()], OfflineReply)
 
     # ---------------------------------------------------------------- jobs
-    def _cells_to_try(self, spec: JobSpec) -> list[CellKeys]:
+    def _cells_to_try(self, session_id: str) -> list[CellKeys]:
         names = list(self.cell_names)
-        start = zlib.crc32(spec.session_id.encode()) % len(names)
+        start = zlib.crc32(session_id.encode()) % len(names)  # the session's home cell first
         return [self.cells[names[(start + i) % len(names)]] for i in range(len(names))]
 
-    async def dispatch(self, spec: JobSpec) -> Reply:
+    async def dispatch(self, spec: JobSpec) -> DispatchReply:
         """Place a job. With several cells, each cell serving the pool is tried for a free slot
         before the last one queues or fails the job."""
         check_pool(spec.pool)
         check_name("session_id", spec.session_id)
         s = self.settings
-        cells = self._cells_to_try(spec)
+        cells = self._cells_to_try(spec.session_id)
+        home = cells[0]
         if len(cells) > 1:  # a hint only: each script decides for itself
-            serving = [ck for ck in cells if await self.client.zcard(ck.pool(spec.pool)) > 0]
+            serving = [ck for ck in cells
+                       if await self.retrying("zcard", lambda ck=ck: self.client.zcard(ck.pool(spec.pool))) > 0]
             cells = serving or cells[:1]
-        reply: Reply | None = None
+        commit = " ".join(str(n) for n in spec.commit) if spec.commit else ""
+        reply: DispatchReply | None = None
         for i, ck in enumerate(cells):
             job_id = job_id_for(ck.cell, spec.unique)
             mode = "" if i == len(cells) - 1 else "place_only"
-            reply = await self._call("dispatch_task", ck,
-                                     [ck.nodes, ck.job(job_id), ck.pool(spec.pool), ck.jobdata(job_id)], [
-                self.proc, job_id, spec.pool, spec.session_id, spec.utterance_index, spec.tgt_lang,
-                s.job_timeout_ms, s.pending_timeout_ms, s.queue_max, s.max_attempts, s.job_ttl_ms,
-                " ".join(spec.avoid), spec.session_proc or self.proc, spec.data, mode])
+            reply = await self._call(
+                "dispatch_task", ck, [ck.nodes, ck.job(job_id), ck.pool(spec.pool), ck.sess(spec.session_id)], [
+                    self.proc, job_id, spec.pool, spec.session_id, spec.utterance_index, spec.tgt_lang,
+                    s.job_timeout_ms, s.pending_timeout_ms, s.queue_max, s.max_attempts, " ".join(spec.avoid),
+                    spec.session_proc or self.proc, spec.epoch, spec.body, mode, commit if ck is home else "",
+                    s.warmup_ms], DispatchReply, own_payload=spec.body)
             reply.job_id = job_id
-            if reply.status != "no_capacity":
+            if reply.status != Status.NO_CAPACITY:
+                if reply.status not in (Status.EXISTS, Status.SUPERSEDED):
+                    self.counts["dispatched"] += 1
+                if commit and ck is not home and reply.status != Status.SUPERSEDED:
+                    await self.commit_session(spec.session_id, spec.epoch, spec.commit)  # type: ignore[arg-type]
                 return reply
         assert reply is not None
         return reply
 
     async def complete(self, job_id: str, node_id: str, attempt: int, outcome: str, code: str = "",
-                       payload: str = "") -> Reply:
+                       payload: str = "", result: Any = None) -> CompleteReply:
+        """A node's result. ``outcome``: completed, completed_empty, failed, or refused (the node
+        could not take the job: it moves on). ``result`` is the decoded payload, handed to a local
+        session with the outcome so it is never decoded twice."""
         ck = self.keys_for_job(job_id)
         if ck is None:
-            return Reply(status="rejected", reason="unknown_job")
-        return await self._call("complete_task", ck, [ck.nodes, ck.job(job_id)],
-                                [self.proc, job_id, node_id, attempt, outcome, code, payload])
+            return CompleteReply(status=Status.REJECTED, reason="unknown_job")
+        reply = await self._call("complete_task", ck, [ck.nodes, ck.job(job_id)],
+                                 [self.proc, job_id, node_id, attempt, outcome, code, payload], CompleteReply,
+                                 own_payload=payload, own_result=result)
+        if reply.status == Status.COMPLETED and reply.state != "failed":  # failures are counted by the scripts
+            self.counts[f"jobs_{reply.state}"] += 1
+        return reply
 
-    async def start_job(self, job_id: str, node_id: str, attempt: int) -> Reply:
+    async def start_job(self, job_id: str, node_id: str, attempt: int) -> StartReply:
         ck = self.keys_for_job(job_id)
         if ck is None:
-            return Reply(status="rejected", reason="unknown_job")
-        return await self._call("start_job", ck, [ck.nodes, ck.job(job_id)], [self.proc, job_id, node_id, attempt])
+            return StartReply(status=Status.REJECTED)
+        return await self._call("start_job", ck, [ck.nodes, ck.job(job_id)], [self.proc, job_id, node_id, attempt],
+                                StartReply)
 
-    async def cancel(self, job_id: str, code: str = "JOB_CANCELLED") -> Reply:
+    async def cancel(self, job_id: str, code: str = "JOB_CANCELLED") -> CancelReply:
         ck = self.keys_for_job(job_id)
         if ck is None:
-            return Reply(status="unknown")
-        return await self._call("cancel_job", ck, [ck.nodes, ck.job(job_id)], [self.proc, job_id, code])
+            return CancelReply(status=Status.UNKNOWN)
+        return await self._call("cancel_job", ck, [ck.nodes, ck.job(job_id)], [self.proc, job_id, code, self.call_id()],
+                                CancelReply)
 
-    async def reap_cell(self, cell: str, batch: int = 100) -> Reply:
+    async def relay_partial(self, job_id: str, node_id: str, session_id: str, utterance_index: int | None,
+                            partial: str) -> RelayReply:
+        ck = self.keys_for_job(job_id)
+        if ck is None:
+            return RelayReply(status=Status.REJECTED, reason="unknown_job")
+        return await self._call("relay_partial", ck, [ck.nodes, ck.job(job_id)], [
+            self.proc, job_id, node_id, session_id, "" if utterance_index is None else utterance_index, partial],
+            RelayReply)
+
+    async def get_jobs(self, job_ids: Iterable[str]) -> dict[str, JobStatus]:
+        """Where these jobs stand (read-only). A job id that names no known cell is "missing"."""
+        out: dict[str, JobStatus] = {}
+        for cell, ids in self._by_cell(job_ids, out).items():
+            ck = self.cells[cell]
+            reply = await self._call("get_jobs", ck, [ck.nodes], list(ids), JobsReply)
+            out.update({status.job: status for status in reply.jobs})
+        return out
+
+    def _by_cell(self, job_ids: Iterable[str], missing: dict[str, JobStatus] | None = None) -> dict[str, list[str]]:
+        groups: dict[str, list[str]] = defaultdict(list)
+        for job_id in job_ids:
+            cell = cell_of_job(job_id, self.cell_names)
+            if cell is not None:
+                groups[cell].append(job_id)
+            elif missing is not None:
+                missing[job_id] = JobStatus(job=job_id, state="missing")  # type: ignore[arg-type]
+        return groups
+
+    # ---------------------------------------------------------------- sessions
+    async def open_session(self, session_id: str, spec: str) -> SessionReply:
+        ck = self.keys_for_session(check_name("session_id", session_id))
+        return await self._call("open_session", ck, [ck.nodes, ck.sess(session_id)],
+                                [self.proc, session_id, "open", spec, "", self.call_id()], SessionReply)
+
+    async def resume_session(self, session_id: str) -> list[SessionReply]:
+        """Take a session over, in every cell (its home cell's answer first). Cells where it has
+        nothing answer "unknown"."""
+        check_name("session_id", session_id)
+        out = []
+        for ck in self._cells_to_try(session_id):
+            out.append(await self._call("open_session", ck, [ck.nodes, ck.sess(session_id)],
+                                        [self.proc, session_id, "resume", "", "", self.call_id()], SessionReply))
+        return out
+
+    async def commit_session(self, session_id: str, epoch: int, point: tuple[int, int, int, int]) -> SessionReply:
+        ck = self.keys_for_session(session_id)
+        return await self._call("open_session", ck, [ck.nodes, ck.sess(session_id)], [
+            self.proc, session_id, "commit", epoch, " ".join(str(n) for n in point), self.call_id()], SessionReply)
+
+    async def close_session(self, session_id: str, epoch: int, *, detach: bool, grace_ms: int = 0,
+                            cells: Iterable[str] | None = None) -> list[CloseReply]:
+        """The session's socket is gone (``detach``: an orphan for ``grace_ms``) or it is over."""
+        names = set(cells or ()) | {home_cell(session_id, self.cell_names)}
+        out = []
+        for cell in sorted(names):
+            ck = self.cells[cell]
+            out.append(await self._call("close_session", ck, [ck.nodes, ck.sess(session_id)], [
+                self.proc, session_id, epoch, "detach" if detach else "end", grace_ms, self.call_id()], CloseReply))
+        return out
+
+    async def ack(self, session_id: str, job_ids: Iterable[str]) -> int:
+        """The session delivered these outcomes: they are no longer owed (and the jobs are forgotten)."""
+        acked = 0
+        for cell, ids in self._by_cell(job_ids).items():
+            ck = self.cells[cell]
+            reply = await self._call("ack_outcomes", ck, [ck.nodes, ck.sess(session_id)],
+                                     [self.proc, session_id, *ids], AckReply)
+            acked += reply.acked
+        return acked
+
+    # ---------------------------------------------------------------- upkeep
+    async def reap_cell(self, cell: str, batch: int = 100) -> ReapReply:
         ck = self.cells[cell]
-        return await self._call("reap", ck, [ck.nodes], [self.proc, batch])
+        return await self._call("reap", ck, [ck.nodes], [self.proc, batch, self.settings.session_grace_ms,
+                                                         self.call_id()], ReapReply)
 
-    async def reap(self, batch: int = 100) -> list[Reply]:
+    async def reap(self, batch: int = 100) -> list[ReapReply]:
         return [await self.reap_cell(cell, batch) for cell in self.cell_names]
 
-    async def touch_proc(self, ttl_ms: int | None = None) -> None:
+    async def touch_proc(self, ttl_ms: int | None = None) -> dict[str, str]:
+        """Renew this process in every cell; returns each cell's data generation marker."""
+        boots = {}
         for ck in self.cells.values():
-            await self._call("touch_proc", ck, [ck.nodes], [self.proc, ttl_ms or self.settings.proc_ttl_ms])
+            reply = await self._call("touch_proc", ck, [ck.nodes],
+                                     [self.proc, ttl_ms or self.settings.proc_ttl_ms, uuid.uuid4().hex[:8]], TouchReply)
+            boots[ck.cell] = reply.boot
+        return boots
 
-    async def job_data(self, job_id: str) -> str | None:
-        ck = self.keys_for_job(job_id)
-        if ck is None:
-            return None
-        raw = await self.client.get(ck.jobdata(job_id))
-        return None if raw is None else _text(raw)
+    async def flush_stats(self) -> None:
+        """Frequent counters are kept per process and added to the cluster-wide figures now and
+        then (the scripts count only rare events themselves: one write fewer per job)."""
+        counts, self.counts = self.counts, Counter()
+        if not counts:
+            return
+        ck = self.cells[self.cell_names[0]]
+        try:
+            await self.retrying("stats", lambda: self._incr_stats(ck, counts))
+        except DependencyDown:
+            self.counts.update(counts)
+            raise
+
+    async def _incr_stats(self, ck: CellKeys, counts: dict[str, int]) -> None:
+        pipe = self.client.pipeline(transaction=False)
+        for name, n in counts.items():
+            pipe.hincrby(ck.stats, name, n)
+        await pipe.execute()
 
     # ---------------------------------------------------------------- inbox (cross-process delivery)
     async def read_inbox(self, cell: str, last_id: str, block_ms: int, count: int = 100) -> list[tuple[str, Effect]]:
         ck = self.cells[cell]
         try:
             answer = await self.client.xread({ck.inbox(self.proc): last_id}, count=count, block=block_ms)
-        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+        except RETRYABLE as exc:
             raise DependencyDown(f"Redis unreachable reading the inbox: {exc}") from exc
         out: list[tuple[str, Effect]] = []
         for _stream, entries in answer or []:
             for entry_id, fields in entries:
-                effect = _effect_decoder.decode(fields[b"e"])
+                try:
+                    effect = _effect_decoder.decode(fields[b"e"])
+                except msgspec.DecodeError as exc:
+                    self.undecodable_effects += 1
+                    log.error("undecodable inbox entry", entry=_text(entry_id), error=str(exc))
+                    out.append((_text(entry_id), Effect(kind="")))
+                    continue
                 effect.cell = cell
                 if b"r" in fields:
                     effect.payload = _text(fields[b"r"])
                 out.append((_text(entry_id), effect))
         return out
 
+    async def trim_inbox(self, cell: str, entry_ids: list[str]) -> None:
+        """What was read and delivered leaves the inbox (its bound counts only unread entries)."""
+        if entry_ids:
+            ck = self.cells[cell]
+            await self.retrying("xdel", lambda: self.client.xdel(ck.inbox(self.proc), *entry_ids))
+
     # ---------------------------------------------------------------- read-only views
+    async def _hash(self, key: str) -> dict[str, str] | None:
+        raw = await self.retrying("hgetall", lambda: self.client.hgetall(key))
+        return {_text(k): _text(v) for k, v in raw.items()} if raw else None
+
     async def node(self, node_id: str) -> dict[str, str] | None:
         ck = self.keys_for_node(node_id)
-        raw = await self.client.hgetall(ck.node(node_id))
-        return {_text(k): _text(v) for k, v in raw.items()} if raw else None
+        n = await self._hash(ck.node(node_id))
+        if n is not None:
+            n["used"] = str(await self.retrying("scard", lambda: self.client.scard(ck.node_jobs(node_id))))
+        return n
 
     async def nodes(self) -> list[dict[str, str]]:
         """Every live node and every node offline for less than an hour (operators' view)."""
         out = []
         for ck in self.cells.values():
-            ids = {_text(n) for n in await self.client.zrange(ck.nodes, 0, -1)}
-            ids |= {_text(n) for n in await self.client.zrange(ck.offline, 0, -1)}
+            ids = {_text(n) for n in await self.retrying("zrange", lambda ck=ck: self.client.zrange(ck.nodes, 0, -1))}
+            ids |= {_text(n) for n in await self.retrying("zrange", lambda ck=ck: self.client.zrange(ck.offline, 0, -1))}
             for nid in sorted(ids):
-                raw = await self.client.hgetall(ck.node(nid))
-                if raw:
-                    out.append({_text(a): _text(b) for a, b in raw.items()} | {"cell": ck.cell})
+                n = await self.node(nid)
+                if n:
+                    out.append(n | {"cell": ck.cell})
         return sorted(out, key=lambda n: n.get("id", ""))
 
     async def pools(self) -> list[dict[str, Any]]:
         out = []
         for ck in self.cells.values():
-            for pid in sorted(_text(p) for p in await self.client.smembers(ck.pools)):
-                members = await self.client.zrange(ck.pool(pid), 0, -1, withscores=True)
+            counts = await self.retrying("hgetall", lambda ck=ck: self.client.hgetall(ck.pools))
+            for pid in sorted(_text(p) for p in counts):
+                members = await self.retrying("zrange", lambda pid=pid, ck=ck: self.client.zrange(
+                    ck.pool(pid), 0, -1, withscores=True))
                 out.append({
                     "pool": pid, "cell": ck.cell,
                     "nodes": [_text(m) for m, _ in members],
+                    "registered": int(counts[pid.encode()]),
                     "free_slots": int(sum(score for _, score in members)),
-                    "queue_depth": int(await self.client.llen(ck.queue(pid))),
+                    "queue_depth": int(await self.retrying("llen", lambda pid=pid, ck=ck: self.client.llen(
+                        ck.queue(pid)))),
                 })
         return out
 
@@ -306,42 +504,68 @@ class Store:
         ck = self.keys_for_job(job_id)
         if ck is None:
             return None
-        raw = await self.client.hgetall(ck.job(job_id))
-        return {_text(k): _text(v) for k, v in raw.items()} if raw else None
+        job = await self._hash(ck.job(job_id))
+        if job is not None:
+            job.pop("data", None)  # the audio
+        return job
+
+    async def session(self, session_id: str) -> dict[str, str] | None:
+        """A session's record in its home cell (ValueError for an id that cannot be one)."""
+        return await self._hash(self.keys_for_session(check_name("session_id", session_id)).sess(session_id))
 
     async def stats(self) -> dict[str, int]:
         total: dict[str, int] = {}
         for ck in self.cells.values():
-            for k, v in (await self.client.hgetall(ck.stats)).items():
+            for k, v in (await self.retrying("hgetall", lambda ck=ck: self.client.hgetall(ck.stats))).items():
                 total[_text(k)] = total.get(_text(k), 0) + int(v)
         return total
 
     async def events(self, count: int = 50) -> list[dict[str, str]]:
         out = []
         for ck in self.cells.values():
-            for entry_id, fields in await self.client.xrevrange(ck.events, count=count):
+            entries = await self.retrying("xrevrange", lambda ck=ck: self.client.xrevrange(ck.events, count=count))
+            for entry_id, fields in entries:
                 out.append({"id": _text(entry_id)} | {_text(k): _text(v) for k, v in fields.items()})
         return sorted(out, key=lambda e: e["id"], reverse=True)[:count]
 
     async def slot_report(self) -> dict[str, Any]:
-        """Every node's used/max and held jobs, and the I1 check: used == jobs held, 0 <= used <= max."""
-        nodes = await self.nodes()
+        """Every node's used/max, and the I1 check: 0 <= used <= max for ready nodes, and every job
+        a node holds exists, is active, and names that node as its holder."""
         violations = []
         used_total = max_total = 0
-        for n in nodes:
+        for n in await self.nodes():
             ck = self.cells[n["cell"]]
-            held = int(await self.client.scard(ck.node_jobs(n["id"])))
-            used, cap = int(n.get("used", 0)), int(n.get("max", 0))
+            held = [_text(j) for j in await self.retrying("smembers", lambda ck=ck, n=n: self.client.smembers(
+                ck.node_jobs(n["id"])))]
+            used, cap = len(held), int(n.get("max", 0))
             if n.get("state") != "offline":
                 used_total += used
                 max_total += cap
-            if used != held or used < 0 or (used > cap and n.get("state") == "ready"):
-                violations.append(f"node {n['id']}: used={used} held={held} max={cap}")
+            if used > cap and n.get("state") == "ready":
+                violations.append(f"node {n['id']}: used={used} > max={cap}")
+            for jid in held:
+                fields = await self.retrying("hmget", lambda ck=ck, jid=jid: self.client.hmget(
+                    ck.job(jid), "state", "node"))
+                state, holder = (_text(f) if f is not None else None for f in fields)
+                if state not in ("assigned", "running") or holder != n["id"]:
+                    violations.append(f"node {n['id']}: holds job {jid} (state={state}, holder={holder})")
         return {"used": used_total, "max": max_total, "violations": violations}
+
+    async def unfinished_jobs(self) -> list[dict[str, str]]:
+        """Jobs not in a terminal state (after quiescence there should be none: I3, I10)."""
+        out = []
+        for ck in self.cells.values():
+            async for key in self.client.scan_iter(match=ck.base + "job:*", count=1000):
+                fields = await self.client.hmget(key, "id", "state", "session", "utt", "tgt", "node")
+                job = {k: _text(v) if v is not None else "" for k, v in
+                       zip(("id", "state", "session", "utt", "tgt", "node"), fields, strict=True)}
+                if job["state"] not in ("completed", "completed_empty", "failed"):
+                    out.append(job)
+        return out
 
     # ---------------------------------------------------------------- test support
     async def set_clock_offset(self, offset_ms: int) -> None:
-        """Shift the time every script reads (tests advance time this way; I7 stays intact)."""
+        """Shift the time every script reads (test builds only, ``test_clock=True``; I7 stays intact)."""
         for ck in self.cells.values():
             await self.client.set(ck.clock, offset_ms)
 

@@ -41,7 +41,7 @@ class CellKeys:
         return self.base + "nodes"
 
     @property
-    def pools(self) -> str:  # set of pool ids ever served in this cell
+    def pools(self) -> str:  # hash pool id -> registered nodes serving it
         return self.base + "pools"
 
     @property
@@ -69,6 +69,14 @@ class CellKeys:
         return self.base + "offline"
 
     @property
+    def orphans(self) -> str:  # zset session_id -> end of its resume grace (socket or process lost)
+        return self.base + "orphans"
+
+    @property
+    def boot(self) -> str:  # "token:ms": the cell's data generation (changes when Redis lost its data)
+        return self.base + "boot"
+
+    @property
     def clock(self) -> str:  # test-only clock offset (ms) added to the server's TIME
         return self.base + "clock"
 
@@ -85,17 +93,23 @@ class CellKeys:
     def queue(self, pool_id: str) -> str:
         return f"{self.base}queue:{pool_id}"
 
-    def job(self, job_id: str) -> str:
+    def job(self, job_id: str) -> str:  # hash; "data" holds the job_assign body while it lives
         return f"{self.base}job:{job_id}"
 
-    def jobdata(self, job_id: str) -> str:
-        return f"{self.base}jobdata:{job_id}"
+    def sess(self, session_id: str) -> str:  # hash: holder, epoch, affinity, owed jobs (see sessions.lua)
+        return f"{self.base}sess:{session_id}"
 
-    def affinity(self, session_id: str) -> str:
-        return f"{self.base}affinity:{session_id}"
-
-    def inbox(self, proc: str) -> str:
+    def inbox(self, proc: str) -> str:  # stream of effects for sockets held by that process
         return f"{self.base}inbox:{proc}"
+
+    def proc_nodes(self, proc: str) -> str:  # set of node ids registered through that process
+        return f"{self.base}proc:{proc}:nodes"
+
+    def proc_sessions(self, proc: str) -> str:  # set of session ids held by that process
+        return f"{self.base}proc:{proc}:sessions"
+
+    def reply(self, call_id: str) -> str:  # a kept reply, for a retry after a lost one (30 s)
+        return f"{self.base}reply:{call_id}"
 
 
 def cell_of_node(node_id: str, cells: tuple[str, ...]) -> str:
@@ -109,5 +123,11 @@ def job_id_for(cell: str, unique: str) -> str:
 
 
 def cell_of_job(job_id: str, cells: tuple[str, ...]) -> str | None:
+    """The cell a job id names (cell names never contain '.', see config)."""
     cell, sep, _ = job_id.partition(".")
     return cell if sep and cell in cells else None
+
+
+def home_cell(session_id: str, cells: tuple[str, ...]) -> str:
+    """A session's home cell keeps its settings and resume point; its jobs may be in any cell."""
+    return cells[zlib.crc32(session_id.encode()) % len(cells)]

@@ -5,6 +5,9 @@ A script file is named ``<name>-<number of KEYS>.lua`` (BullMQ's convention) and
 replaced by that file's text; each include is inlined once per script, and cycles are an error.
 Registration uses redis-py's ``register_script``: EVALSHA, and on NOSCRIPT (after ``SCRIPT FLUSH`` or
 a server restart) it loads the script again and retries.
+
+``{{name}}`` placeholders are filled from ``defines`` (constants from the settings, and the test-only
+clock hook) when the scripts are loaded; a placeholder without a value is an error.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from dragoman.errors import ScriptError
 LUA_DIR = Path(__file__).parent / "lua"
 _INCLUDE = re.compile(r'^--- @include "([^"]+)"\s*$', re.MULTILINE)
 _FILE = re.compile(r"^(?P<name>[a-z_]+)-(?P<keys>\d+)\.lua$")
+_DEFINE = re.compile(r"\{\{(\w+)\}\}")
 
 
 class ScriptLoadError(ScriptError):
@@ -54,21 +58,37 @@ def resolve_includes(path: Path, root: Path) -> str:
     return expand(path.resolve(), ())
 
 
-def discover(root: Path = LUA_DIR) -> dict[str, ScriptSpec]:
+def fill_defines(source: str, defines: dict[str, Any], name: str = "script") -> str:
+    def replace(match: re.Match[str]) -> str:
+        key = match.group(1)
+        if key not in defines:
+            raise ScriptLoadError(f"{name}: no value for {{{{{key}}}}}")
+        value = defines[key]
+        return ("true" if value else "false") if isinstance(value, bool) else str(int(value))
+
+    return _DEFINE.sub(replace, source)
+
+
+DEFAULT_DEFINES: dict[str, Any] = {"test_clock": False, "inbox_max_len": 10_000}
+
+
+def discover(root: Path = LUA_DIR, defines: dict[str, Any] | None = None) -> dict[str, ScriptSpec]:
+    values = DEFAULT_DEFINES | (defines or {})
     specs: dict[str, ScriptSpec] = {}
     for path in sorted(root.glob("*.lua")):
         m = _FILE.match(path.name)
         if not m:
             raise ScriptLoadError(f"script file name must be <name>-<numkeys>.lua: {path.name}")
-        specs[m["name"]] = ScriptSpec(m["name"], int(m["keys"]), resolve_includes(path, root))
+        source = fill_defines(resolve_includes(path, root), values, path.name)
+        specs[m["name"]] = ScriptSpec(m["name"], int(m["keys"]), source)
     return specs
 
 
 class Scripts:
     """The registered scripts of one client. ``await scripts.call(name, keys, args)``."""
 
-    def __init__(self, client: Any, root: Path = LUA_DIR) -> None:
-        self.specs = discover(root)
+    def __init__(self, client: Any, root: Path = LUA_DIR, defines: dict[str, Any] | None = None) -> None:
+        self.specs = discover(root, defines)
         self._registered = {name: client.register_script(spec.source) for name, spec in self.specs.items()}
 
     async def call(self, name: str, keys: list[str], args: list[Any]) -> Any:

@@ -4,6 +4,7 @@ Shared by the scheduler app, the node agent and the client library, so it import
 """
 
 from dragoman.wire.codec import (
+    assign_frame,
     decode_node,
     decode_node_outbound,
     decode_session,
@@ -11,7 +12,9 @@ from dragoman.wire.codec import (
     encode,
     error_frame,
 )
+from dragoman.wire.codes import EMPTY_RESULT_REASONS, NODE_ERROR_CODES, ErrorCode, RoomErrorCode
 from dragoman.wire.messages import (
+    MAX_INDEX,
     PROTOCOL_VERSION,
     QUALITY_FIELDS,
     AsrPartial,
@@ -28,6 +31,7 @@ from dragoman.wire.messages import (
     InstalledService,
     JobAck,
     JobAssign,
+    JobAssignBody,
     JobCancel,
     JobResult,
     JobStarted,
@@ -48,6 +52,7 @@ from dragoman.wire.messages import (
     Pipeline,
     ResourceUsage,
     SampleRate,
+    Seq,
     ServerHeartbeat,
     SessionClose,
     SessionCloseAck,
@@ -65,13 +70,20 @@ from dragoman.wire.messages import (
 
 __all__ = [
     # codec
+    "assign_frame",
     "decode_node",
     "decode_node_outbound",
     "decode_session",
     "decode_session_outbound",
     "encode",
     "error_frame",
+    # codes
+    "EMPTY_RESULT_REASONS",
+    "NODE_ERROR_CODES",
+    "ErrorCode",
+    "RoomErrorCode",
     # constants and constrained types
+    "MAX_INDEX",
     "PROTOCOL_VERSION",
     "QUALITY_FIELDS",
     "AttemptId",
@@ -81,6 +93,7 @@ __all__ = [
     "MaxConcurrency",
     "Millis",
     "SampleRate",
+    "Seq",
     "UtteranceIndex",
     # endpoint unions
     "NodeInbound",
@@ -98,6 +111,7 @@ __all__ = [
     "NodeError",
     "NodeRegisterAck",
     "JobAssign",
+    "JobAssignBody",
     "JobCancel",
     "ErrorMessage",
     "SessionInit",

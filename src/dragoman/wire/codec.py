@@ -122,6 +122,15 @@ def encode(msg: Message) -> str:
     return _encoder.encode(msg).decode()
 
 
+def assign_frame(body: str, job_id: str, attempt: int) -> str:
+    """The ``job_assign`` frame for an encoded ``JobAssignBody``: the body with ``job_id`` and
+    ``attempt_id`` added, without decoding or re-encoding its audio. ``JobAssign`` declares the two
+    after the body's fields, so this is byte for byte ``encode(JobAssign(...))``."""
+    if not body.endswith("}"):
+        raise ValueError("not an encoded JobAssignBody")
+    return f'{body[:-1]},"job_id":{_encoder.encode(job_id).decode()},"attempt_id":{int(attempt)}}}'
+
+
 def error_frame(code: str, message: str, details: dict[str, Any] | None = None) -> str:
     """The ``error`` frame, ready to send; ``details`` names the utterance when there is one."""
     return encode(ErrorMessage(code=code, message=message, details=details))

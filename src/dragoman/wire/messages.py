@@ -32,8 +32,9 @@ PROTOCOL_VERSION = "1.0"
 
 # --- constrained scalars ------------------------------------------------------------------------
 
-LangCode = Annotated[str, Meta(min_length=1, max_length=16)]
-"""A language code such as ``zh``, ``en-US`` or ``auto``; bounded so it is safe in a Redis key."""
+LangCode = Annotated[str, Meta(min_length=1, max_length=16, pattern=r"^[A-Za-z0-9_.\-]+$")]
+"""A language code such as ``zh``, ``en-US`` or ``auto``: letters, digits, ``_.-``, at most 16. It
+becomes part of a pool id and a Redis key, so nothing that separates words or keys gets through."""
 
 LanguagePair = tuple[LangCode, LangCode]
 """A directed ``[src, tgt]`` pair; a tuple so that it can key a dict or sit in a set."""
@@ -43,8 +44,14 @@ AudioFormat = Literal["opus", "pcm16"]
 
 SampleRate = Annotated[int, Meta(ge=8000, le=48000)]
 MaxConcurrency = Annotated[int, Meta(ge=1, le=1024)]
-AttemptId = Annotated[int, Meta(ge=1)]
-UtteranceIndex = Annotated[int, Meta(ge=0)]
+MAX_INDEX = 2**31 - 1
+"""Largest utterance index, chunk seq and attempt a peer may send. Numbers cross Lua, whose JSON
+encoder turns integers past about 10^14 into floats; bounding them at the edge keeps every number
+that reaches a script exact (and far below 2^53)."""
+
+AttemptId = Annotated[int, Meta(ge=1, le=MAX_INDEX)]
+UtteranceIndex = Annotated[int, Meta(ge=0, le=MAX_INDEX)]
+Seq = Annotated[int, Meta(ge=0, le=MAX_INDEX)]
 
 Millis = int | float
 """A time or duration in ms. JavaScript peers may send ``performance.now()`` values (floats); ints
@@ -286,11 +293,11 @@ class NodeRegisterAck(Message, tag="node_register_ack"):
     lease_ms: Annotated[int, Meta(ge=1)] | None = None
 
 
-class JobAssign(Message, tag="job_assign"):
-    """One job for one node. Every field without a default is read by the existing worker."""
+class JobAssignBody(Message, tag="job_assign"):
+    """A ``job_assign`` without its ``job_id`` and ``attempt_id``: what a session decides once per job.
+    The scheduler keeps it encoded (for reassignment) and adds the two ids when it sends it, see
+    ``codec.assign_frame``; ``JobAssign`` is the whole frame as a node decodes it."""
 
-    job_id: str
-    attempt_id: AttemptId
     session_id: str
     utterance_index: UtteranceIndex
     src_lang: LangCode
@@ -313,6 +320,13 @@ class JobAssign(Message, tag="job_assign"):
     is_timeout_triggered: bool | None = None
     is_max_duration_triggered: bool | None = None
     turn_id: str | None = None
+
+
+class JobAssign(JobAssignBody, kw_only=True, tag="job_assign"):
+    """One job for one node. Every field without a default is read by the existing worker."""
+
+    job_id: str
+    attempt_id: AttemptId
 
 
 class JobCancel(Message, tag="job_cancel"):
@@ -354,12 +368,15 @@ class SessionInit(Message, tag="session_init"):
     tgt_langs: list[LangCode] | None = None
     audio_format: AudioFormat = "opus"
     sample_rate: SampleRate = 16000
+    resume_session_id: str | None = None
+    """(ext) Take over a session whose socket or scheduler process was lost (within the grace
+    period): the ack names that session, says what to send again, and every outcome owed follows."""
 
 
 class AudioChunk(Message, tag="audio_chunk"):
     """Streamed audio. ``session_id`` is optional because the socket already names the session."""
 
-    seq: Annotated[int, Meta(ge=0)]
+    seq: Seq
     is_final: bool
     session_id: str | None = None
     payload: str | None = None
@@ -437,6 +454,14 @@ class SessionInitAck(Message, tag="session_init_ack"):
     negotiated_sample_rate: int
     negotiated_channel_count: int
     assigned_node_id: str | None = None
+    resumed: bool | None = None
+    """(ext) True when this ack took over an earlier session (``session_init.resume_session_id``)."""
+    resume_from_seq: int | None = None
+    """(ext) On a resumed streaming session: the first ``audio_chunk.seq`` whose audio the session
+    has not yet made into jobs; send those chunks again, with their original ``seq``."""
+    resume_from_utterance_index: int | None = None
+    """(ext) On a resumed session: the first utterance index not yet made into jobs (for clients
+    that send whole ``utterance`` messages: send those from this index again)."""
 
 
 class TranslationResult(Message, tag="translation_result"):

@@ -28,7 +28,8 @@ async def cstore(cluster: EmbeddedCluster) -> AsyncIterator[Store]:
     sync = SyncCluster(host="127.0.0.1", port=cluster.servers[0].port)
     sync.flushall(target_nodes=SyncCluster.PRIMARIES)
     sync.close()
-    store = Store.from_url(cluster.url, Settings(cells=CELLS, queue_max=2), proc="p1", cluster=True)
+    store = Store.from_url(cluster.url, Settings(cells=CELLS, queue_max=2, warmup_ms=0), proc="p1", cluster=True,
+                           test_clock=True)
     yield store
     await store.aclose()
 
@@ -50,11 +51,11 @@ async def test_full_lifecycle_on_a_cluster(cstore: Store) -> None:
     placed = []
     for i in range(9):
         d = await cstore.dispatch(JobSpec(pool="zh>en", session_id=f"s{i}", utterance_index=0, tgt_lang="en",
-                                          data='{"type":"job_assign"}'))
+                                          body='{"type":"job_assign"}'))
         assert d.status == "assigned", d
         placed.append(d)
     # every node is full now: the last cell tried queues the job
-    q = await cstore.dispatch(JobSpec(pool="zh>en", session_id="sq", utterance_index=0, tgt_lang="en", data="{}"))
+    q = await cstore.dispatch(JobSpec(pool="zh>en", session_id="sq", utterance_index=0, tgt_lang="en", body="{}"))
     assert q.status == "queued"
     # a completion in the queue's cell hands its slot on in the same script
     same_cell = [d for d in placed if d.cell == q.cell]
@@ -73,15 +74,40 @@ async def test_full_lifecycle_on_a_cluster(cstore: Store) -> None:
 
 
 async def test_cross_process_inbox_on_a_cluster(cstore: Store, cluster: EmbeddedCluster) -> None:
-    other = Store.from_url(cluster.url, Settings(cells=CELLS), proc="p2", cluster=True)
+    other = Store.from_url(cluster.url, Settings(cells=CELLS, warmup_ms=0), proc="p2", cluster=True)
     try:
         await cstore.touch_proc()
         await other.touch_proc()
         await other.register_node("far", conn="c", max_concurrency=1, pools=["de>en"])
         d = await cstore.dispatch(JobSpec(pool="de>en", session_id="s", utterance_index=0, tgt_lang="en",
-                                          data='{"x":1}'))
+                                          body='{"x":1}'))
         assert d.node == "far" and d.effects == []
         got = await other.read_inbox(d.cell, "0", block_ms=200)
         assert [(e.kind, e.payload) for _, e in got] == [("assign", '{"x":1}')]
     finally:
         await other.aclose()
+
+
+async def test_session_lifecycle_across_cells_on_a_cluster(cstore: Store) -> None:
+    """Sessions' records live in every cell they use; open, dispatch, resume, acknowledge, check and
+    end touch only keys of one cell's slot each (I9)."""
+    ids = [f"n{i}" for i in range(6)]
+    for nid in ids:
+        await cstore.register_node(nid, conn="c", max_concurrency=1, pools=["zh>en"])
+    await cstore.open_session("sx", "{}")
+    placed = [await cstore.dispatch(JobSpec(pool="zh>en", session_id="sx", utterance_index=i, tgt_lang="en",
+                                            body="{}", commit=(i + 1, i, 0, -1))) for i in range(6)]
+    assert len({d.cell for d in placed}) >= 2 and {d.status for d in placed} == {"assigned"}
+    await cstore.complete(placed[0].job_id, placed[0].node, 1, "completed", payload='{"t":0}')
+    statuses = await cstore.get_jobs([d.job_id for d in placed])
+    assert statuses[placed[0].job_id].result == '{"t":0}'
+    replies = await cstore.resume_session("sx")
+    assert replies[0].next_utt == 6
+    owed = {j.job for r in replies for j in r.jobs}
+    assert owed == {d.job_id for d in placed}
+    assert await cstore.ack("sx", [placed[0].job_id]) == 1
+    relay = await cstore.relay_partial(placed[1].job_id, placed[1].node, "sx", 1, "{}")
+    assert relay.status == "relayed"
+    await cstore.close_session("sx", 2, detach=False, cells={r.cell for r in replies})
+    assert await cstore.unfinished_jobs() == []
+    assert (await cstore.slot_report())["used"] == 0

@@ -42,7 +42,7 @@ SESSIONS_PER_WORKER = 100
 UTTERANCES_PER_SESSION = 10
 # Nothing may expire while the test runs: every job must complete, none be reassigned or fail.
 SETTINGS = Settings(node_ttl_ms=600_000, job_timeout_ms=600_000, pending_timeout_ms=600_000,
-                    queue_max=100_000, max_attempts=3)
+                    queue_max=100_000, max_attempts=3, warmup_ms=0)
 CK = CellKeys(SETTINGS.key_prefix, SETTINGS.cells[0])
 TIME_BUDGET_S = 90.0
 PROC_TTL_MS = 600_000
@@ -115,7 +115,8 @@ async def run_worker(cfg: dict[str, Any]) -> dict[str, Any]:
             handle(r.effects, "local")  # the next queued job for this node, and outcomes of local sessions
             if rng.random() < 0.1:
                 r = await store.complete(e.job, e.node, e.attempt, "completed", payload=payload)
-                if r.status != "duplicate" or r.effects:
+                # a repeat changes nothing; it may carry the same outcome again for a local session
+                if r.status != "duplicate" or any((x.kind, x.job) != ("outcome", e.job) for x in r.effects):
                     errors.append(f"repeated result of {e.job}: {r}")
         except Exception as exc:  # recorded, so the parent sees it instead of a hang
             errors.append(f"node {e.node} running {e.job}: {exc!r}")
@@ -125,7 +126,7 @@ async def run_worker(cfg: dict[str, Any]) -> dict[str, Any]:
         for utt in range(UTTERANCES_PER_SESSION):
             pool = rng.choice(POOLS)
             spec = JobSpec(pool=pool, session_id=sid, utterance_index=utt, tgt_lang=pool[-2:],
-                           data=json.dumps({"session": sid, "utt": utt}))
+                           body=json.dumps({"session": sid, "utt": utt}))
             try:
                 r = await store.dispatch(spec)
                 dispatched.add(r.job_id)
@@ -135,7 +136,10 @@ async def run_worker(cfg: dict[str, Any]) -> dict[str, Any]:
                 handle(r.effects, "local")
                 if rng.random() < 0.1:
                     again = await store.dispatch(spec)
-                    if again.status != "exists" or again.effects:
+                    # a repeat changes nothing; it may carry the same assignment again (for a caller
+                    # whose reply was lost), which a node ignores
+                    if again.status != "exists" or any((x.kind, x.job, x.attempt) != ("assign", r.job_id, 1)
+                                                       for x in again.effects):
                         errors.append(f"repeated dispatch of {r.job_id}: {again}")
             except Exception as exc:
                 errors.append(f"session {sid} utterance {utt}: {exc!r}")
@@ -177,6 +181,7 @@ async def run_worker(cfg: dict[str, Any]) -> dict[str, Any]:
         await asyncio.wait(set(jobs_running), timeout=10)
     if jobs_running:
         errors.append(f"{len(jobs_running)} jobs still running at stop")
+    await store.flush_stats()
     await store.aclose()
     return {
         "proc": proc,
@@ -248,16 +253,15 @@ async def test_two_processes_keep_slots_within_capacity(redis_url: str) -> None:
                 return  # a worker died: the checks below report it
             pipe = observer.pipeline(transaction=True)  # one atomic picture of every node
             for nid in nodes:
-                pipe.hget(CK.node(nid), "used")
                 pipe.hget(CK.node(nid), "max")
                 pipe.scard(CK.node_jobs(nid))
             values = await pipe.execute()
             total = 0
             for k, nid in enumerate(nodes):
-                used, cap, held = int(values[3 * k]), int(values[3 * k + 1]), int(values[3 * k + 2])
+                cap, used = int(values[2 * k]), int(values[2 * k + 1])  # used: the node's job set
                 total += used
-                if not 0 <= used <= cap or used != held:
-                    violations.append(f"sample {samples}: {nid} used={used} max={cap} held={held}")
+                if not 0 <= used <= cap:
+                    violations.append(f"sample {samples}: {nid} used={used} max={cap}")
             busiest = max(busiest, total)
             samples += 1
 
@@ -333,8 +337,7 @@ async def test_two_processes_keep_slots_within_capacity(redis_url: str) -> None:
             assert await client.scard(CK.node_jobs(nid)) == 0, nid
         stats = await check.stats()
         assert stats.get("jobs_completed") == len(all_jobs), stats
-        assert stats.get("assigned") == len(all_jobs), stats
-        assert stats.get("dispatched") == len(all_jobs), stats
+        assert stats.get("dispatched") == len(all_jobs), stats  # repeats of a dispatch are not counted
     finally:
         await check.aclose()
 

@@ -18,7 +18,7 @@ ZH_EN = "zh>en"
 
 
 def job(session: str = "s1", utt: int = 0, pool: str = ZH_EN, tgt: str = "en", **kw) -> JobSpec:
-    return JobSpec(pool=pool, session_id=session, utterance_index=utt, tgt_lang=tgt, data='{"a":1}', **kw)
+    return JobSpec(pool=pool, session_id=session, utterance_index=utt, tgt_lang=tgt, body='{"a":1}', **kw)
 
 
 async def register(store: Store, nid: str, max_c: int = 1, pools=(ZH_EN,)) -> None:
@@ -90,8 +90,11 @@ async def test_repeated_completion_is_idempotent(store: Store) -> None:
     assert first.status == "completed"
     before = await snapshot(store.client)
     again = await store.complete(d.job_id, "n1", 1, "completed", payload="{}")
-    assert again.status == "duplicate" and again.effects == []
+    assert again.status == "duplicate"
     assert await snapshot(store.client) == before
+    # A repeat may be our own retry after a lost reply: the local outcome comes again (the session
+    # ignores one it already has), never a second change.
+    assert [(e.kind, e.job, e.payload) for e in again.effects] == [("outcome", d.job_id, "{}")]
 
 
 async def test_repeated_dispatch_takes_no_second_slot(store: Store) -> None:
@@ -104,6 +107,8 @@ async def test_repeated_dispatch_takes_no_second_slot(store: Store) -> None:
     assert d2.job_id == d1.job_id
     assert await snapshot(store.client) == before
     assert (await store.node("n1"))["used"] == "1"
+    # the node is this process's: its assignment comes again, for a caller whose reply was lost
+    assert [(e.kind, e.job, e.attempt, e.payload) for e in d2.effects] == [("assign", d1.job_id, 1, '{"a":1}')]
 
 
 async def test_dead_node_jobs_are_reassigned_then_fail_after_attempt_cap(store: Store, settings) -> None:
@@ -279,11 +284,15 @@ async def test_register_refuses_bad_capacity_and_changes_nothing(store: Store) -
     assert await snapshot(store.client) == before
 
 
-async def test_language_change_repools_node(store: Store) -> None:
+async def test_language_change_repools_node_and_pools_shrink(store: Store) -> None:
     await register(store, "n1", pools=(ZH_EN,))
+    await register(store, "n2", pools=(ZH_EN,))
     await store.heartbeat("n1", conn="conn-n1", pools=["de>en"])
-    pools = {p["pool"]: p["nodes"] for p in await store.pools()}
-    assert pools["de>en"] == ["n1"] and pools[ZH_EN] == []
+    pools = {p["pool"]: (p["nodes"], p["registered"]) for p in await store.pools()}
+    assert pools == {"de>en": (["n1"], 1), ZH_EN: (["n2"], 1)}
+    await store.heartbeat("n2", conn="conn-n2", pools=["de>en"])
+    pools = {p["pool"]: (p["nodes"], p["registered"]) for p in await store.pools()}
+    assert pools == {"de>en": (["n1", "n2"], 2)}  # nobody serves zh>en any more: it is gone
 
 
 async def test_survives_script_flush(store: Store) -> None:
@@ -313,8 +322,8 @@ async def test_effects_for_sockets_on_other_processes_go_to_their_inbox(store: S
 
 async def test_lua_key_names_match_keys_py(store: Store) -> None:
     src = (Path(__file__).parents[3] / "src/dragoman/store/lua/includes/keys.lua").read_text()
-    names = ["node", "node_jobs", "pool", "queue", "job", "jobdata", "affinity", "inbox"]
-    fixed = ["nodes", "pools", "leases", "pending", "stats", "events", "procs", "clock", "offline"]
+    names = ["node", "node_jobs", "pool", "queue", "job", "sess", "inbox", "proc_nodes", "proc_sessions", "reply"]
+    fixed = ["nodes", "pools", "leases", "pending", "orphans", "stats", "events", "procs", "clock", "offline", "boot"]
     body = src + "\nreturn {" + ",".join(f"k_{n}(ARGV[1], 'X')" for n in names) + "," + ",".join(
         f"k_{n}(ARGV[1])" for n in fixed) + "}"
     ck = CellKeys("dragoman", "c0")
@@ -355,12 +364,24 @@ async def test_survives_a_server_restart(settings) -> None:
         await register(store, "n1")
         server.stop()
         server = EmbeddedServer(port=port).start()  # same address, empty and with no scripts loaded
-        # The pooled connection died with the old server: that one call fails loudly (no silent
-        # retry, which could lose a reply's effects); the next reconnects and reloads the script.
-        with pytest.raises(DependencyDown):
-            await register(store, "n1")
+        # The pooled connection died with the old server: the call is retried on a new connection,
+        # which loads the script again (every script is retry-safe, I8).
         await register(store, "n1")
         assert (await store.dispatch(job())).status == "assigned"
     finally:
         await store.aclose()
         server.stop()
+
+
+async def test_an_outage_longer_than_the_retry_budget_is_dependency_down(settings) -> None:
+    from dragoman.embedded import EmbeddedServer
+
+    server = EmbeddedServer().start()
+    store = Store.from_url(server.url, settings.replace(redis_retry_ms=300), proc="p1")
+    try:
+        await register(store, "n1")
+        server.stop()
+        with pytest.raises(DependencyDown, match="register_node"):
+            await register(store, "n1")
+    finally:
+        await store.aclose()

@@ -4,7 +4,7 @@ from dragoman.store.api import JobSpec, Store
 async def test_register_dispatch_complete(store: Store) -> None:
     r = await store.register_node("n1", conn="c1", max_concurrency=2, pools=["zh>en"])
     assert r.status == "registered"
-    d = await store.dispatch(JobSpec(pool="zh>en", session_id="s1", utterance_index=0, tgt_lang="en", data="{}"))
+    d = await store.dispatch(JobSpec(pool="zh>en", session_id="s1", utterance_index=0, tgt_lang="en", body="{}"))
     assert d.status == "assigned", d
     assert d.node == "n1" and d.attempt == 1
     c = await store.complete(d.job_id, "n1", 1, "completed", payload='{"x":1}')

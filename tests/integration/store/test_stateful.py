@@ -1,8 +1,8 @@
 """The transition scripts as a state machine: random interleavings of every Store transition, with the
 invariants of DESIGN.md checked against Redis after every step.
 
-Hypothesis drives register / heartbeat / drain / node_offline / dispatch / complete / start_job /
-cancel / reap and a test clock (``set_clock_offset``) that runs past pending timeouts (15 s), node
+Hypothesis drives register / heartbeat / drain / node_offline / dispatch / complete (and a node's
+refusal) / start_job / cancel / a session's acknowledgement and its end / reap and a test clock (``set_clock_offset``) that runs past pending timeouts (15 s), node
 deadlines (45 s) and leases (55 s). The machine keeps a small model of what the scripts told it (every
 effect of every call: with one process "p1" holding every socket, every effect comes back to the
 caller) and checks Redis against it:
@@ -16,7 +16,8 @@ caller) and checks Redis against it:
   I5  after the clock passes deadlines and the reaper has run, no job is held by an offline or silent
       node, and no lease or pending deadline is in the past
   I8  a repeated dispatch is answered "exists", a repeated result "duplicate", a repeated drain /
-      offline / cancel / start changes nothing
+      offline / cancel / start changes nothing (a repeat may carry the local effect again: the same
+      assignment, the same outcome, for a caller whose first reply was lost)
 plus the indexes the scripts select with: pool sorted sets hold exactly the ready nodes scored by
 free slots, the node registry holds the non-offline nodes scored by deadline, leases / pending hold
 exactly the assigned / queued jobs, and no job waits in a queue while a live node of its pool has a
@@ -65,7 +66,7 @@ OUTCOMES = ("completed", "completed_empty", "failed")
 TERMINAL = frozenset(OUTCOMES)
 HELD = frozenset({"assigned", "running"})
 STORE_SETTINGS = Settings(node_ttl_ms=45_000, job_timeout_ms=55_000, pending_timeout_ms=15_000,
-                          queue_max=2, max_attempts=2)
+                          queue_max=2, max_attempts=2, warmup_ms=0)
 CK = CellKeys(STORE_SETTINGS.key_prefix, STORE_SETTINGS.cells[0])
 PROC = "p1"
 
@@ -78,6 +79,7 @@ class JobModel:
     outcomes: list[Effect] = dataclasses.field(default_factory=list)
     accepted: tuple[str, int, str, str, str] | None = None  # (node, attempt, outcome, code, payload)
     terminal: tuple[str, str] | None = None  # (state, code) once seen terminal
+    refused_by: set[str] = dataclasses.field(default_factory=set)  # nodes that said they cannot take it
 
 
 def snapshot(r: redis.Redis) -> dict[str, Any]:
@@ -117,13 +119,16 @@ class StoreMachine(RuleBasedStateMachine):
         self.sync = redis.Redis.from_url(url, decode_responses=True)
         self.sync.flushall()
         self.loop = asyncio.new_event_loop()
-        self.store = Store.from_url(url, STORE_SETTINGS, proc=PROC)
+        self.store = Store.from_url(url, STORE_SETTINGS, proc=PROC, test_clock=True)
         self.offset_ms = 0
         self.node_max: dict[str, int] = {}  # fixed per node on first registration
         self.conns: dict[str, str] = {}
         self.jobs: dict[str, JobModel] = {}
         self.job_states: dict[str, str] = {}  # as read by the last invariant check
         self.utt = itertools.count()
+        # Nodes that refused a job: they are not handed waiting work until their next completion,
+        # heartbeat or registration (they said they cannot take more).
+        self.refused: set[str] = set()
         self.conn_ids = itertools.count(1)
         self.payloads = itertools.count(1)
 
@@ -155,6 +160,8 @@ class StoreMachine(RuleBasedStateMachine):
         for e in reply.effects:
             job = self.jobs.get(e.job)
             assert job is not None, f"effect for a job nobody dispatched: {e}"
+            if e.kind == "assign" and job.holders and (e.node, e.attempt) == job.holders[-1]:
+                continue  # the current assignment again (a re-registration, a repeated dispatch)
             if e.kind == "assign":
                 last = job.holders[-1][1] if job.holders else 0
                 assert e.attempt == last + 1, f"I2: assign attempt {e.attempt} after attempt {last}: {e}"
@@ -182,12 +189,19 @@ class StoreMachine(RuleBasedStateMachine):
                 raise AssertionError(f"unknown effect kind: {e}")
 
     def _unchanged(self, coro: Any) -> Reply:
-        """A call that must change nothing: same keys, values and TTL presence before and after, no effects."""
+        """A call that must change nothing: same keys, values and TTL presence before and after; its only
+        effects may be repeats of what the job already had (its current assignment, its one outcome)."""
         before = snapshot(self.sync)
         reply = self.loop.run_until_complete(coro)
         after = snapshot(self.sync)
         assert before == after, f"call changed state:\n{snapshot_diff(before, after)}\nreply={reply}"
-        assert not reply.effects, f"call that changed nothing returned effects: {reply}"
+        for e in reply.effects:
+            job = self.jobs[e.job]
+            if e.kind == "assign":
+                assert job.holders and (e.node, e.attempt) == job.holders[-1], f"not a repeat: {e} {job.holders}"
+            else:
+                assert e.kind == "outcome" and job.outcomes, f"not a repeat: {e}"
+                assert (e.state, e.code) == (job.outcomes[0].state, job.outcomes[0].code), (e, job.outcomes)
         return reply
 
     def _conn_arg(self, node: str, which: str) -> str:
@@ -214,6 +228,7 @@ class StoreMachine(RuleBasedStateMachine):
         before = (self._nodes_now().get(node) or {}).get("state")
         r = self._run(self.store.register_node(node, conn=conn, max_concurrency=max_c, pools=sorted(pools)),
                       revives=node)
+        self.refused.discard(node)
         assert r.status == "registered", r
         assert r.max == max_c
         assert r.state == ("draining" if before == "draining" else "ready"), (before, r)  # a drain outlives a reconnect
@@ -234,6 +249,7 @@ class StoreMachine(RuleBasedStateMachine):
             return
         source = self._nodes_now()[node].get("drain_source", "")
         r = self._run(self.store.heartbeat(node, conn=conn, draining=draining, pools=new_pools), revives=node)
+        self.refused.discard(node)
         assert r.status == "ok", r
         if new_pools is not None:
             assert self._nodes_now()[node]["pools"] == " ".join(new_pools)
@@ -255,6 +271,8 @@ class StoreMachine(RuleBasedStateMachine):
             assert r.status == "unknown", r
             return
         r = self._run(self.store.drain(node, on), revives=None if on else node)
+        if not on:
+            self.refused.discard(node)
         assert r.status == "ok" and r.state == ("draining" if on else "ready"), r
         r2 = self._unchanged(self.store.drain(node, on))  # I8
         assert r2.status == "ok" and r2.state == r.state, r2
@@ -271,7 +289,7 @@ class StoreMachine(RuleBasedStateMachine):
         r = self._run(self.store.node_offline(node, conn=conn))
         assert r.status == "offline", r
         n = self._nodes_now()[node]
-        assert n["state"] == "offline" and int(n["used"]) == 0, n
+        assert n["state"] == "offline" and self.sync.scard(CK.node_jobs(node)) == 0, n
         r2 = self._unchanged(self.store.node_offline(node, conn=conn))  # I8
         assert r2.status == "unknown", r2
 
@@ -293,7 +311,7 @@ class StoreMachine(RuleBasedStateMachine):
     def _dispatch_one(self, pool: str, session: str) -> None:
         utt = next(self.utt)  # ids are deterministic so replays pick the same jobs
         spec = JobSpec(pool=pool, session_id=session, utterance_index=utt, tgt_lang=pool[-2:],
-                       data=json.dumps({"pool": pool}), unique=f"j{utt:04d}")
+                       body=json.dumps({"pool": pool}), unique=f"j{utt:04d}")
         jid = f"{CK.cell}.{spec.unique}"
         self.jobs[jid] = JobModel(spec=spec, job_id=jid)
         r = self._run(self.store.dispatch(spec))
@@ -312,7 +330,7 @@ class StoreMachine(RuleBasedStateMachine):
             assert r.status == "failed" and r.code == "NO_AVAILABLE_NODE", r
 
     @precondition(lambda self: any(s in HELD for s in self.job_states.values()))
-    @rule(pick=st.integers(0, 1 << 16), result=st.sampled_from([*OUTCOMES, "failed:ASR_FAILED"]),
+    @rule(pick=st.integers(0, 1 << 16), result=st.sampled_from([*OUTCOMES, "failed:ASR_FAILED", "refused"]),
           extras=st.sampled_from(["", "start", "retry", "start+retry"]))
     def complete_by_holder(self, pick: int, result: str, extras: str) -> None:
         """The holder (after job_started, with "start") returns its result; a retried result ("retry")
@@ -331,8 +349,17 @@ class StoreMachine(RuleBasedStateMachine):
             r = self._unchanged(self.store.start_job(job.job_id, other, attempt))
             assert r.status == "rejected", r
         payload = json.dumps({"result": next(self.payloads)})
+        if outcome == "refused":  # the node cannot take it: it moves on (no outcome unless it fails)
+            job.refused_by.add(node)
+            self.refused.add(node)
+            r = self._run(self.store.complete(job.job_id, node, attempt, "refused", code="NODE_OVERLOADED"))
+            assert r.status == "refused" and r.state in ("assigned", "queued", "failed"), r
+            if r.state == "assigned":
+                assert job.holders[-1][0] != node, f"a refused job went back to the node that refused it: {r}"
+            return
         r = self._run(self.store.complete(job.job_id, node, attempt, outcome, code=code, payload=payload))
         assert r.status == "completed" and r.state == outcome, r
+        self.refused.discard(node)
         mine = [e for e in r.effects if e.job == job.job_id]
         expected_code = "" if outcome != "failed" else (code or "PROCESSING_ERROR")
         assert [(e.kind, e.state, e.code) for e in mine] == [("outcome", outcome, expected_code)], r
@@ -353,7 +380,8 @@ class StoreMachine(RuleBasedStateMachine):
         h = self.sync.hgetall(CK.job(job.job_id))
         r = self._unchanged(self.store.dispatch(job.spec))
         assert r.status == "exists", r
-        assert (r.state, r.node, r.attempt, r.code) == (h["state"], h["node"], int(h["attempt"]), h["code"]), (r, h)
+        assert (r.state, r.node, r.attempt, r.code) == (h["state"], h["node"], int(h["attempt"]), h.get("code", "")), (
+            r, h)
 
         cur = (h["node"], int(h["attempt"]))
         if how == "other_node":
@@ -399,6 +427,40 @@ class StoreMachine(RuleBasedStateMachine):
         r2 = self._unchanged(self.store.cancel(job.job_id))  # I8
         assert r2.status == "finished", r2
 
+    # ------------------------------------------------------------------ sessions
+    @rule(session=st.sampled_from(SESSIONS))
+    def session_acknowledges(self, session: str) -> None:
+        """The session delivered its ended jobs' outcomes: they are forgotten (and nothing else moves)."""
+        self._refresh_states()
+        done = [j for j in self._jobs_in(TERMINAL) if self.jobs[j].spec.session_id == session]
+        live = [j for j in self.jobs if j not in done and self.jobs[j].spec.session_id == session]
+        acked = self.loop.run_until_complete(self.store.ack(session, done + live))
+        assert acked == len(done), (acked, done)
+        for jid in done:
+            assert not self.sync.exists(CK.job(jid)), f"{jid} acknowledged but kept"
+            del self.jobs[jid]
+
+    @rule(session=st.sampled_from(SESSIONS), detach=st.booleans())
+    def session_ends(self, session: str, detach: bool) -> None:
+        """The session is over (or its socket is gone with no grace): one transition cancels what it
+        was still owed (its nodes get job_cancel and their slots back) and forgets its jobs."""
+        self._refresh_states()
+        mine = [j for j in self.jobs if self.jobs[j].spec.session_id == session]
+        held = {j: self.jobs[j].holders[-1] for j in mine if self.job_states.get(j) in HELD}
+        async def close() -> Reply:
+            [reply] = await self.store.close_session(session, 1, detach=detach, grace_ms=0)
+            return reply
+
+        r = self._run(close())
+        cancels = sorted((e.job, e.node, e.attempt) for e in r.effects if e.kind == "cancel")
+        assert cancels == sorted((j, *h) for j, h in held.items()), (cancels, held)
+        # nobody hears of this session's jobs (freed slots may end other sessions' jobs that waited too long)
+        assert not [e for e in r.effects if e.kind == "outcome" and e.session == session], r
+        for jid in mine:
+            assert not self.sync.exists(CK.job(jid)), f"{jid} outlived its session"
+            del self.jobs[jid]
+        assert not self.sync.exists(CK.sess(session))
+
     # ------------------------------------------------------------------ time and recovery
     def _advance(self, step: int) -> None:
         self.offset_ms += step
@@ -415,6 +477,7 @@ class StoreMachine(RuleBasedStateMachine):
             if n["state"] != "offline" and nid not in silent:
                 r = self._run(self.store.heartbeat(nid, conn=self.conns[nid]), revives=nid)
                 assert r.status == "ok", r
+                self.refused.discard(nid)
         if then_reap:
             self._reap_until_done(100)
 
@@ -466,14 +529,14 @@ class StoreMachine(RuleBasedStateMachine):
                 holder, attempt = self.jobs[jid].holders[-1]
                 r = self._run(self.store.complete(jid, holder, attempt, outcome, payload="{}"))
                 assert r.status == "completed", r
+                self.refused.discard(holder)
                 self.jobs[jid].accepted = (holder, attempt, outcome, "", "{}")
         else:
             raise AssertionError("jobs kept being assigned while finishing the work")
-        for nid, n in self._nodes_now().items():
+        for nid in self._nodes_now():
             if node in ("all", nid):
-                assert int(n["used"]) == 0 and self.sync.scard(CK.node_jobs(nid)) == 0, (
-                    f"I1: {nid} finished its work but has used={n['used']}, "
-                    f"held={self.sync.smembers(CK.node_jobs(nid))}")
+                assert self.sync.scard(CK.node_jobs(nid)) == 0, (
+                    f"I1: {nid} finished its work but holds {self.sync.smembers(CK.node_jobs(nid))}")
         if node == "all":
             report = self.loop.run_until_complete(self.store.slot_report())
             assert report["used"] == 0 and not report["violations"], report
@@ -498,7 +561,7 @@ class StoreMachine(RuleBasedStateMachine):
             pipe.smembers(CK.node_jobs(nid))
         for jid in ids:
             pipe.hgetall(CK.job(jid))
-            pipe.exists(CK.jobdata(jid))
+            pipe.hget(CK.job(jid), "data")
         pipe.zrange(CK.leases, 0, -1, withscores=True)
         pipe.zrange(CK.pending, 0, -1, withscores=True)
         pipe.zrange(CK.nodes, 0, -1, withscores=True)
@@ -540,7 +603,7 @@ class StoreMachine(RuleBasedStateMachine):
                 assert not jobsets[nid], f"I1: unknown node {nid} holds jobs {jobsets[nid]}"
                 continue
             n = nodes[nid]
-            used, cap = int(n["used"]), int(n["max"])
+            used, cap = len(jobsets[nid]), int(n["max"])
             holding = {jid for jid, h in jobs.items() if h["state"] in HELD and h["node"] == nid}
             assert used >= 0, f"I1: {nid} used={used} < 0"
             assert used == len(jobsets[nid]), f"I1: {nid} used={used} but its job set is {sorted(jobsets[nid])}"
@@ -604,17 +667,18 @@ class StoreMachine(RuleBasedStateMachine):
                 n = nodes.get(nid)
                 assert n is not None and n["state"] == "ready" and pid in n["pools"].split(), (
                     f"pool {pid} lists {nid}, which is {n}")
-                free = max(0, int(n["max"]) - int(n["used"]))
+                free = max(0, int(n["max"]) - len(jobsets[nid]))
                 assert score == free, f"pool {pid} scores {nid} at {score}, it has {free} free slots ({n})"
             assert len([j for j in queued_ids if jobs[j]["pool"] == pid]) <= STORE_SETTINGS.queue_max
         for nid, n in nodes.items():
             live = n["state"] == "ready" and int(n["deadline"]) >= now
-            if not live:
+            if not live or nid in self.refused:
                 continue
             for pid in n["pools"].split():
                 assert nid in pool_members[pid], f"live ready {nid} missing from pool {pid}: {n}"
-                waiting = [j for j in queued_ids if jobs[j]["pool"] == pid]
-                assert not (waiting and int(n["used"]) < int(n["max"])), (
+                # (a node that refused a job is not handed it again at once: it said it cannot take it)
+                waiting = [j for j in queued_ids if jobs[j]["pool"] == pid and nid not in self.jobs[j].refused_by]
+                assert not (waiting and len(jobsets[nid]) < int(n["max"])), (
                     f"{waiting} wait in {pid} while live {nid} has a free slot: {n}")
 
 
@@ -623,6 +687,7 @@ def server_url(redis_server: EmbeddedServer) -> str:
     return redis_server.url
 
 
+@pytest.mark.timeout(900)
 def test_store_state_machine(server_url: str) -> None:
     run_state_machine_as_test(
         lambda: StoreMachine(server_url),

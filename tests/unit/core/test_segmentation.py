@@ -57,6 +57,7 @@ class TestFinal:
             turn_id=None,
             started_at_ms=0,
             ended_at_ms=512,
+            next_seq=3,
         )
         assert (utt.is_manual_cut, utt.is_timeout_triggered, utt.is_max_duration_triggered) == (
             True,
@@ -474,3 +475,42 @@ def test_no_audio_lost_or_duplicated_and_limits_hold(
             continue
         assert [r for r in reasons[:-1] if r not in ("max_duration", "max_buffer")] == []
         assert sum(1 for t, _ in runs if t == tid) == 1
+
+
+# -- property: a resumed segmenter goes on exactly where the lost one stopped ---------------------------
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    audio_format=st.sampled_from(["opus", "pcm16"]),
+    max_duration_ms=st.integers(20, 400),
+    max_buffer_bytes=st.integers(60, 2000),
+    chunks=st.lists(st.tuples(st.integers(0, 30), st.booleans()), min_size=1, max_size=30),
+    resume_after=st.integers(0, 40),
+)
+def test_resume_point_replays_to_the_same_utterances(
+    audio_format: str, max_duration_ms: int, max_buffer_bytes: int, chunks: list[tuple[int, bool]],
+    resume_after: int,
+) -> None:
+    """Session resume: after utterance k was dispatched, a new segmenter started at its resume point
+    and fed the client's chunks again from ``next_seq`` cuts the same utterances as the lost one
+    would have: no audio lost, none twice (pauses aside: they depend on arrival times)."""
+    config = SegmenterConfig(pause_ms=10**9, max_duration_ms=max_duration_ms, max_buffer_bytes=max_buffer_bytes,
+                             audio_format=audio_format, sample_rate=8000)  # type: ignore[arg-type]
+    mic = Mic()
+    payloads = [mic.opus(units, size=20) if audio_format == "opus" else mic.pcm(units * 7) for units, _ in chunks]
+    first, out = Segmenter(config), []
+    for seq, (payload, (_, final)) in enumerate(zip(payloads, chunks, strict=True)):
+        out += first.feed_chunk(payload, final, 0, seq=seq)
+    if not out:
+        return
+    k = out[min(resume_after, len(out) - 1)]
+    resumed = Segmenter(config, start_index=k.index + 1, start_seq=k.next_seq, skip=k.next_skip)
+    again = []
+    for seq in range(k.next_seq, len(payloads)):
+        again += resumed.feed_chunk(payloads[seq], chunks[seq][1], 0, seq=seq)
+    after = [u for u in out if u.index > k.index]
+    assert [(u.index, u.audio) for u in again] == [(u.index, u.audio) for u in after]
+    assert b"".join(u.audio for u in out if u.index <= k.index) + b"".join(u.audio for u in again) \
+        == b"".join(payloads[: len(payloads)])[: sum(len(u.audio) for u in out if u.index <= k.index)
+                                                + sum(len(u.audio) for u in again)]

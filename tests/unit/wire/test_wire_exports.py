@@ -36,6 +36,7 @@ def test_every_public_codec_function_is_exported() -> None:
         if inspect.isfunction(obj) and obj.__module__ == codec.__name__ and not name.startswith("_")
     }
     assert functions == {
+        "assign_frame",
         "decode_node",
         "decode_node_outbound",
         "decode_session",

@@ -250,6 +250,7 @@ SAMPLES: list[tuple[str, Message]] = [
             tgt_langs=["en", "ja"],
             audio_format="pcm16",
             sample_rate=48000,
+            resume_session_id="s0",
         ),
     ),
     (
@@ -294,6 +295,9 @@ SAMPLES: list[tuple[str, Message]] = [
             negotiated_audio_format="opus",
             negotiated_sample_rate=16000,
             negotiated_channel_count=1,
+            resumed=True,
+            resume_from_seq=7,
+            resume_from_utterance_index=3,
         ),
     ),
     (

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from dragoman.errors import ProtocolError
 from dragoman.wire import (
+    MAX_INDEX,
     AudioChunk,
     CapabilityByType,
     InstalledService,
@@ -25,7 +29,7 @@ from dragoman.wire import (
 
 text = st.text(max_size=20)
 ids = st.text(min_size=1, max_size=12)
-langs = st.text(min_size=1, max_size=16)
+langs = st.from_regex(r"\A[A-Za-z0-9_.\-]{1,16}\Z")
 maybe_text = st.none() | text
 finite = st.floats(allow_nan=False, allow_infinity=False)
 millis = st.integers(min_value=0, max_value=2**53) | st.floats(min_value=0, max_value=1e13, allow_nan=False)
@@ -90,11 +94,11 @@ node_heartbeats = st.builds(
 job_results = st.builds(
     JobResult,
     job_id=ids,
-    attempt_id=st.integers(1, 2**31),
+    attempt_id=st.integers(1, MAX_INDEX),
     node_id=ids,
     success=st.booleans(),
     session_id=st.none() | ids,
-    utterance_index=st.none() | st.integers(0, 2**31),
+    utterance_index=st.none() | st.integers(0, MAX_INDEX),
     text_asr=maybe_text,
     text_translated=maybe_text,
     tts_audio=maybe_text,
@@ -121,7 +125,7 @@ session_inits = st.builds(
 
 audio_chunks = st.builds(
     AudioChunk,
-    seq=st.integers(0, 2**63 - 1),
+    seq=st.integers(0, MAX_INDEX),
     is_final=st.booleans(),
     session_id=st.none() | ids,
     payload=maybe_text,
@@ -137,3 +141,24 @@ def test_node_messages_round_trip(msg: Message) -> None:
 @given(st.one_of(session_inits, audio_chunks))
 def test_session_messages_round_trip(msg: Message) -> None:
     assert decode_session(encode(msg)) == msg
+
+
+@given(st.integers(MAX_INDEX + 1, 2**63 - 1) | st.integers(-(2**63), -1))
+def test_numbers_past_the_bound_are_refused_naming_the_field(n: int) -> None:
+    """Poison numbers: an index Lua's JSON would turn into a float never gets past the edge."""
+    for frame, field in ((f'{{"type":"audio_chunk","seq":{n},"is_final":false}}', "$.seq"),
+                         (f'{{"type":"utterance","utterance_index":{n},"src_lang":"zh","tgt_lang":"en",'
+                          f'"audio":""}}', "$.utterance_index")):
+        with pytest.raises(ProtocolError, match=re.escape(field)):
+            decode_session(frame)
+    with pytest.raises(ProtocolError, match=re.escape("$.attempt_id")):
+        decode_node(f'{{"type":"job_result","job_id":"j","attempt_id":{n},"node_id":"n","success":true}}')
+
+
+@given(st.text(min_size=1, max_size=16).filter(lambda t: not re.fullmatch(r"[A-Za-z0-9_.\-]+", t)))
+def test_language_codes_with_separators_are_refused(code: str) -> None:
+    """A language becomes part of a pool id and a key: spaces, ':' '>' '{' and the like never pass."""
+    import json
+
+    with pytest.raises(ProtocolError, match="tgt_lang"):
+        decode_session(json.dumps({"type": "session_init", "src_lang": "zh", "tgt_lang": code}))

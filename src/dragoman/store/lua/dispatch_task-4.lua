@@ -1,15 +1,21 @@
 --[[
   Create a job and place it: on the session's previous node in the pool while it has a free slot,
   else on the node with the most free slots; with no free slot, in the pool's bounded queue; with
-  no node serving the pool at all, fail it at once with NO_AVAILABLE_NODE. One call does pool
-  choice, node choice and slot taking. Retry-safe (I8): a job id that exists is answered with its
-  current state and nothing changes (no second slot).
+  no node serving the pool at all, fail it at once with NO_AVAILABLE_NODE (unless the cell's data is
+  younger than the warm-up: right after Redis lost its data, nodes are still registering again, so
+  the job waits in the queue instead). One call does pool choice, node choice, slot taking, and the
+  session's bookkeeping (the job is owed to it; its affinity; its resume point).
+
+  Retry-safe (I8): a job id the session has seen is answered with its current state and nothing
+  changes (no second slot); if its assignment was for a node of the calling process, the assign
+  effect comes again (a lost reply must not lose it; the node side ignores a repeat).
+  Fenced (I11): a session whose record has a newer epoch (resumed elsewhere) is answered "superseded".
 
   Input:
     KEYS[1] cell node registry "<base>nodes"
     KEYS[2] job hash           "<base>job:<job_id>"
     KEYS[3] pool zset          "<base>pool:<pool_id>" (node_id -> free slots)
-    KEYS[4] job data           "<base>jobdata:<job_id>" (the job_assign body, for redelivery)
+    KEYS[4] session record     "<base>sess:<session_id>"
     ARGV[1]  calling process id
     ARGV[2]  job_id
     ARGV[3]  pool_id
@@ -20,73 +26,123 @@
     ARGV[8]  pending_timeout_ms (longest wait in the queue)
     ARGV[9]  queue_max (per pool)
     ARGV[10] max_attempts
-    ARGV[11] job_ttl_ms (how long the finished job stays readable)
-    ARGV[12] nodes to avoid if another can take it, space separated (soft)
-    ARGV[13] process holding the session's socket (where the outcome goes)
-    ARGV[14] job data (job_assign JSON without attempt_id)
+    ARGV[11] nodes to avoid if another can take it, space separated (soft)
+    ARGV[12] process holding the session's socket (where the outcome goes)
+    ARGV[13] session epoch
+    ARGV[14] job body (encoded JobAssignBody: the job_assign without job_id and attempt_id)
     ARGV[15] mode: "" place, queue or fail; "place_only" assign if a node is free, else change
              nothing and answer "no_capacity" (used to try one cell before the next)
-  Output: JSON {status, state, node, attempt, code, effects, now}
-    status "assigned" | "queued" | "failed" (code NO_AVAILABLE_NODE or NODE_OVERLOADED: queue full)
-         | "exists" (job seen before: state/node/attempt/code are its current ones)
+    ARGV[16] resume point to record in the session, "" for none: "next_utt seq skip cutt"
+    ARGV[17] warm-up ms (see above)
+  Output: [body, effects, payloads...], body {status, state, node, attempt, code, now}
+    status "assigned" | "queued" | "failed" (code NO_AVAILABLE_NODE, NODE_OVERLOADED, NODE_UNAVAILABLE)
+         | "exists" (seen before: its current state, "gone" once acknowledged) | "no_capacity"
+         | "superseded"
 ]]
 --- @include "includes/keys"
 --- @include "includes/context"
---- @include "includes/slots"
---- @include "includes/select"
+--- @include "includes/nodes"
 --- @include "includes/jobs"
 
 local base = base_of(KEYS[1])
 local jid, pid, sid = ARGV[2], ARGV[3], ARGV[4]
-if jid == '' or KEYS[2] ~= k_job(base, jid) or KEYS[4] ~= k_jobdata(base, jid) then
-  error('ERR dragoman: job key does not match job_id')
-end
+if jid == '' or KEYS[2] ~= k_job(base, jid) then error('ERR dragoman: job key does not match job_id') end
 if pid == '' or KEYS[3] ~= k_pool(base, pid) then error('ERR dragoman: pool key does not match pool_id') end
-local nums = {}
-for _, i in ipairs({ 5, 7, 8, 9, 10, 11 }) do
-  nums[i] = tonumber(ARGV[i])
-  if not nums[i] or nums[i] < 0 then error('ERR dragoman: ARGV[' .. i .. '] must be a number >= 0') end
+if sid == '' or KEYS[4] ~= k_sess(base, sid) then error('ERR dragoman: session key does not match session_id') end
+local utt = need_number(ARGV[5], 'utterance_index')
+local job_timeout = need_number(ARGV[7], 'job_timeout_ms', 1)
+local pending_timeout = need_number(ARGV[8], 'pending_timeout_ms', 1)
+local queue_max = need_number(ARGV[9], 'queue_max')
+local max_attempts = need_number(ARGV[10], 'max_attempts', 1)
+local epoch = need_number(ARGV[13], 'epoch')
+local warmup = need_number(ARGV[17], 'warmup_ms')
+local commit = nil
+if ARGV[16] ~= '' then
+  commit = split_words(ARGV[16])
+  if #commit ~= 4 then error('ERR dragoman: resume point must be "next_utt seq skip cutt"') end
+  for i = 1, 4 do need_number(commit[i], 'resume point', -1) end
 end
+if ARGV[12] == '' then error('ERR dragoman: the session process must be named') end
 
 local ctx = new_context(base, ARGV[1])
+local sk = KEYS[4]
+local s = rcall('HMGET', sk, 'epoch', 'proc', 'a:' .. pid, 'j:' .. jid)
+if s[1] and tonumber(s[1]) > epoch then return reply(ctx, { status = 'superseded' }) end
+
+if s[4] then
+  local j = job_fields(ctx, jid)
+  if not j then return reply(ctx, { status = 'exists', state = 'gone' }) end
+  if ACTIVE[j.state] then
+    local n = node_fields(ctx, j.node)
+    if n and n.proc == ctx.proc then
+      ctx.own_job = jid
+      emit(ctx, ctx.proc, { kind = 'assign', job = jid, node = j.node, attempt = j.attempt, session = sid,
+        utt = j.utt, tgt = j.tgt, lease = tonumber(rcall('HGET', KEYS[2], 'lease')) or 0 }, nil, true)
+    end
+  end
+  return reply(ctx, { status = 'exists', state = j.state, node = j.node, attempt = j.attempt,
+    code = rcall('HGET', KEYS[2], 'code') or '' })
+end
+
 local place_only = ARGV[15] == 'place_only'
-if rcall('EXISTS', KEYS[2]) == 1 then
-  local existing = job_fields(ctx, jid)
-  local code = rcall('HGET', KEYS[2], 'code') or ''
-  return reply(ctx, { status = 'exists', state = existing.state, node = existing.node,
-    attempt = existing.attempt, code = code })
+local n = pick_node(ctx, KEYS[3], s[3] or nil, word_set(ARGV[11]))
+if place_only and not n then return reply(ctx, { status = 'no_capacity' }) end
+
+local sess = { 'j:' .. jid, '1' }
+if not s[1] or s[2] ~= ARGV[12] then
+  for _, v in ipairs({ 'proc', ARGV[12], 'epoch', epoch, 'state', 'live' }) do table.insert(sess, v) end
+  rcall('SADD', k_proc_sessions(base, ARGV[12]), sid)
 end
+if commit then
+  for i, name in ipairs({ 'next_utt', 'seq', 'skip', 'cutt' }) do
+    table.insert(sess, name)
+    table.insert(sess, commit[i])
+  end
+end
+if n then
+  table.insert(sess, 'a:' .. pid)
+  table.insert(sess, n.id)
+end
+hset(sk, sess)
 
-local affinity = rcall('HGET', k_affinity(base, sid), pid)
-local nid = nil
-if rcall('ZCARD', KEYS[3]) > 0 then nid = pick_node(ctx, KEYS[3], affinity, word_set(ARGV[12])) end
-if place_only and not nid then return reply(ctx, { status = 'no_capacity' }) end
-
-local ttl = nums[11]
--- the record (nothing expires it while the job lives: finish_job sets its lifetime)
+ctx.own_job, ctx.own_payload = jid, ARGV[14]
 local j = {
-  state = 'new', node = '', attempt = 0, pool = pid, session = sid, utt = nums[5], tgt = ARGV[6],
-  sproc = ARGV[13], max_attempts = math.max(1, nums[10]), job_timeout = nums[7], pending_timeout = nums[8],
-  queue_max = nums[9], tried = '', ttl = ttl,
+  state = 'new', node = '', attempt = 0, pool = pid, session = sid, utt = utt, tgt = ARGV[6],
+  sproc = ARGV[12], max_attempts = max_attempts, job_timeout = job_timeout,
+  pending_timeout = pending_timeout, queue_max = queue_max, tried = '',
 }
-rcall('HSET', KEYS[2], 'id', jid, 'state', j.state, 'pool', pid, 'session', sid, 'utt', j.utt,
-  'tgt', j.tgt, 'sproc', j.sproc, 'node', '', 'attempt', 0, 'max_attempts', j.max_attempts,
-  'job_timeout', j.job_timeout, 'pending_timeout', j.pending_timeout, 'queue_max', j.queue_max,
-  'tried', '', 'ttl', ttl, 'created', ctx.now, 'code', '')
-rcall('HINCRBY', k_stats(base), 'dispatched', 1)
+local creation = { 'id', jid, 'pool', pid, 'session', sid, 'utt', utt, 'tgt', ARGV[6], 'sproc', ARGV[12], 'attempt', 0, 'node', '',
+  'max_attempts', max_attempts, 'job_timeout', job_timeout, 'pending_timeout', pending_timeout,
+  'queue_max', queue_max, 'created', ctx.now, 'data', ARGV[14] }
 
-if not nid and rcall('ZCARD', KEYS[3]) == 0 then
-  finish_job(ctx, jid, j, 'failed', 'NO_AVAILABLE_NODE')
-  return reply(ctx, { status = 'failed', state = 'failed', code = 'NO_AVAILABLE_NODE' })
+local function answer()
+  local code = ''
+  if j.state == 'failed' then code = rcall('HGET', KEYS[2], 'code') or '' end
+  return reply(ctx, { status = j.state == 'assigned' and 'assigned' or j.state, state = j.state,
+    node = j.node, attempt = j.attempt, code = code })
 end
 
-rcall('SET', KEYS[4], ARGV[14], 'PX', ttl)
-if nid then
-  assign_job(ctx, jid, j, nid)
-  return reply(ctx, { status = 'assigned', state = 'assigned', node = nid, attempt = j.attempt, code = '' })
+if n then
+  if not assign_job(ctx, jid, j, n, creation) then
+    -- that node's process cannot be reached: its slot back, and the job goes elsewhere
+    release_slot(ctx, n.id, jid)
+    count(ctx, 'unreachable')
+    reassign_or_fail(ctx, jid, j, { [n.id] = true })
+  end
+  return answer()
 end
-if enqueue_job(ctx, jid, j) then
-  return reply(ctx, { status = 'queued', state = 'queued', code = '' })
+
+local function warming_up()
+  if warmup <= 0 then return false end
+  local boot = rcall('GET', k_boot(base))
+  if not boot then return true end
+  local born = tonumber(string.match(boot, ':(%d+)$') or '')
+  return born == nil or ctx.now - born < warmup
 end
-finish_job(ctx, jid, j, 'failed', 'NODE_OVERLOADED')
-return reply(ctx, { status = 'failed', state = 'failed', code = 'NODE_OVERLOADED' })
+
+if rcall('ZCARD', KEYS[3]) == 0 and not warming_up() then
+  finish_job(ctx, jid, j, 'failed', 'NO_AVAILABLE_NODE', nil, false, creation)
+elseif not enqueue_job(ctx, jid, j, creation) then
+  finish_job(ctx, jid, j, 'failed', 'NODE_OVERLOADED', nil, false, creation)
+end
+return answer()

@@ -9,18 +9,20 @@
     ARGV[2] node_id
     ARGV[3] "1" drain, "0" undrain
     ARGV[4] source: "operator" | "node"
-  Output: JSON {status:"ok"|"unknown", state, used, effects, now}
+    ARGV[5] call id (a retry after a lost reply gets the same reply again)
+  Output: [body, effects, payloads...], body {status:"ok"|"unknown", state, used, now}
 ]]
 --- @include "includes/keys"
 --- @include "includes/context"
---- @include "includes/slots"
---- @include "includes/select"
+--- @include "includes/nodes"
 --- @include "includes/jobs"
 
 local base = base_of(KEYS[1])
 local nid = ARGV[2]
 if KEYS[2] ~= k_node(base, nid) then error('ERR dragoman: node key does not match node_id') end
 local ctx = new_context(base, ARGV[1])
+local again = replay(ctx, ARGV[5])
+if again then return again end
 local n = node_fields(ctx, nid)
 if not n or n.state == 'offline' then return reply(ctx, { status = 'unknown' }) end
 if ARGV[3] == '1' then
@@ -31,9 +33,9 @@ if ARGV[3] == '1' then
   unpool(ctx, nid, n.pools)
 elseif n.state == 'draining' then
   rcall('HSET', KEYS[2], 'state', 'ready', 'drain_source', '')
-  n = node_fields(ctx, nid)
-  score_pools(ctx, nid, n)
+  n.state = 'ready'
+  score_pools(ctx, n)
   fill_from_queues(ctx, nid)
 end
 n = node_fields(ctx, nid)
-return reply(ctx, { status = 'ok', state = n.state, used = n.used })
+return reply(ctx, { status = 'ok', state = n.state, used = node_used(ctx, nid) })

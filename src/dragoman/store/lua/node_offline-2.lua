@@ -10,18 +10,20 @@
     ARGV[2] node_id
     ARGV[3] connection id ("" = whatever the current connection is: operator action)
     ARGV[4] reason (e.g. "socket_closed")
-  Output: JSON {status:"offline"|"unknown"|"superseded", jobs, effects, now}
+    ARGV[5] call id (a retry after a lost reply gets the same reply again)
+  Output: [body, effects, payloads...], body {status:"offline"|"unknown"|"superseded", jobs, now}
 ]]
 --- @include "includes/keys"
 --- @include "includes/context"
---- @include "includes/slots"
---- @include "includes/select"
+--- @include "includes/nodes"
 --- @include "includes/jobs"
 
 local base = base_of(KEYS[1])
 local nid, conn = ARGV[2], ARGV[3]
 if KEYS[2] ~= k_node(base, nid) then error('ERR dragoman: node key does not match node_id') end
 local ctx = new_context(base, ARGV[1])
+local again = replay(ctx, ARGV[5])
+if again then return again end
 local current = rcall('HGET', KEYS[2], 'conn')
 if not current then return reply(ctx, { status = 'unknown', jobs = 0 }) end
 if conn ~= '' and current ~= conn then return reply(ctx, { status = 'superseded', jobs = 0 }) end

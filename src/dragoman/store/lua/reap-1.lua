@@ -6,27 +6,37 @@
     2. jobs past their lease (job_timeout from assignment) get a job_cancel for their node and are
        reassigned the same way; the node's freed slot may take waiting work;
     3. queued jobs past their pending timeout fail with JOB_TIMEOUT;
-    4. scheduler processes whose registration expired lose their inbox streams;
-    5. nodes offline for more than an hour leave the operators' list of recent nodes.
-  Together with the reaper interval this bounds recovery (I5).
+    4. scheduler processes whose registration expired: their nodes go offline (their jobs move on
+       at once), their sessions become orphans (kept for a client that resumes), their inbox goes;
+    5. orphan sessions past their grace period are abandoned: their waiting jobs are cancelled,
+       running ones get job_cancel, and the session is forgotten;
+    6. nodes offline for more than an hour leave the operators' list of recent nodes.
+  Together with the reaper interval this bounds recovery (I5, I10).
 
   Input:
     KEYS[1] cell node registry "<base>nodes"
     ARGV[1] calling process id
     ARGV[2] batch size per kind
-  Derived keys (same hash tag): node:*, job:*, pool:*, queue:*, leases, pending, procs, inbox:*, stats, events
-  Output: JSON {status:"ok", dead_nodes, expired_leases, expired_pending, dead_procs, more, effects, now}
-    more: true when a batch was full (call again soon)
+    ARGV[3] session resume grace ms (for sessions of dead processes)
+    ARGV[4] call id (a retry after a lost reply gets the same reply again)
+  Derived keys (same hash tag): node:*, job:*, pool:*, queue:*, sess:*, proc:*, leases, pending,
+    orphans, procs, inbox:*, pools, stats, events, offline, boot
+  Output: [body, effects, payloads...], body {status:"ok", dead_nodes, expired_leases, expired_pending,
+    dead_procs, abandoned, more, boot, now}
+    more: true when a batch was full (call again soon); boot: the cell's data generation marker
 ]]
 --- @include "includes/keys"
 --- @include "includes/context"
---- @include "includes/slots"
---- @include "includes/select"
+--- @include "includes/nodes"
 --- @include "includes/jobs"
+--- @include "includes/sessions"
 
 local base = base_of(KEYS[1])
-local batch = tonumber(ARGV[2]) or 100
+local batch = need_number(ARGV[2], 'batch', 1)
+local grace = need_number(ARGV[3], 'grace_ms')
 local ctx = new_context(base, ARGV[1])
+local again = replay(ctx, ARGV[4])
+if again then return again end
 local more = false
 
 local dead = rcall('ZRANGE', KEYS[1], '-inf', ctx.now - 1, 'BYSCORE', 'LIMIT', 0, batch)
@@ -38,13 +48,13 @@ if #dead == batch then more = true end
 local expired = rcall('ZRANGE', k_leases(base), '-inf', ctx.now - 1, 'BYSCORE', 'LIMIT', 0, batch)
 for _, jid in ipairs(expired) do
   local j = job_fields(ctx, jid)
-  if not j or TERMINAL[j.state] or j.node == '' then
+  if not j or not ACTIVE[j.state] or j.node == '' then
     rcall('ZREM', k_leases(base), jid)
   else
     local old = j.node
-    local proc = rcall('HGET', k_node(base, old), 'proc') or ''
-    emit(ctx, proc, { kind = 'cancel', job = jid, node = old, attempt = j.attempt, reason = 'lease_expired' })
-    rcall('HINCRBY', k_stats(base), 'lease_expired', 1)
+    local n = node_fields(ctx, old)
+    emit(ctx, n and n.proc or '', { kind = 'cancel', job = jid, node = old, attempt = j.attempt, reason = 'lease_expired' })
+    count(ctx, 'lease_expired')
     release_slot(ctx, old, jid)
     reassign_or_fail(ctx, jid, j)
     fill_from_queues(ctx, old)
@@ -65,11 +75,30 @@ if #waited == batch then more = true end
 
 local procs = rcall('ZRANGE', k_procs(base), '-inf', ctx.now - 1, 'BYSCORE', 'LIMIT', 0, batch)
 for _, p in ipairs(procs) do
-  rcall('DEL', k_inbox(base, p))
-  rcall('ZREM', k_procs(base), p)
+  for _, nid in ipairs(rcall('SPOP', k_proc_nodes(base, p), batch)) do
+    local n = node_fields(ctx, nid)
+    if n and n.proc == p then node_down(ctx, nid, 'scheduler_lost') end
+  end
+  for _, sid in ipairs(rcall('SPOP', k_proc_sessions(base, p), batch)) do
+    if rcall('HGET', k_sess(base, sid), 'proc') == p then session_orphan(ctx, sid, grace) end
+  end
+  if rcall('EXISTS', k_proc_nodes(base, p), k_proc_sessions(base, p)) == 0 then
+    rcall('DEL', k_inbox(base, p))
+    rcall('ZREM', k_procs(base), p)
+    log_event(ctx, 'scheduler_lost', { proc = p })
+  else
+    more = true
+  end
 end
+
+local gone = rcall('ZRANGE', k_orphans(base), '-inf', ctx.now - 1, 'BYSCORE', 'LIMIT', 0, batch)
+for _, sid in ipairs(gone) do
+  session_abandon(ctx, sid, 'resume_grace_expired')
+end
+if #gone == batch then more = true end
 
 rcall('ZREMRANGEBYSCORE', k_offline(base), '-inf', ctx.now - 3600000)
 
 return reply(ctx, { status = 'ok', dead_nodes = #dead, expired_leases = #expired,
-  expired_pending = #waited, dead_procs = #procs, more = more })
+  expired_pending = #waited, dead_procs = #procs, abandoned = #gone, more = more,
+  boot = rcall('GET', k_boot(base)) or '' })

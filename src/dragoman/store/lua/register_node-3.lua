@@ -1,8 +1,15 @@
 --[[
-  Register a node, or re-register it on reconnect (same node_id): it becomes ready, joins its pools
-  with its free capacity, and its free slots are handed to jobs waiting in those pools.
-  Jobs it already holds stay with it (counted in `used`): their results are still accepted, and
-  their leases recover them if it lost them.
+  Register a node, or register it again (reconnect, same node_id): it becomes ready, joins its pools
+  with its free capacity, and its free slots go to jobs waiting in those pools.
+
+  Only the holder speaks for a node (I11): a node id in use by a live connection (its deadline not
+  passed, its scheduler process alive) is refused ("in_use") unless the caller knows that connection
+  is gone ("force"); with node tokens, an id stays bound to the token that first registered it.
+
+  Jobs it holds stay with it, reconciled with what Redis knows: a job that no longer exists, has
+  ended, or moved to another holder leaves its set, so `used` is exactly the jobs it holds (I1). The
+  ones it holds are sent to it again over this connection: a node that never received one (it was
+  assigned through a scheduler process that then died) runs it now; a node that has it ignores it.
 
   Input:
     KEYS[1] cell node registry  "<base>nodes"  (zset node_id -> heartbeat deadline ms)
@@ -15,54 +22,82 @@
     ARGV[5] pool ids, space separated
     ARGV[6] node info (JSON, kept for operators)
     ARGV[7] node_ttl_ms (heartbeat deadline = now + node_ttl_ms)
-  Derived keys (same hash tag): pool:<id>, queue:<id>, pools, job:*, leases, pending, stats, events, inbox:*
-  Output: JSON {status:"registered", node, state, max, used, deadline, reconnected, effects, now}
+    ARGV[8] owner: digest of the node token used ("" without tokens)
+    ARGV[9] "force" to take over from a connection the caller knows is gone, else ""
+    ARGV[10] call id (a retry after a lost reply gets the same reply again)
+  Output: [body, effects, payloads...], body {status, node, state, max, used, held, deadline, reconnected, proc, now}
+    status "registered" | "in_use" (proc: the process holding the live connection) | "forbidden"
     state is "draining" when the node was draining before it reconnected (a drain outlives a reconnect)
-  Errors: "ERR dragoman: ..." on invalid arguments (no state changed).
 ]]
 --- @include "includes/keys"
 --- @include "includes/context"
---- @include "includes/slots"
---- @include "includes/select"
+--- @include "includes/nodes"
 --- @include "includes/jobs"
 
 local base = base_of(KEYS[1])
-local nid, conn, pools = ARGV[2], ARGV[3], ARGV[5]
-local max = tonumber(ARGV[4])
+local nid, conn, pools, owner = ARGV[2], ARGV[3], ARGV[5], ARGV[8]
 if nid == '' or KEYS[2] ~= k_node(base, nid) or KEYS[3] ~= k_node_jobs(base, nid) then
   error('ERR dragoman: node key does not match node_id')
 end
+local max = tonumber(ARGV[4])
 if not max or max < 1 or max > 1024 or max % 1 ~= 0 then
   error('ERR dragoman: max_concurrency must be an integer from 1 to 1024')
 end
-local ttl = tonumber(ARGV[7])
-if not ttl or ttl <= 0 then error('ERR dragoman: node_ttl_ms must be positive') end
+local ttl = need_number(ARGV[7], 'node_ttl_ms', 1)
 
 local ctx = new_context(base, ARGV[1])
+local again = replay(ctx, ARGV[10])
+if again then return again end
 local old = node_fields(ctx, nid)
-if old then unpool(ctx, nid, old.pools) end
+local meta = rcall('HMGET', KEYS[2], 'conn', 'owner', 'drain_source')
+if old then
+  if (meta[2] or '') ~= '' and meta[2] ~= owner then return reply(ctx, { status = 'forbidden' }) end
+  if old.state ~= 'offline' and meta[1] ~= conn and ARGV[9] ~= 'force' and old.deadline >= ctx.now
+      and old.proc ~= '' and rcall('ZSCORE', k_procs(base), old.proc) then
+    return reply(ctx, { status = 'in_use', proc = old.proc })
+  end
+  unpool(ctx, nid, old.pools)
+  if old.state ~= 'offline' then count_pools(ctx, old.pools, -1) end
+  if old.proc ~= '' and old.proc ~= ctx.proc then rcall('SREM', k_proc_nodes(base, old.proc), nid) end
+end
 -- A drain outlives a reconnect: an operator's until undrained, the node's own until its next heartbeat.
 local state, drain_source = 'ready', ''
-if old and old.state == 'draining' then
-  state, drain_source = 'draining', rcall('HGET', KEYS[2], 'drain_source') or ''
+if old and old.state == 'draining' then state, drain_source = 'draining', meta[3] or '' end
+
+local held = {}
+for _, jid in ipairs(rcall('SMEMBERS', KEYS[3])) do
+  local j = job_fields(ctx, jid)
+  if j and ACTIVE[j.state] and j.node == nid then
+    table.insert(held, { jid, j })
+  else
+    rcall('SREM', KEYS[3], jid)
+  end
 end
-local used = rcall('SCARD', KEYS[3])
+local used = #held
 local deadline = ctx.now + ttl
 -- A capacity lowered below the jobs the node already holds takes effect as they finish (I1).
 local effective = math.max(max, used)
 if effective > max then rcall('HSET', KEYS[2], 'max_target', max) else rcall('HDEL', KEYS[2], 'max_target') end
-rcall('HSET', KEYS[2], 'id', nid, 'state', state, 'max', effective, 'used', used, 'deadline', deadline,
-  'pools', pools, 'proc', ctx.proc, 'conn', conn, 'info', ARGV[6], 'registered_at', ctx.now,
-  'drain_source', drain_source, 'last_heartbeat', ctx.now)
+rcall('HSET', KEYS[2], 'id', nid, 'state', state, 'max', effective, 'deadline', deadline, 'pools', pools,
+  'proc', ctx.proc, 'conn', conn, 'info', ARGV[6], 'registered_at', ctx.now, 'drain_source', drain_source,
+  'last_heartbeat', ctx.now, 'owner', owner)
 rcall('PERSIST', KEYS[2])
 rcall('ZADD', KEYS[1], deadline, nid)
 rcall('ZREM', k_offline(base), nid)
-for _, pid in ipairs(split_words(pools)) do rcall('SADD', k_pools(base), pid) end
-rcall('HINCRBY', k_stats(base), 'registrations', 1)
+rcall('SADD', k_proc_nodes(base, ctx.proc), nid)
+count_pools(ctx, pools, 1)
+count(ctx, 'registrations')
 if not old or old.state == 'offline' then log_event(ctx, 'node_ready', { node = nid, max = max }) end
+
+for _, h in ipairs(held) do
+  local jid, j = h[1], h[2]
+  emit(ctx, ctx.proc, { kind = 'assign', job = jid, node = nid, attempt = j.attempt, session = j.session,
+    utt = j.utt, tgt = j.tgt, lease = tonumber(rcall('HGET', k_job(base, jid), 'lease')) or 0 },
+    rcall('HGET', k_job(base, jid), 'data'))
+end
 if state == 'ready' then
-  score_pools(ctx, nid, node_fields(ctx, nid))
+  score_pools(ctx, node_fields(ctx, nid))
   fill_from_queues(ctx, nid)
 end
 return reply(ctx, { status = 'registered', node = nid, state = state, max = effective, used = used,
-  deadline = deadline, reconnected = old ~= nil })
+  held = #held, deadline = deadline, reconnected = old ~= nil })

@@ -9,20 +9,20 @@
     ARGV[2] job_id
     ARGV[3] node_id
     ARGV[4] attempt_id
-  Output: JSON {status:"running"|"rejected", state, effects, now}
+  Output: [body, effects], body {status:"running"|"rejected", state, now}
 ]]
 --- @include "includes/keys"
 --- @include "includes/context"
---- @include "includes/slots"
---- @include "includes/select"
+--- @include "includes/nodes"
 --- @include "includes/jobs"
 
 local base = base_of(KEYS[1])
 local jid, nid = ARGV[2], ARGV[3]
 if KEYS[2] ~= k_job(base, jid) then error('ERR dragoman: job key does not match job_id') end
+local attempt = need_number(ARGV[4], 'attempt_id')
 local ctx = new_context(base, ARGV[1])
 local j = job_fields(ctx, jid)
-if not j or j.node ~= nid or j.attempt ~= tonumber(ARGV[4]) then
+if not j or j.node ~= nid or j.attempt ~= attempt then
   return reply(ctx, { status = 'rejected', state = j and j.state or '' })
 end
 if j.state == 'assigned' then

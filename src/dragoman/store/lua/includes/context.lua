@@ -1,42 +1,61 @@
 --[[
   The per-call context every transition carries: the cell base, the calling process, the server's
-  time (I7: never a scheduler's clock), and the effects to hand back.
+  time (I7: never a scheduler's clock), and what the call hands back.
 
-  Effects are what other parties must hear about (a job to send to a node, a cancel, a job's outcome
-  for a session). An effect for a socket held by the calling process is returned to it (delivered
-  locally, no extra round trip); any other is appended, in this same atomic call, to the inbox
-  stream of the process holding that socket. If the caller dies before delivering a local effect,
-  its socket died with it: nobody is left to tell, and leases recover the work.
+  A reply is an array: [1] the body (JSON), [2] the effects (a JSON array), [3..] payloads. Effects
+  are what other parties must hear about (a job to send to a node, a cancel, a job's outcome for a
+  session). An effect for a socket held by the calling process comes back in the reply (delivered
+  locally, no extra round trip); its payload, if any, is one of the reply's payloads (effect.p is its
+  position, -1 meaning "the payload you passed in": never sent back). An effect for a socket held by
+  another live process is appended, in this same atomic call, to that process's inbox stream.
+
+  Delivery is bounded and never silently lossy (I10): an inbox holds at most INBOX_MAX_LEN unread
+  entries (its reader removes what it has read); when it is full, or the process is gone, emit
+  answers false and the caller decides what the job does instead (see jobs.lua). Outcomes are also
+  kept with the job until the session acknowledges them, so a session can always ask again.
 ]]
 local rcall = redis.call
+local TEST_CLOCK = {{test_clock}}
+local INBOX_MAX_LEN = {{inbox_max_len}}
+local REPLY_KEEP_MS = 30000  -- how long a reply is kept for a retry after a lost reply (see replay)
 
 local function server_now_ms(base)
   local t = rcall('TIME')
-  -- The clock offset exists for tests that advance time; it is 0 in production.
-  local offset = tonumber(rcall('GET', k_clock(base)) or '0') or 0
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + offset
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  -- Test builds only: an offset the tests use to run past deadlines (production scripts skip it).
+  if TEST_CLOCK then now = now + (tonumber(rcall('GET', k_clock(base)) or '0') or 0) end
+  return now
 end
 
 local function new_context(base, proc)
-  return { base = base, proc = proc, now = server_now_ms(base), effects = {} }
+  return { base = base, proc = proc, now = server_now_ms(base), effects = {}, payloads = {} }
 end
 
--- Inbox entries can carry audio or results: keep each stream short. A reader that falls this
--- far behind loses the oldest effects, which the lease rules then recover.
-local INBOX_MAXLEN = 1000
-
-local function emit(ctx, target_proc, effect, payload)
-  if target_proc == nil or target_proc == false or target_proc == '' or target_proc == ctx.proc then
-    table.insert(ctx.effects, effect)
-  elseif rcall('ZSCORE', k_procs(ctx.base), target_proc) then
-    -- (a process that is not registered is dead: its sockets, and whoever would hear this, are gone)
-    local key = k_inbox(ctx.base, target_proc)
-    if payload then
-      rcall('XADD', key, 'MAXLEN', '~', INBOX_MAXLEN, '*', 'e', cjson.encode(effect), 'r', payload)
-    else
-      rcall('XADD', key, 'MAXLEN', '~', INBOX_MAXLEN, '*', 'e', cjson.encode(effect))
+local function emit(ctx, target, effect, payload, own)
+  if target == nil or target == false or target == '' then return false end
+  if target == ctx.proc then
+    if own then
+      effect.p = -1
+    elseif payload then
+      table.insert(ctx.payloads, payload)
+      effect.p = #ctx.payloads
     end
+    table.insert(ctx.effects, effect)
+    return true
   end
+  -- (a process that is not registered is dead: its sockets, and whoever would hear this, are gone)
+  if not rcall('ZSCORE', k_procs(ctx.base), target) then return false end
+  local key = k_inbox(ctx.base, target)
+  if rcall('XLEN', key) >= INBOX_MAX_LEN then
+    rcall('HINCRBY', k_stats(ctx.base), 'inbox_full', 1)
+    return false
+  end
+  if payload then
+    rcall('XADD', key, '*', 'e', cjson.encode(effect), 'r', payload)
+  else
+    rcall('XADD', key, '*', 'e', cjson.encode(effect))
+  end
+  return true
 end
 
 -- Recent notable events (reassignments, failures, nodes joining and leaving) for operators.
@@ -47,6 +66,10 @@ local function log_event(ctx, kind, fields)
     table.insert(args, tostring(v))
   end
   rcall(unpack(args))
+end
+
+local function count(ctx, name, n)
+  rcall('HINCRBY', k_stats(ctx.base), name, n or 1)
 end
 
 local function split_words(s)
@@ -64,9 +87,29 @@ local function word_set(s)
 end
 
 local function reply(ctx, body)
-  body.effects = ctx.effects
   body.now = ctx.now
-  return cjson.encode(body)
+  local out = { cjson.encode(body), (#ctx.effects > 0) and cjson.encode(ctx.effects) or '[]' }
+  for _, p in ipairs(ctx.payloads) do table.insert(out, p) end
+  if ctx.call_id and ctx.call_id ~= '' and #ctx.effects > 0 then
+    rcall('SET', k_reply(ctx.base, ctx.call_id), cjson.encode(out), 'PX', REPLY_KEEP_MS)
+  end
+  return out
+end
+
+--[[
+  A lost reply (a timeout or a dropped connection after the script ran) must not lose the effects it
+  carried for the caller's own sockets. Scripts whose repeat could not recompute them keep their
+  reply (when it carried effects) for a short while under the call's id; the caller's retry, with
+  the same id, gets it again.
+  (dispatch_task and complete_task need no such copy: a repeat answers "exists"/"duplicate" and
+  emits the local effect again.)
+]]
+local function replay(ctx, call_id)
+  if call_id == nil or call_id == '' then return nil end
+  ctx.call_id = call_id
+  local kept = rcall('GET', k_reply(ctx.base, call_id))
+  if kept then return cjson.decode(kept) end
+  return nil
 end
 
 -- Every script names its cell through KEYS[1] (the cell's node registry "<base>nodes");
@@ -77,4 +120,13 @@ local function base_of(anchor)
     error('ERR dragoman: KEYS[1] must be the cell registry key, got ' .. anchor)
   end
   return string.sub(anchor, 1, #anchor - #suffix)
+end
+
+-- Arguments are checked before the first write: no script errors after it has changed something.
+local function need_number(value, what, min)
+  local n = tonumber(value)
+  if not n or n ~= n or n < (min or 0) or n ~= math.floor(n) then
+    error('ERR dragoman: ' .. what .. ' must be an integer >= ' .. tostring(min or 0))
+  end
+  return n
 end

@@ -2,98 +2,134 @@
   Job transitions shared by the scripts. States (see dragoman/core/states.py):
     queued -> assigned -> running -> completed | completed_empty | failed
     assigned/running -> queued | assigned (reassignment, attempt + 1) | failed
-  finish_job is the only way into a terminal state and emits the job's single outcome (I3).
+  finish_job is the only way into a terminal state and emits the job's single outcome (I3). The
+  outcome is also kept with the job (field "result") until the session acknowledges it, so a lost
+  effect never loses an outcome (I10). The job's audio (field "data") is kept while the job lives,
+  for reassignment, and dropped when it ends.
+
+  The three writers take an optional "extra" list of field/value pairs, written in the same HSET:
+  dispatch creates a job and places it with one write.
 ]]
 local TERMINAL = { completed = true, completed_empty = true, failed = true }
+local ACTIVE = { assigned = true, running = true }
 
 local function job_fields(ctx, jid)
   local f = rcall('HMGET', k_job(ctx.base, jid), 'state', 'node', 'attempt', 'pool', 'session', 'utt',
-    'tgt', 'sproc', 'max_attempts', 'job_timeout', 'pending_timeout', 'queue_max', 'tried', 'ttl')
+    'tgt', 'sproc', 'max_attempts', 'job_timeout', 'pending_timeout', 'queue_max', 'tried')
   if not f[1] then return nil end
   return {
     state = f[1], node = f[2] or '', attempt = tonumber(f[3]) or 0, pool = f[4], session = f[5],
     utt = tonumber(f[6]) or 0, tgt = f[7] or '', sproc = f[8] or '', max_attempts = tonumber(f[9]) or 1,
-    job_timeout = tonumber(f[10]), pending_timeout = tonumber(f[11]), queue_max = tonumber(f[12]) or 0,
-    tried = f[13] or '', ttl = tonumber(f[14]) or 3600000,
+    job_timeout = tonumber(f[10]) or 60000, pending_timeout = tonumber(f[11]) or 10000,
+    queue_max = tonumber(f[12]) or 0, tried = f[13] or '',
   }
 end
 
-local function finish_job(ctx, jid, j, state, code, payload)
-  local jk = k_job(ctx.base, jid)
-  rcall('HSET', jk, 'state', state, 'code', code or '', 'finished', ctx.now)
+-- One HSET of ``extra`` then ``fields`` (a field in both takes its value from ``fields``).
+local function hset(key, fields, extra)
+  local args = { 'HSET', key }
+  if extra then for _, v in ipairs(extra) do table.insert(args, v) end end
+  for _, v in ipairs(fields) do table.insert(args, v) end
+  rcall(unpack(args))
+end
+
+local function finish_job(ctx, jid, j, state, code, payload, own, extra)
+  local fields = { 'state', state, 'code', code or '', 'finished', ctx.now, 'data', '' }
+  if payload and payload ~= '' then
+    table.insert(fields, 'result')
+    table.insert(fields, payload)
+  else
+    payload = nil
+  end
+  hset(k_job(ctx.base, jid), fields, extra)
   if j.state == 'queued' then
     rcall('ZREM', k_pending(ctx.base), jid)
-  elseif j.state ~= 'new' then
+  elseif ACTIVE[j.state] then
     rcall('ZREM', k_leases(ctx.base), jid)
   end
-  rcall('DEL', k_jobdata(ctx.base, jid))
-  rcall('PEXPIRE', jk, j.ttl)
-  rcall('HINCRBY', k_stats(ctx.base), 'jobs_' .. state, 1)
   if state == 'failed' then
-    rcall('HINCRBY', k_stats(ctx.base), 'failed_' .. code, 1)
+    count(ctx, 'jobs_failed')
+    count(ctx, 'failed_' .. code)
     log_event(ctx, 'job_failed', { job = jid, code = code, session = j.session, utt = j.utt, tgt = j.tgt })
   end
   emit(ctx, j.sproc, {
     kind = 'outcome', job = jid, session = j.session, utt = j.utt, tgt = j.tgt,
     state = state, code = code or '', node = j.node, attempt = j.attempt,
-  }, payload)
+  }, payload, own and payload ~= nil)
   j.state = state
 end
 
-local function assign_job(ctx, jid, j, nid)
-  local n = take_slot(ctx, nid, jid) or node_fields(ctx, nid)
+-- True when the node heard of it (or will: its process's inbox took it).
+local function assign_job(ctx, jid, j, n, extra)
+  take_slot(ctx, n, jid)
   local attempt = j.attempt + 1
   local lease = ctx.now + j.job_timeout
   local tried = j.tried
-  if not word_set(tried)[nid] then tried = (tried == '' and nid) or (tried .. ' ' .. nid) end
-  rcall('HSET', k_job(ctx.base, jid), 'state', 'assigned', 'node', nid, 'attempt', attempt,
-    'assigned_at', ctx.now, 'lease', lease, 'tried', tried)
+  if not word_set(tried)[n.id] then tried = (tried == '' and n.id) or (tried .. ' ' .. n.id) end
+  hset(k_job(ctx.base, jid), { 'state', 'assigned', 'node', n.id, 'attempt', attempt,
+    'assigned_at', ctx.now, 'lease', lease, 'tried', tried }, extra)
   rcall('ZADD', k_leases(ctx.base), lease, jid)
-  if j.state == 'queued' then rcall('ZREM', k_pending(ctx.base), jid) end
-  local ak = k_affinity(ctx.base, j.session)
-  rcall('HSET', ak, j.pool, nid)
-  rcall('PEXPIRE', ak, 3600000)
-  rcall('HINCRBY', k_stats(ctx.base), 'assigned', 1)
   if attempt > 1 then
-    rcall('HINCRBY', k_stats(ctx.base), 'reassigned', 1)
-    log_event(ctx, 'job_reassigned', { job = jid, node = nid, attempt = attempt, from = j.node })
+    count(ctx, 'reassigned')
+    log_event(ctx, 'job_reassigned', { job = jid, node = n.id, attempt = attempt, from = j.node })
   end
-  local proc = n.proc
+  local own = jid == ctx.own_job
   local payload = nil
-  if proc ~= '' and proc ~= ctx.proc then payload = rcall('GET', k_jobdata(ctx.base, jid)) or nil end
-  emit(ctx, proc, {
-    kind = 'assign', job = jid, node = nid, attempt = attempt, session = j.session, utt = j.utt,
+  if own then
+    if n.proc ~= ctx.proc then payload = ctx.own_payload end
+  elseif n.proc ~= '' then
+    payload = rcall('HGET', k_job(ctx.base, jid), 'data')
+  end
+  local heard = emit(ctx, n.proc, {
+    kind = 'assign', job = jid, node = n.id, attempt = attempt, session = j.session, utt = j.utt,
     tgt = j.tgt, lease = lease,
-  }, payload)
-  j.state, j.node, j.attempt, j.tried = 'assigned', nid, attempt, tried
+  }, payload, own)
+  j.state, j.node, j.attempt, j.tried = 'assigned', n.id, attempt, tried
+  return heard
 end
 
-local function enqueue_job(ctx, jid, j)
+local function enqueue_job(ctx, jid, j, extra)
   local qk = k_queue(ctx.base, j.pool)
   if rcall('LLEN', qk) >= j.queue_max then return false end
   rcall('RPUSH', qk, jid)
   rcall('ZADD', k_pending(ctx.base), ctx.now + j.pending_timeout, jid)
-  rcall('ZREM', k_leases(ctx.base), jid)
-  rcall('HSET', k_job(ctx.base, jid), 'state', 'queued', 'node', '', 'queued_at', ctx.now)
-  rcall('HINCRBY', k_stats(ctx.base), 'queued', 1)
+  if ACTIVE[j.state] then rcall('ZREM', k_leases(ctx.base), jid) end
+  hset(k_job(ctx.base, jid), { 'state', 'queued', 'node', '', 'queued_at', ctx.now }, extra)
+  count(ctx, 'queued')
   j.state, j.node = 'queued', ''
   return true
 end
 
--- The holder lost the job (its slot is already released): next attempt elsewhere, wait, or fail.
-local function reassign_or_fail(ctx, jid, j)
-  if j.attempt >= j.max_attempts then
-    finish_job(ctx, jid, j, 'failed', 'JOB_TIMEOUT')
-    return 'failed'
+-- The job needs a (new) holder: its slot on the old one is already given back. Next attempt on
+-- another node, or wait in the queue, or fail. A node whose process cannot be reached (gone, or
+-- its inbox full) is skipped: the job never waits on a holder that will not hear of it.
+local function reassign_or_fail(ctx, jid, j, exclude, fail_code)
+  exclude = exclude or {}
+  local unreachable = false
+  while true do
+    if j.attempt >= j.max_attempts then
+      finish_job(ctx, jid, j, 'failed', unreachable and 'NODE_UNAVAILABLE' or (fail_code or 'JOB_TIMEOUT'))
+      return 'failed'
+    end
+    local n = pick_node(ctx, k_pool(ctx.base, j.pool), nil, word_set(j.tried), exclude)
+    if not n then
+      if enqueue_job(ctx, jid, j) then return 'queued' end
+      finish_job(ctx, jid, j, 'failed', 'NODE_OVERLOADED')
+      return 'failed'
+    end
+    if assign_job(ctx, jid, j, n) then return 'reassigned' end
+    release_slot(ctx, n.id, jid)
+    exclude[n.id] = true
+    unreachable = true
+    count(ctx, 'unreachable')
   end
-  local nid = pick_node(ctx, k_pool(ctx.base, j.pool), nil, word_set(j.tried))
-  if nid then
-    assign_job(ctx, jid, j, nid)
-    return 'reassigned'
-  end
-  if enqueue_job(ctx, jid, j) then return 'queued' end
-  finish_job(ctx, jid, j, 'failed', 'NODE_OVERLOADED')
-  return 'failed'
+end
+
+-- Can an effect for this process be delivered now? (the caller itself always can)
+local function reachable(ctx, proc)
+  if proc == ctx.proc then return true end
+  if proc == '' or not rcall('ZSCORE', k_procs(ctx.base), proc) then return false end
+  return rcall('XLEN', k_inbox(ctx.base, proc)) < INBOX_MAX_LEN
 end
 
 -- The oldest job still waiting in a pool's queue; entries no longer waiting (cancelled, failed) are dropped.
@@ -111,9 +147,11 @@ end
 
 -- Hand a node's free slots to the oldest jobs waiting in its pools' queues.
 local function fill_from_queues(ctx, nid)
+  if rcall('ZCARD', k_pending(ctx.base)) == 0 then return end
+  local n = node_fields(ctx, nid)
+  if not node_is_live(ctx, n) or not reachable(ctx, n.proc) then return end
   for _ = 1, 64 do
-    local n = node_fields(ctx, nid)
-    if not node_is_live(ctx, n) or free_slots(n) < 1 then return end
+    if n.max - node_used(ctx, nid) < 1 then return end
     local best_jid, best_pid, best_deadline = nil, nil, nil
     for _, pid in ipairs(split_words(n.pools)) do
       local jid, deadline = queue_head(ctx, pid)
@@ -129,13 +167,14 @@ local function fill_from_queues(ctx, nid)
       if best_deadline < ctx.now then
         finish_job(ctx, best_jid, j, 'failed', 'JOB_TIMEOUT')
       else
-        assign_job(ctx, best_jid, j, nid)
+        assign_job(ctx, best_jid, j, n)
       end
     end
   end
 end
 
--- A node is gone (socket closed, heartbeat deadline passed): nothing new for it, its jobs move on.
+-- A node is gone (socket closed, heartbeat deadline passed, its scheduler process died): nothing
+-- new for it, and its jobs move on.
 local function node_down(ctx, nid, reason)
   local n = node_fields(ctx, nid)
   if not n or n.state == 'offline' then return -1 end
@@ -144,13 +183,15 @@ local function node_down(ctx, nid, reason)
   rcall('ZREM', k_nodes(ctx.base), nid)
   rcall('ZADD', k_offline(ctx.base), ctx.now, nid)
   unpool(ctx, nid, n.pools)
-  rcall('HINCRBY', k_stats(ctx.base), 'nodes_lost', 1)
+  count_pools(ctx, n.pools, -1)
+  if n.proc ~= '' then rcall('SREM', k_proc_nodes(ctx.base, n.proc), nid) end
+  count(ctx, 'nodes_lost')
   log_event(ctx, 'node_offline', { node = nid, reason = reason })
   local jobs = rcall('SMEMBERS', k_node_jobs(ctx.base, nid))
   for _, jid in ipairs(jobs) do
     release_slot(ctx, nid, jid)
     local j = job_fields(ctx, jid)
-    if j and not TERMINAL[j.state] and j.node == nid then reassign_or_fail(ctx, jid, j) end
+    if j and ACTIVE[j.state] and j.node == nid then reassign_or_fail(ctx, jid, j, { [nid] = true }) end
   end
   rcall('PEXPIRE', nk, 3600000)
   return #jobs

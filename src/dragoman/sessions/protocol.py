@@ -1,0 +1,646 @@
+"""The session plane as a sans-I/O state machine: one client session's rules, with no socket, no
+Redis and no clock of its own.
+
+Events go in, each with ``now`` (monotonic ms); actions come out, for the shell (``actor.py``) to
+carry out in order::
+
+    proto = SessionProtocol(spec, config, now=..., wall_offset_ms=...)     # or resume=ResumeState(...)
+    actions = proto.start(now)                       # the session_init_ack (and a resume's backlog)
+    actions = proto.receive(frame, now)              # a client frame (decoded wire struct)
+    actions = proto.dispatched(request, result, now) # what a Dispatch action's store call answered
+    actions = proto.outcome(outcome, now)            # a job's outcome (an effect from Redis)
+    actions = proto.checked(statuses, now)           # what a CheckJobs action found
+    actions = proto.tick(now)                        # when next_deadline() has passed
+    actions = proto.socket_lost(now) / superseded() / redis_reset(now)
+    deadline = proto.next_deadline()                 # re-arm the timer after EVERY call
+
+What it owns: cutting audio into utterances (``core.segmentation``), numbering them, one job per
+target language for each (dispatched one at a time, so each target avoids the nodes running the
+others), mapping every job's outcome to the client's messages, and releasing them in utterance
+order per target (``core.ordering``), each exactly once.
+
+Every owed outcome has a deadline (I10): a job waited on for ``outcome_check_ms`` is checked in
+Redis (``CheckJobs``): an ended job's kept outcome is delivered, a job Redis lost is dispatched again
+once from the audio kept here, a running one is waited for; past ``job_bound_ms`` (longer than Redis
+itself lets a job live) the session answers it with JOB_TIMEOUT and cancels it.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import dataclasses
+import uuid
+from collections import deque
+from typing import Any, TypeAlias
+
+import msgspec
+
+from dragoman.core.ordering import ResultOrderer
+from dragoman.core.ratelimit import TokenBucket
+from dragoman.core.segmentation import CutReason, Segmenter, SegmenterConfig
+from dragoman.core.segmentation import Utterance as Cut
+from dragoman.errors import ProtocolError
+from dragoman.store.replies import JobState, JobStatus, Status
+from dragoman.wire import (
+    EMPTY_RESULT_REASONS,
+    PROTOCOL_VERSION,
+    AudioChunk,
+    Backpressure,
+    ClientHeartbeat,
+    ErrorCode,
+    ErrorMessage,
+    JobAssignBody,
+    JobResult,
+    Message,
+    MissingResult,
+    Pipeline,
+    ServerHeartbeat,
+    SessionClose,
+    SessionCloseAck,
+    SessionInit,
+    SessionInitAck,
+    TranslationResult,
+    TtsPlayEnded,
+    TtsStarted,
+    UiEvent,
+    Utterance,
+    encode,
+)
+
+from .spec import SessionConfig, SessionSpec
+
+Lane: TypeAlias = tuple[str, str]  # (the speaking session's id, target language)
+_result_decoder = msgspec.json.Decoder(JobResult)
+
+
+# ---------------------------------------------------------------------------------------- actions
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class JobRequest:
+    """One job to dispatch: one utterance, one target."""
+
+    lane: Lane
+    utt: int
+    tgt: str
+    pool: str
+    body: str  # encoded JobAssignBody
+    unique: str
+    avoid: tuple[str, ...] = ()
+    commit: tuple[int, int, int, int] | None = None  # the resume point once this one is dispatched
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Send:
+    message: Message
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Dispatch:
+    request: JobRequest
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class CheckJobs:
+    job_ids: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Ack:
+    job_ids: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class CancelJob:
+    job_id: str
+    code: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Reopen:
+    """Redis lost the session's record: write it again."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Detach:
+    """The socket is gone: keep the session for a client that resumes (the grace period)."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class End:
+    """The session is over: forget it in Redis."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class CloseSocket:
+    code: int = 1000
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Observe:
+    """A measurement for the metrics: ``name`` in seconds."""
+
+    name: str
+    seconds: float
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Settled:
+    """A job's one outcome was taken (for the metrics: counted once, whatever repeats arrive)."""
+
+    state: str
+    code: str
+
+
+Action: TypeAlias = (Send | Dispatch | CheckJobs | Ack | CancelJob | Reopen | Detach | End | CloseSocket | Observe
+                     | Settled)
+
+
+# ----------------------------------------------------------------------------------------- inputs
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Outcome:
+    """A job's one outcome. ``result`` is the node's decoded job_result when the caller had it;
+    else ``payload`` (its JSON) is decoded here, once."""
+
+    job: str
+    state: str
+    code: str = ""
+    result: JobResult | None = None
+    payload: str | None = None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class DispatchResult:
+    status: str  # a store Status, or "error" when the store could not be reached
+    job_id: str = ""
+    node: str = ""
+    code: str = ""
+    message: str = ""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ResumeState:
+    """What Redis kept of a session taken over (``Store.resume_session``)."""
+
+    epoch: int
+    next_utt: int
+    seq: int
+    skip: int
+    jobs: tuple[JobStatus, ...]
+
+
+# ---------------------------------------------------------------------------------------- the rules
+
+
+@dataclasses.dataclass(slots=True)
+class _Slot:
+    lane: Lane
+    utt: int
+    tgt: str
+    body: str
+    cut_at: int
+    job_id: str = ""
+    check_at: int = 0
+    hard_at: int = 0
+    redispatched: bool = False
+    checking: bool = False
+
+
+_FAILURE_TEXT = {
+    ErrorCode.NO_AVAILABLE_NODE: "no node serves {pool}",
+    ErrorCode.JOB_TIMEOUT: "the job did not finish in time",
+    ErrorCode.NODE_OVERLOADED: "every node of the pool is busy and its queue is full",
+    ErrorCode.NODE_UNAVAILABLE: "no node of the pool could be reached",
+    ErrorCode.JOB_CANCELLED: "the job was cancelled",
+    ErrorCode.SCHEDULER_DEPENDENCY_DOWN: "the scheduler's store is unreachable",
+}
+
+
+class SessionProtocol:
+    def __init__(self, spec: SessionSpec, config: SessionConfig, *, now: int, wall_offset_ms: int = 0,
+                 resume: ResumeState | None = None) -> None:
+        self.spec = spec
+        self.config = config
+        self._wall_offset = wall_offset_ms
+        self.resume = resume
+        self.epoch = resume.epoch if resume else 1
+        start_utt = resume.next_utt if resume else 0
+        self._start_seq = resume.seq if resume else 0
+        self.segmenter = Segmenter(SegmenterConfig(
+            pause_ms=config.pause_ms, max_duration_ms=config.max_duration_ms,
+            max_buffer_bytes=config.max_buffer_bytes, audio_format=spec.audio_format,  # type: ignore[arg-type]
+            sample_rate=spec.sample_rate), start_index=start_utt, start_seq=self._start_seq,
+            skip=resume.skip if resume else 0)
+        self.orderer: ResultOrderer[Lane, tuple[list[Message], str]] = ResultOrderer()
+        self._slots: dict[tuple[Lane, int], _Slot] = {}
+        self._by_job: dict[str, tuple[Lane, int]] = {}
+        self._queue: deque[JobRequest] = deque()
+        self._in_flight: JobRequest | None = None
+        self._avoid: dict[int, list[str]] = {}
+        self._acks: list[str] = []
+        self._ack_at: int | None = None
+        self._chunks = TokenBucket(config.chunks_per_s, burst=config.chunks_per_s, now_ms=now)
+        self.streaming: bool | None = None  # audio_chunk (True) or whole utterances (False)
+        self._last_client_index = start_utt - 1
+        self.closing = False
+        self.finished = False
+        self.utterances = 0
+        self.late_outcomes = 0
+        self.opened_at_ms = self._wall(now)
+
+    # ------------------------------------------------------------------ views
+    @property
+    def session_id(self) -> str:
+        return self.spec.session_id
+
+    def owed(self) -> int:
+        return self.orderer.owed() + len(self._queue) + (1 if self._in_flight else 0)
+
+    def job_ids(self) -> list[str]:
+        return list(self._by_job)
+
+    def next_deadline(self) -> int | None:
+        times = [t for t in (self.segmenter.next_deadline_ms(), self._ack_at) if t is not None]
+        for slot in self._slots.values():
+            if slot.job_id and not slot.checking:
+                times.append(slot.check_at)
+            if slot.hard_at:
+                times.append(slot.hard_at)
+        return min(times) if times else None
+
+    def describe(self) -> dict[str, Any]:
+        return {"session_id": self.spec.session_id, "src_lang": self.spec.src_lang,
+                "tgt_langs": list(self.spec.tgt_langs), "utterances": self.utterances,
+                "owed": self.owed(), "opened_at_ms": self.opened_at_ms, "epoch": self.epoch}
+
+    def _wall(self, now: int) -> int:
+        return now + self._wall_offset
+
+    # ------------------------------------------------------------------ start
+    def start(self, now: int) -> list[Action]:
+        """The session_init_ack; for a resumed session, what it is still owed follows."""
+        resume = self.resume
+        out: list[Action] = [Send(SessionInitAck(
+            session_id=self.spec.session_id, message="session resumed" if resume else "session ready",
+            trace_id=self.spec.trace_id, protocol_version=PROTOCOL_VERSION, use_binary_frame=False,
+            negotiated_codec=self.spec.audio_format, negotiated_audio_format=self.spec.audio_format,
+            negotiated_sample_rate=self.spec.sample_rate, negotiated_channel_count=1,
+            resumed=True if resume else None, resume_from_seq=resume.seq if resume else None,
+            resume_from_utterance_index=resume.next_utt if resume else None))]
+        if resume is None:
+            return out
+        # Jobs of utterances past the recorded resume point were never committed: the client sends
+        # that audio again, so they are redone, not owed twice.
+        for status in sorted(resume.jobs, key=lambda s: (s.tgt, s.utt)):
+            if status.utt >= resume.next_utt or status.tgt not in self.spec.tgt_langs:
+                if status.state != JobState.MISSING and not status.state.terminal:
+                    out.append(CancelJob(status.job, ErrorCode.SESSION_CLOSED))
+                self._acks.append(status.job)
+                continue
+            lane = (self.spec.session_id, status.tgt)
+            last = self.orderer.last_expected(lane)
+            if last is not None and status.utt <= last:
+                continue
+            self.orderer.expect(lane, status.utt)
+            slot = _Slot(lane, status.utt, status.tgt, "", now)
+            self._track(slot, status.job, now)
+            if status.state.terminal:
+                self._on_outcome(Outcome(status.job, status.state, status.code, None, status.result), now, out)
+            elif status.state == JobState.MISSING:
+                # Redis lost it together with the audio that made it: nothing to run again.
+                self._settle(slot, self._failure(slot, ErrorCode.JOB_TIMEOUT,
+                                                 "the job was lost by the scheduler's store", status.job), now, out)
+        self._flush_acks(now, out, force=True)
+        return out
+
+    def _track(self, slot: _Slot, job_id: str, now: int) -> None:
+        slot.job_id = job_id
+        slot.check_at = now + self.config.outcome_check_ms
+        slot.hard_at = slot.hard_at or now + self.config.job_bound_ms
+        self._slots[(slot.lane, slot.utt)] = slot
+        self._by_job[job_id] = (slot.lane, slot.utt)
+
+    # ------------------------------------------------------------------ client frames
+    def receive(self, msg: Message, now: int) -> list[Action]:
+        out: list[Action] = []
+        try:
+            if isinstance(msg, AudioChunk):
+                self._on_chunk(msg, now, out)
+            elif isinstance(msg, Utterance):
+                self._on_utterance(msg, now, out)
+            elif isinstance(msg, TtsStarted):
+                self._cuts(self.segmenter.tts_started(now), now)
+            elif isinstance(msg, TtsPlayEnded):
+                self.segmenter.tts_ended(now)
+            elif isinstance(msg, ClientHeartbeat):
+                out.append(Send(ServerHeartbeat(session_id=self.spec.session_id, timestamp=self._wall(now))))
+            elif isinstance(msg, SessionClose):
+                self._on_close(now)
+            elif isinstance(msg, SessionInit):
+                raise ProtocolError("session already initialised")
+            else:
+                raise ProtocolError(f"unexpected message {type(msg).__name__}")
+        except ProtocolError as exc:
+            out.append(Send(ErrorMessage(code=exc.code, message=exc.message)))
+        self._pump(now, out)
+        return out
+
+    def _mode(self, streaming: bool) -> None:
+        """A session either streams audio (the scheduler numbers utterances) or sends whole
+        utterances (the client numbers them); mixing the two would mix two numberings."""
+        if self.streaming is None:
+            self.streaming = streaming
+        elif self.streaming != streaming:
+            raise ProtocolError("this session " + ("streams audio_chunk" if self.streaming else "sends utterance")
+                                + " messages; do not mix audio_chunk and utterance in one session")
+
+    def _on_chunk(self, msg: AudioChunk, now: int, out: list[Action]) -> None:
+        if self.closing:
+            raise ProtocolError("session is closing", code=ErrorCode.SESSION_CLOSED)
+        self._mode(streaming=True)
+        if msg.seq < self._start_seq:
+            return  # sent again after a resume, but already made into jobs
+        if not self._chunks.allow(now):
+            out.append(Send(Backpressure(action="SLOW_DOWN", resume_after_ms=1000, message="too many chunks")))
+            raise ProtocolError("audio_chunk rate limit exceeded; chunk dropped", code=ErrorCode.RATE_LIMITED)
+        audio = _b64(msg.payload or "", "audio_chunk payload")
+        try:
+            cuts = self.segmenter.feed_chunk(audio, msg.is_final, now, seq=msg.seq)
+        except ValueError as exc:
+            raise ProtocolError(f"audio_chunk payload: {exc}") from None
+        self._cuts(cuts, now)
+
+    def _on_utterance(self, msg: Utterance, now: int, out: list[Action]) -> None:
+        """A client-cut utterance: one job per target, numbered by the client."""
+        if self.closing:
+            raise ProtocolError("session is closing", code=ErrorCode.SESSION_CLOSED)
+        self._mode(streaming=False)
+        audio = _b64(msg.audio, "utterance audio")
+        if msg.audio_format != self.spec.audio_format:
+            raise ProtocolError("utterance audio_format differs from the session's")
+        if len(audio) > self.config.max_buffer_bytes:
+            raise ProtocolError("utterance audio is larger than max_buffer_bytes")
+        if msg.utterance_index <= self._last_client_index:
+            if self.resume is not None and msg.utterance_index < self.resume.next_utt:
+                return  # sent again after a resume, but already made into jobs
+            raise ProtocolError(f"utterance_index must increase: {msg.utterance_index} after "
+                                f"{self._last_client_index}")
+        self._last_client_index = msg.utterance_index
+        if audio:
+            self._cuts([Cut(index=msg.utterance_index, audio=audio, duration_ms=0, reason=CutReason.FINAL,
+                            turn_id=None, started_at_ms=now, ended_at_ms=now)], now)
+
+    def _on_close(self, now: int) -> None:
+        if self.closing:
+            return
+        self._cuts(self.segmenter.close(now), now)
+        self.closing = True
+
+    # ------------------------------------------------------------------ jobs
+    def _cuts(self, cuts: list[Cut], now: int) -> None:
+        for cut in cuts:
+            self.utterances += 1
+            audio = base64.b64encode(cut.audio).decode()
+            tgts = self.spec.tgt_langs
+            for i, tgt in enumerate(tgts):
+                lane = (self.spec.session_id, tgt)
+                self.orderer.expect(lane, cut.index)
+                body = self._body(cut, tgt, audio)
+                self._slots[(lane, cut.index)] = _Slot(lane, cut.index, tgt, body, cut.ended_at_ms)
+                commit = None
+                if i == len(tgts) - 1:  # once every target of the cut is a job, the cut is committed
+                    commit = (cut.index + 1, cut.next_seq, cut.next_skip, -1)
+                self._queue.append(JobRequest(lane, cut.index, tgt, self.spec.pool_for(tgt), body,
+                                              uuid.uuid4().hex, commit=commit))
+
+    def _body(self, cut: Cut, tgt: str, audio: str) -> str:
+        spec = self.spec
+        two_way = spec.src_lang == "auto"
+        return encode(JobAssignBody(
+            session_id=spec.session_id, utterance_index=cut.index, src_lang=spec.src_lang, tgt_lang=tgt,
+            pipeline=Pipeline(), audio=audio, audio_format=spec.audio_format,  # type: ignore[arg-type]
+            sample_rate=spec.sample_rate, trace_id=spec.trace_id, padding_ms=self.config.padding_ms,
+            is_manual_cut=cut.is_manual_cut, is_timeout_triggered=cut.is_timeout_triggered,
+            is_max_duration_triggered=cut.is_max_duration_triggered, dialect=spec.dialect,
+            features=spec.features, turn_id=cut.turn_id,
+            mode=spec.mode or ("two_way_auto" if two_way else None),
+            lang_a=spec.lang_a if two_way else None, lang_b=spec.lang_b if two_way else None,
+            auto_langs=list(spec.auto_langs or (spec.lang_a, spec.lang_b)) if two_way else None))  # type: ignore[arg-type]
+
+    def _pump(self, now: int, out: list[Action]) -> None:
+        """One dispatch at a time: the next target of an utterance avoids the nodes of the ones before."""
+        if self._in_flight is None and self._queue and not self.finished:
+            request = self._queue.popleft()
+            request = dataclasses.replace(request, avoid=tuple(self._avoid.get(request.utt, ())))
+            self._in_flight = request
+            out.append(Dispatch(request))
+        self._maybe_finish(now, out)
+
+    def dispatched(self, request: JobRequest, result: DispatchResult, now: int) -> list[Action]:
+        out: list[Action] = []
+        if self._in_flight is request:
+            self._in_flight = None
+        slot = self._slots.get((request.lane, request.utt))
+        if slot is None:
+            self._pump(now, out)
+            return out
+        if result.status == "error":
+            self._settle(slot, self._failure(slot, ErrorCode.SCHEDULER_DEPENDENCY_DOWN, result.message, ""), now, out)
+        elif result.status == Status.SUPERSEDED:
+            return self.superseded()
+        else:
+            self._track(slot, result.job_id, now)
+            if result.node:
+                self._avoid.setdefault(request.utt, []).append(result.node)
+            if result.status == Status.ASSIGNED:
+                out.append(Send(UiEvent(trace_id=self.spec.trace_id, session_id=self.spec.session_id,
+                                        job_id=result.job_id, utterance_index=request.utt, event="DISPATCHED",
+                                        status="ok")))
+            elif result.code == ErrorCode.NODE_OVERLOADED:
+                out.append(Send(Backpressure(action="BUSY", resume_after_ms=1000,
+                                             message=f"queue full for {request.pool}")))
+        if request.commit is not None:
+            self._avoid.pop(request.utt, None)
+        self._pump(now, out)
+        return out
+
+    # ------------------------------------------------------------------ outcomes
+    def outcome(self, outcome: Outcome, now: int) -> list[Action]:
+        out: list[Action] = []
+        self._on_outcome(outcome, now, out)
+        self._pump(now, out)
+        return out
+
+    def _on_outcome(self, outcome: Outcome, now: int, out: list[Action]) -> None:
+        key = self._by_job.get(outcome.job)
+        slot = self._slots.get(key) if key else None
+        if slot is None or slot.job_id != outcome.job:
+            self.late_outcomes += 1  # already answered (a repeat after a lost reply, a check)
+            return
+        result = outcome.result
+        if result is None and outcome.payload:
+            try:
+                result = _result_decoder.decode(outcome.payload)
+            except msgspec.DecodeError:
+                result = None
+        if outcome.state == JobState.COMPLETED:
+            out.append(Observe("e2e", max(0, now - slot.cut_at) / 1000))
+        out.append(Settled(outcome.state, outcome.code))
+        self._settle(slot, self._messages(slot, outcome, result, now), now, out)
+
+    def _messages(self, slot: _Slot, outcome: Outcome, result: JobResult | None, now: int) -> list[Message]:
+        sid, utt, wall = slot.lane[0], slot.utt, self._wall(now)
+        if outcome.state == JobState.COMPLETED and result is not None:
+            timings = (result.extra or {}).get("service_timings")
+            return [TranslationResult(
+                session_id=sid, utterance_index=utt, job_id=outcome.job, text_asr=result.text_asr or "",
+                text_translated=result.text_translated or "", tts_audio=result.tts_audio or "",
+                tts_format=result.tts_format or "", trace_id=self.spec.trace_id, extra=result.extra,
+                service_timings=timings if isinstance(timings, dict) else None, scheduler_sent_at_ms=wall,
+                tgt_lang=slot.tgt, asr_quality_level=result.asr_quality_level, reason_codes=result.reason_codes,
+                quality_score=result.quality_score, rerun_count=result.rerun_count,
+                segments_meta=result.segments_meta)]
+        if outcome.state == JobState.COMPLETED_EMPTY:
+            reason = EMPTY_RESULT_REASONS.get((result.extra_reason if result else None) or "", "asr_empty")
+            return [MissingResult(session_id=sid, utterance_index=utt, reason=reason, created_at_ms=wall,
+                                  trace_id=self.spec.trace_id, tgt_lang=slot.tgt)]
+        code = outcome.code or ErrorCode.INTERNAL_ERROR
+        message = _FAILURE_TEXT.get(code, "the job failed").format(pool=self.spec.pool_for(slot.tgt))  # type: ignore[call-overload]
+        node_code = None
+        if result is not None and result.error is not None:
+            message = result.error.message or message
+            node_code = result.error.code
+        return self._failure(slot, code, message, outcome.job, node_code)
+
+    def _failure(self, slot: _Slot, code: str, message: str, job_id: str, node_code: str | None = None) -> list[Message]:
+        details: dict[str, Any] = {"utterance_index": slot.utt, "tgt_lang": slot.tgt, "trace_id": self.spec.trace_id}
+        if job_id:
+            details["job_id"] = job_id
+        if node_code and node_code != code:
+            details["node_error_code"] = node_code
+        return [
+            ErrorMessage(code=code, message=message, details=details),
+            UiEvent(trace_id=self.spec.trace_id, session_id=self.spec.session_id, job_id=job_id,
+                    utterance_index=slot.utt, event="ERROR", status="error", error_code=code),
+        ]
+
+    def _settle(self, slot: _Slot, messages: list[Message], now: int, out: list[Action]) -> None:
+        """The slot has its one outcome: forget the slot, release what is now in order."""
+        self._slots.pop((slot.lane, slot.utt), None)
+        if slot.job_id:
+            self._by_job.pop(slot.job_id, None)
+        for released in self.orderer.push(slot.lane, slot.utt, (messages, slot.job_id)):
+            messages_out, job_id = released.outcome
+            out.extend(Send(m) for m in messages_out)
+            if job_id:
+                self._acks.append(job_id)
+        self._flush_acks(now, out)
+
+    def _flush_acks(self, now: int, out: list[Action], force: bool = False) -> None:
+        if not self._acks:
+            self._ack_at = None
+        elif force or len(self._acks) >= self.config.ack_batch or (self._ack_at is not None and now >= self._ack_at):
+            out.append(Ack(tuple(self._acks)))
+            self._acks, self._ack_at = [], None
+        elif self._ack_at is None:
+            self._ack_at = now + self.config.ack_interval_ms
+
+    # ------------------------------------------------------------------ deadlines
+    def tick(self, now: int) -> list[Action]:
+        out: list[Action] = []
+        if not self.segmenter.closed:
+            self._cuts(self.segmenter.poll(now), now)
+        due = []
+        for slot in list(self._slots.values()):
+            if slot.hard_at and now >= slot.hard_at:
+                if slot.job_id:
+                    out.append(CancelJob(slot.job_id, ErrorCode.JOB_TIMEOUT))
+                self._settle(slot, self._failure(slot, ErrorCode.JOB_TIMEOUT,
+                                                 "the job did not finish in time", slot.job_id), now, out)
+            elif slot.job_id and not slot.checking and now >= slot.check_at:
+                slot.checking = True
+                due.append(slot.job_id)
+        if due:
+            out.append(CheckJobs(tuple(due)))
+        self._flush_acks(now, out)
+        self._pump(now, out)
+        return out
+
+    def checked(self, statuses: dict[str, JobStatus], now: int) -> list[Action]:
+        """What Redis says of jobs waited on long (``CheckJobs``). ``statuses`` may miss some ids
+        (the check failed): those are checked again later."""
+        out: list[Action] = []
+        for job_id in [j for j, key in self._by_job.items() if self._slots.get(key) and self._slots[key].checking]:
+            slot = self._slots[self._by_job[job_id]]
+            status = statuses.get(job_id)
+            slot.checking = False
+            slot.check_at = now + self.config.outcome_check_ms
+            if status is None or not (status.state.terminal or status.state == JobState.MISSING):
+                continue  # still queued or running (or unknown for now): it has its own deadlines
+            if status.state.terminal:
+                self._on_outcome(Outcome(job_id, status.state, status.code, None, status.result), now, out)
+            elif not slot.redispatched and slot.body:
+                # Redis lost the job (a restart without persistence, a failover that lost writes): run
+                # it again, once, from the audio kept here, under a new id (a late result for the
+                # lost one is then unknown to Redis, never delivered twice).
+                slot.redispatched = True
+                self._by_job.pop(job_id, None)
+                slot.job_id = ""
+                self._queue.appendleft(JobRequest(slot.lane, slot.utt, slot.tgt, self.spec.pool_for(slot.tgt),
+                                                  slot.body, uuid.uuid4().hex))
+            else:
+                self._settle(slot, self._failure(slot, ErrorCode.JOB_TIMEOUT,
+                                                 "the job was lost by the scheduler's store", job_id), now, out)
+        self._pump(now, out)
+        return out
+
+    # ------------------------------------------------------------------ the session's end
+    def _maybe_finish(self, now: int, out: list[Action]) -> None:
+        if self.finished or not self.closing or self._queue or self._in_flight or self.orderer.owed():
+            return
+        self.finished = True
+        out.append(Send(SessionCloseAck(session_id=self.spec.session_id)))
+        out.append(End())
+        out.append(CloseSocket())
+
+    def socket_lost(self, now: int) -> list[Action]:
+        """The client's socket is gone: what it was owed waits in Redis for a resume."""
+        if self.finished:
+            return []
+        self.finished = True
+        out: list[Action] = []
+        self._flush_acks(now, out, force=True)
+        out.append(Detach())
+        return out
+
+    def superseded(self) -> list[Action]:
+        """A resume elsewhere took this session over: it no longer speaks for it."""
+        if self.finished:
+            return []
+        self.finished = True
+        return [Send(ErrorMessage(code=ErrorCode.SESSION_CLOSED, message="this session was resumed on another "
+                                  "connection")), CloseSocket(4000)]
+
+    def redis_reset(self, now: int) -> list[Action]:
+        """Redis lost its data: write the session's record again and check every job it is owed."""
+        if self.finished:
+            return []
+        out: list[Action] = [Reopen()]
+        due = []
+        for slot in self._slots.values():
+            if slot.job_id and not slot.checking:
+                slot.checking = True
+                due.append(slot.job_id)
+        if due:
+            out.append(CheckJobs(tuple(due)))
+        return out
+
+
+def _b64(text: str, what: str) -> bytes:
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise ProtocolError(f"{what} is not valid base64") from None

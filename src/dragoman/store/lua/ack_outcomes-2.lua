@@ -1,0 +1,31 @@
+--[[
+  A session has delivered these jobs' outcomes to its client: they are no longer owed, and the jobs
+  (with their kept results) are forgotten. A job that has not ended is left as it is.
+
+  Input:
+    KEYS[1] cell node registry "<base>nodes"
+    KEYS[2] session record     "<base>sess:<session_id>"
+    ARGV[1] calling process id
+    ARGV[2] session_id
+    ARGV[3..] job ids
+  Output: [body, effects], body {status:"ok", acked, now}
+]]
+--- @include "includes/keys"
+--- @include "includes/context"
+--- @include "includes/nodes"
+--- @include "includes/jobs"
+
+local base = base_of(KEYS[1])
+if ARGV[2] == '' or KEYS[2] ~= k_sess(base, ARGV[2]) then error('ERR dragoman: session key does not match session_id') end
+local ctx = new_context(base, ARGV[1])
+local acked = 0
+for i = 3, #ARGV do
+  local jk = k_job(base, ARGV[i])
+  local state = rcall('HGET', jk, 'state')
+  if not state or TERMINAL[state] then
+    if state then rcall('DEL', jk) end
+    rcall('HDEL', KEYS[2], 'j:' .. ARGV[i])
+    acked = acked + 1
+  end
+end
+return reply(ctx, { status = 'ok', acked = acked })

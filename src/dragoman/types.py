@@ -1,0 +1,38 @@
+"""Shared type aliases and the small Protocols the layers talk through. Imports nothing at runtime
+beyond ``typing``, so any module may import it without pulling in the others."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from dragoman.store.api import JobSpec
+    from dragoman.store.replies import CancelReply, CloseReply, DispatchReply, JobStatus, SessionReply
+
+
+class SessionStore(Protocol):
+    """What a session needs of the store (``dragoman.store.api.Store`` is one)."""
+
+    proc: str
+
+    async def open_session(self, session_id: str, spec: str) -> SessionReply: ...
+    async def dispatch(self, spec: JobSpec) -> DispatchReply: ...
+    async def get_jobs(self, job_ids: Iterable[str]) -> dict[str, JobStatus]: ...
+    async def ack(self, session_id: str, job_ids: Iterable[str]) -> int: ...
+    async def cancel(self, job_id: str, code: str = ...) -> CancelReply: ...
+    async def close_session(self, session_id: str, epoch: int, *, detach: bool, grace_ms: int = ...,
+                            cells: Iterable[str] | None = ...) -> list[CloseReply]: ...
+
+
+class Transport(Protocol):
+    """A socket's outbound side: ``send`` never blocks (False when the peer is gone)."""
+
+    def send(self, text: str) -> bool: ...
+
+
+class Observer(Protocol):
+    """Where a session reports measurements (the app's metrics)."""
+
+    def observe(self, name: str, seconds: float) -> None: ...
+    def settled(self, state: str, code: str) -> None: ...
