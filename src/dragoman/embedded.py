@@ -441,6 +441,22 @@ class EmbeddedSentinelSet:
             server.extra_args = args
         return server.start(timeout)
 
+    def heal(self, timeout: float = 30.0) -> tuple[str, int]:
+        """Back to one primary, one linked replica and three Sentinels after any chaos: resume paused
+        members, restart stopped ones, and restart a deposed primary that still acts as one (Sentinel
+        would demote it only after ~10 s). Returns the primary's address."""
+        for member in [*self.sentinels, *self.servers]:
+            self.resume(member)
+        for sentinel in self.sentinels:
+            if not sentinel.running:
+                self.restart(sentinel)
+        primary_port = _wait_until("a Sentinel to name the primary", self.primary_address, timeout)[1]
+        for server in self.servers:
+            if not server.running or (server.port != primary_port
+                                      and _info(server.port, "replication")["role"] == "master"):
+                self.restart(server)
+        return self.wait_healthy(timeout)
+
 
 # ---------------------------------------------------------------------------------------- Cluster
 
