@@ -28,7 +28,9 @@ from urllib.parse import parse_qs, unquote
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
+from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -277,8 +279,11 @@ def make_client(url: str, *, cluster: bool = False, socket_timeout: float = SOCK
         else:
             client = RedisCluster.from_url(url, decode_responses=False, max_connections=size, **timeouts)
     else:
+        # No retries: redis-py's default (10 with backoff) would make one dead Sentinel stall every
+        # primary lookup for seconds before the next Sentinel is asked.
         sentinel_kwargs: dict[str, Any] = {"socket_timeout": sentinel_socket_timeout,
-                                           "socket_connect_timeout": sentinel_socket_timeout}
+                                           "socket_connect_timeout": sentinel_socket_timeout,
+                                           "retry": Retry(NoBackoff(), 0)}
         if target.sentinel_password:
             sentinel_kwargs["password"] = target.sentinel_password
         if target.sentinel_username:
