@@ -32,6 +32,8 @@ from typing import Any, TypeVar
 from dragoman.errors import EmbeddedServerError
 
 LOOPBACK = "127.0.0.1"
+# Replication: full syncs start at once (the default waits 5 s for more replicas to come along).
+FAST_SYNC = ("--repl-diskless-sync", "yes", "--repl-diskless-sync-delay", "0")
 T = TypeVar("T")
 
 
@@ -297,8 +299,7 @@ class EmbeddedSentinelSet:
     def _data_server(self, name: str, replica_of: int | None) -> EmbeddedServer:
         workdir = self.workdir / name
         workdir.mkdir(exist_ok=True)
-        # Full syncs at once (the default waits 5 s for more replicas to come along).
-        args: tuple[str, ...] = ("--repl-diskless-sync", "yes", "--repl-diskless-sync-delay", "0")
+        args: tuple[str, ...] = FAST_SYNC
         if replica_of is not None:
             args += ("--replicaof", LOOPBACK, str(replica_of))
         return EmbeddedServer(workdir=str(workdir), extra_args=args)
@@ -435,7 +436,7 @@ class EmbeddedSentinelSet:
         server.kill()
         if server in self.servers:
             primary_port = self.primary_address()[1]
-            args = ("--repl-diskless-sync", "yes", "--repl-diskless-sync-delay", "0")
+            args = FAST_SYNC
             if primary_port != server.port:
                 args += ("--replicaof", LOOPBACK, str(primary_port))
             server.extra_args = args
@@ -499,8 +500,7 @@ class EmbeddedCluster:
             d.mkdir()
             srv = EmbeddedServer(workdir=str(d), extra_args=(
                 "--cluster-enabled", "yes", "--cluster-config-file", str(d / "nodes.conf"),
-                "--cluster-node-timeout", str(self.node_timeout_ms),
-                "--repl-diskless-sync", "yes", "--repl-diskless-sync-delay", "0"))
+                "--cluster-node-timeout", str(self.node_timeout_ms), *FAST_SYNC))
             self.servers.append(srv.start())
         primaries = self.servers[:self.size]
         per = 16384 // self.size
