@@ -9,9 +9,11 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -283,8 +285,8 @@ async def test_a_dead_sentinel_is_skipped_at_once(ha: EmbeddedSentinelSet) -> No
 def test_the_cli_prints_a_working_url_and_its_servers_die_with_it() -> None:
     cli = subprocess.Popen([sys.executable, "-m", "dragoman.cli.main", "redis", "--sentinel"],
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
     try:
-        lines = []
         while not lines or not lines[-1].startswith("redis URL:"):
             line = cli.stdout.readline()  # type: ignore[union-attr]
             assert line, f"the command ended early: {''.join(lines)}"
@@ -313,6 +315,14 @@ def test_the_cli_prints_a_working_url_and_its_servers_die_with_it() -> None:
         if cli.poll() is None:
             cli.kill()
             cli.wait()
+        # A SIGKILLed parent cannot remove its temporary directory: do it here (a Sentinel may still
+        # be rewriting its config while it exits, so until the directory stays gone).
+        logs = re.search(r"logs\s+(\S+)", "".join(lines))
+        if logs and logs[1].startswith(tempfile.gettempdir()):
+            deadline = time.monotonic() + 10
+            while os.path.exists(logs[1]) and time.monotonic() < deadline:
+                shutil.rmtree(logs[1], ignore_errors=True)
+            assert not os.path.exists(logs[1])
 
 
 # ---------------------------------------------------------------------------------------- Cluster
