@@ -41,15 +41,38 @@ def serve(
 
 
 @app.command("redis")
-def redis_command(port: int = typer.Option(6390, help="Port for the embedded server.")) -> None:
-    """Run only the embedded Valkey server (for several scheduler processes on one machine)."""
+def redis_command(
+    port: int = typer.Option(6390, help="Port for the embedded server (not with --sentinel)."),
+    sentinel: bool = typer.Option(False, "--sentinel", help=(
+        "Start a highly available set instead: one primary, one replica and three Sentinels on free "
+        "loopback ports; prints the redis+sentinel:// URL to give the schedulers.")),
+    service: str = typer.Option("dragoman", help="The Sentinel service name (with --sentinel)."),
+) -> None:
+    """Run only the embedded Valkey server, or a local Sentinel set (for several scheduler processes on
+    one machine, and for trying failover). Runs until Ctrl-C or SIGTERM."""
+    import contextlib
     import signal
     import threading
 
-    from dragoman.embedded import EmbeddedServer
+    from dragoman.embedded import EmbeddedSentinelSet, EmbeddedServer
 
-    with EmbeddedServer(port=port) as server:
-        typer.echo(f"embedded Valkey at {server.url} (Ctrl-C to stop)")
+    if sentinel:
+        ha = EmbeddedSentinelSet(service)
+        typer.echo(f"starting a Valkey Sentinel set for service {service!r} ...")
+        ctx: contextlib.AbstractContextManager[object] = ha
+    else:
+        ctx = EmbeddedServer(port=port)
+    with ctx as running:
+        if isinstance(running, EmbeddedSentinelSet):
+            primary, replica = running.primary, running.replica
+            typer.echo(f"  primary   {primary.address[0]}:{primary.port}")
+            typer.echo(f"  replica   {replica.address[0]}:{replica.port}")
+            typer.echo(f"  sentinels {', '.join(f'{h}:{p}' for h, p in running.sentinel_addresses)}")
+            typer.echo(f"  logs      {running.workdir}")
+            typer.echo(f"redis URL: {running.url}   (Ctrl-C to stop)")
+        else:
+            assert isinstance(running, EmbeddedServer)
+            typer.echo(f"embedded Valkey at {running.url} (Ctrl-C to stop)")
         stop = threading.Event()
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
         try:
