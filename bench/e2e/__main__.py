@@ -25,6 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sessions", type=int)
     ap.add_argument("--nodes", type=int)
     ap.add_argument("--no-install", action="store_true", help="skip peers that are not installed yet")
+    ap.add_argument("--profile", action="store_true",
+                    help="an extra Dragoman round with py-spy on the scheduler: its CPU by component")
     args = ap.parse_args(argv)
     overrides = {k: getattr(args, k) for k in ("rounds", "warmup", "window", "inflight", "rate", "sessions", "nodes")
                  if getattr(args, k) is not None}
@@ -36,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
         overrides["systems"] = systems
     if args.no_install:
         overrides["install"] = False
+    if args.profile:
+        overrides["profile_scheduler"] = True
     res = run_comparison(PROFILES["quick" if args.quick else "full"], **overrides)
     print(summary(res))
     print(f"  (run took {res['elapsed_s']:.0f} s)")

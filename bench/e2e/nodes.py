@@ -166,8 +166,8 @@ def run(coro_main: Any, args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m bench.e2e.nodes", description=__doc__.split("\n\n")[0])
     ap.add_argument("--url", required=True, help="ws://host:port/ws/node")
-    ap.add_argument("--nodes", type=int, default=16)
-    ap.add_argument("--slots", type=int, default=8, help="max_concurrency each node reports")
+    ap.add_argument("--nodes", type=int, default=32)
+    ap.add_argument("--slots", type=int, default=4, help="max_concurrency each node reports")
     ap.add_argument("--asr-languages", default="zh,en")
     ap.add_argument("--semantic-languages", default="zh,en")
     run(main_async, ap.parse_args(argv))

@@ -53,10 +53,17 @@ class Profile:
     systems: tuple[str, ...]
     inflight: int = 50
     rate: float = 200.0
-    sessions: int = 50  # Dragoman: client sessions (the in-flight utterances are spread over them)
-    nodes: int = 16  # Dragoman: node sockets ...
-    slots: int = 8  # ... each reporting this max_concurrency (16 x 8 = 128 slots > 50 in flight)
+    # Dragoman: client sessions; utterances go to them round-robin. The scheduler's defaults limit
+    # a session to 50 chunks/s and keep 100 sessions per API key: 100 sessions allow 5,000/s.
+    sessions: int = 100
+    # Dragoman: node sockets, each reporting max_concurrency = slots (32 x 4 = 128 slots for 50 in
+    # flight); a node may send 200 messages/s by default, so 32 nodes allow 6,400 results/s.
+    nodes: int = 32
+    slots: int = 4
     install: bool = True  # install missing peers first (bench-only folders)
+    # one extra Dragoman round with py-spy sampling the scheduler over the closed-loop window (its
+    # figures are not in the table: the profiler perturbs them), for the CPU breakdown by component
+    profile_scheduler: bool = False
 
 
 FULL = Profile("full", warmup=2.0, window=5.0, drain=5.0, rounds=3, systems=ALL_SYSTEMS)
@@ -84,6 +91,7 @@ class Meter:
         self.tracked = dict(tracked)
         self._start: dict[str, dict[str, Any]] = {}
         self.windows: dict[str, dict[str, Any]] = {}
+        self.on_start: Any = None  # called with the phase at each window start (the profiler hook)
 
     def _snap(self) -> dict[str, Any]:
         t = time.perf_counter()
@@ -98,6 +106,8 @@ class Meter:
             return
         phase = ev.get("phase", "?")
         if ev.get("edge") == "start":
+            if self.on_start is not None:
+                self.on_start(phase)
             self._start[phase] = self._snap()
         elif ev.get("edge") == "end" and phase in self._start:
             self.windows[phase] = self._delta(self._start.pop(phase), self._snap())
@@ -132,6 +142,13 @@ def per_job(res: dict[str, Any], win: dict[str, Any] | None) -> dict[str, Any]:
     out = dict(res)
     if not win:
         return out
+    if res.get("mode") == "idle":  # no jobs: CPU in cores, Redis calls per second
+        out["window"] = win
+        out["cpu_cores"] = {role: c["cores"] for role, c in win["cpu"].items()}
+        out["redis_calls_per_s"] = {k: v / win["seconds"] for k, v in sorted(win["calls"].items(),
+                                                                            key=lambda kv: -kv[1])}
+        out["other_cores"] = win["other_cores"]
+        return out
     jobs = max(1, int(res.get("completed", 0)))
     out["window"] = win
     out["cpu_us_per_job"] = {role: (c["user_s"] + c["sys_s"]) / jobs * 1e6 for role, c in win["cpu"].items()}
@@ -157,10 +174,15 @@ class Context:
         self.profile, self.redis_url, self.redis_pid, self.logdir = profile, redis_url, redis_pid, logdir
         self.admin = redis.Redis.from_url(redis_url, decode_responses=True)
 
-    def load_args(self) -> list[str]:
+    def load_args(self, phases: tuple[str, ...] = ("closed", "open")) -> list[str]:
         p = self.profile
         return ["--inflight", str(p.inflight), "--rate", str(p.rate), "--warmup", str(p.warmup),
-                "--window", str(p.window), "--drain", str(p.drain), "--phases", "closed,open"]
+                "--window", str(p.window), "--drain", str(p.drain), "--phases", ",".join(phases),
+                "--idle-window", str(self.idle_window)]
+
+    @property
+    def idle_window(self) -> float:
+        return max(1.0, self.profile.window / 2)
 
     @property
     def phase_timeout(self) -> float:
@@ -168,9 +190,10 @@ class Context:
         return p.warmup + p.window + p.drain + 60
 
 
-async def _collect(submitter: Proc, meter: Meter, ctx: Context) -> dict[str, Any]:
+async def _collect(submitter: Proc, meter: Meter, ctx: Context,
+                   phases: tuple[str, ...] = ("closed", "open")) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for _ in ("closed", "open"):
+    for _ in phases:
         ev = await submitter.next_event(("result",), ctx.phase_timeout)
         ev.pop("_recv", None)
         out[ev["phase"]] = per_job(ev, meter.windows.get(ev["phase"]))
@@ -195,7 +218,19 @@ async def _http_ok(url: str, timeout: float) -> None:
     raise TimeoutError(f"{url} not ready in {timeout:.0f} s ({last})")
 
 
-async def run_dragoman(ctx: Context, rnd: int) -> dict[str, Any]:
+# Dragoman's rounds start with an idle window (every socket connected, no load): the scheduler's
+# fixed cost, which the open loop's per-job CPU includes (spread over 200 jobs/s).
+DRAGOMAN_PHASES = ("idle", "closed", "open")
+
+
+def _pyspy() -> str | None:
+    exe = peer_install.venv_dir("pyspy") / "bin" / "py-spy"
+    return str(exe) if exe.exists() else None
+
+
+async def run_dragoman(ctx: Context, rnd: int, spy_out: Path | None = None) -> dict[str, Any]:
+    """One round of Dragoman. With ``spy_out``, py-spy samples the scheduler during the closed-loop
+    window and writes collapsed stacks there."""
     p = ctx.profile
     port = free_port()
     bindir = Path(sys.executable).parent
@@ -213,14 +248,32 @@ async def run_dragoman(ctx: Context, rnd: int) -> dict[str, Any]:
         await nodes.start()
         ready = await nodes.next_event(("ready",), 60)
         meter = Meter(ctx.admin, {"scheduler": sched.pid, "nodes": nodes.pid, "redis": ctx.redis_pid})
+        spy: list[subprocess.Popen[bytes]] = []
+        if spy_out is not None and _pyspy():
+            def start_spy(phase: str) -> None:
+                if phase == "closed" and not spy:
+                    spy.append(subprocess.Popen(
+                        [_pyspy(), "record", "--pid", str(sched.pid), "--duration", str(max(1, round(p.window))),
+                         "--rate", "250", "--format", "raw", "--nonblocking", "--full-filenames",
+                         "--output", str(spy_out)],
+                        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                        start_new_session=True))
+
+            meter.on_start = start_spy
         sessions = Proc("sessions", [sys.executable, "-m", "bench.e2e.sessions", "--url",
                                      f"ws://127.0.0.1:{port}/ws/session", "--sessions", str(p.sessions),
-                                     *ctx.load_args()], logf, cwd=ROOT, on_event=meter.on_event)
+                                     *ctx.load_args(DRAGOMAN_PHASES)], logf, cwd=ROOT, on_event=meter.on_event)
         procs.append(sessions)
         await sessions.start()
         meter.tracked["sessions"] = sessions.pid
         sready = await sessions.next_event(("ready",), 60)
-        out = await _collect(sessions, meter, ctx)
+        out = await _collect(sessions, meter, ctx, DRAGOMAN_PHASES)
+        for sp in spy:
+            try:
+                await asyncio.to_thread(sp.wait, p.window + 30)
+            except subprocess.TimeoutExpired:
+                sp.kill()
+                sp.wait()
         await nodes.stop()
         summary = None
         while not nodes.events.empty():
@@ -280,6 +333,110 @@ async def run_peer(ctx: Context, system: str, rnd: int) -> dict[str, Any]:
             await pr.stop()
 
 
+# ----------------------------------------------------------------------------------------- profile
+_CATEGORIES = (  # (substring of a frame's file path, component), first match wins
+    ("/dragoman/store/", "dragoman.store (Store calls, reply decoding)"),
+    ("/dragoman/sessions/", "dragoman.sessions (session actor)"),
+    ("/dragoman/core/", "dragoman.core (segmenter, orderer, audio)"),
+    ("/dragoman/wire/", "dragoman.wire (message codec)"),
+    ("/dragoman/app/", "dragoman.app (hub, sockets, links, metrics)"),
+    ("/dragoman/", "dragoman (other)"),
+    ("/redis/", "redis-py client"),
+    ("/uvicorn/", "uvicorn (ASGI server, its WebSocket protocol)"),
+    ("/websockets/", "websockets (frames)"),
+    ("/starlette/", "starlette"),
+    ("/structlog/", "logging"),
+    ("/logging/", "logging"),
+    ("/prometheus_client/", "prometheus metrics"),
+    ("/asyncio/", "asyncio"),
+    ("uvloop", "uvloop"),
+    ("/msgspec/", "msgspec"),
+    ("/json/", "json"),
+    ("base64", "base64"),
+)
+
+
+def _frame_path(frame: str) -> tuple[str, str]:
+    """'func (path:line)' -> (func, path)."""
+    if frame.endswith(")") and " (" in frame:
+        func, rest = frame[:-1].rsplit(" (", 1)
+        return func, rest.rsplit(":", 1)[0]
+    return frame, ""
+
+
+def _category(path: str) -> str:
+    for needle, name in _CATEGORIES:
+        if needle in path:
+            return name
+    return "other: " + (Path(path).name or "?")
+
+
+def _fn_name(func: str, path: str) -> str:
+    if "/dragoman/" in path:
+        return f"{path.split('/dragoman/', 1)[1].removesuffix('.py').replace('/', '.')}.{func}"
+    return f"{_category(path)}: {func}"
+
+
+def analyse_profile(raw_text: str, cpu_us_per_job: float) -> dict[str, Any]:
+    """py-spy collapsed stacks (root first; only samples where the scheduler was running) -> shares
+    of the scheduler's CPU, three ways:
+
+    * ``self_by_component``: the innermost Python frame's package (its own time and the C code it
+      calls, e.g. msgspec or hiredis);
+    * ``by_task``: the coroutine or callback the event loop was running (a coroutine's outermost
+      frame, or the frame right after asyncio's ``Handle._run``); samples in the loop's own code are
+      "event loop (select, ready queue)";
+    * ``inclusive_by_function``: each Dragoman function, counted once per sample it appears in
+      (wrappers present in more than 90% of the samples, such as the serve entry points, left out).
+    """
+    total = 0
+    self_by: dict[str, int] = {}
+    incl: dict[str, int] = {}
+    tasks: dict[str, int] = {}
+    for line in raw_text.splitlines():
+        if not line.strip():
+            continue
+        stack, _, count_s = line.rpartition(" ")
+        try:
+            count = int(count_s)
+        except ValueError:
+            continue
+        frames = [_frame_path(f) for f in stack.split(";")]
+        total += count
+        cat = _category(frames[-1][1])
+        self_by[cat] = self_by.get(cat, 0) + count
+        seen = set()
+        for func, path in frames:
+            if "/dragoman/" in path:
+                name = _fn_name(func, path)
+                if name not in seen:
+                    seen.add(name)
+                    incl[name] = incl.get(name, 0) + count
+        # py-spy names methods Class.method; a coroutine resumed by the C Task shows from its own
+        # outermost frame, a callback from the loop below Handle._run
+        runs = [i for i, (func, path) in enumerate(frames)
+                if func.rsplit(".", 1)[-1] == "_run" and path.endswith("asyncio/events.py")]
+        if runs and runs[-1] + 1 < len(frames):
+            task = _fn_name(*frames[runs[-1] + 1])
+        elif runs:
+            task = "event loop (Handle._run itself)"
+        elif frames[0][0] == "<module>":
+            task = "event loop (select, ready queue)"
+        else:
+            task = _fn_name(*frames[0])
+        tasks[task] = tasks.get(task, 0) + count
+    if not total:
+        return {"samples": 0}
+
+    def table(d: dict[str, int], n: int, cap: float = 1.0) -> list[dict[str, Any]]:
+        rows = [(k, v) for k, v in d.items() if v / total <= cap]
+        return [{"name": k, "share": v / total, "us_per_job": v / total * cpu_us_per_job}
+                for k, v in sorted(rows, key=lambda kv: -kv[1])[:n]]
+
+    return {"samples": total, "cpu_us_per_job": cpu_us_per_job, "self_by_component": table(self_by, 25),
+            "by_task": table(tasks, 15), "inclusive_by_function": table(incl, 25, cap=0.9)}
+
+
 # ----------------------------------------------------------------------------------------- facts
 def _cmd_out(argv: list[str], timeout: float = 20) -> str:
     try:
@@ -335,6 +492,12 @@ def _median(vals: list[float]) -> float:
 def aggregate(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     """Median over the rounds of every figure the table shows."""
     agg: dict[str, Any] = {"rounds": len(rounds)}
+    idle = [r["idle"] for r in rounds if "idle" in r and "cpu_cores" in r["idle"]]
+    if idle:
+        roles = sorted({k for r in idle for k in r["cpu_cores"]})
+        agg["idle"] = {"cpu_cores": {k: _median([r["cpu_cores"].get(k, float("nan")) for r in idle]) for k in roles},
+                       "redis_calls_per_s": _median([sum(r["redis_calls_per_s"].values()) for r in idle]),
+                       "other_cores": _median([r["other_cores"] for r in idle])}
     for phase in ("closed", "open"):
         rs = [r[phase] for r in rounds if phase in r]
         if not rs:
@@ -422,6 +585,23 @@ async def _run(profile: Profile, logdir: Path) -> dict[str, Any]:
                 log(f"  {s}: closed {c.get('rate', float('nan')):,.0f}/s, open p50/p99 "
                     f"{o.get('latency_ms', {}).get('p50', float('nan')):.2f}/"
                     f"{o.get('latency_ms', {}).get('p99', float('nan')):.2f} ms ({r['elapsed_s']:.0f} s)")
+        if profile.profile_scheduler and "dragoman" in systems:
+            if _pyspy() is None:
+                got = await asyncio.to_thread(peer_install.install, ["pyspy"])
+                if not got["pyspy"].ok:
+                    res["profile_error"] = f"py-spy not installed: {got['pyspy'].error}"
+            if _pyspy() is not None:
+                admin.flushall()
+                log("profiling the scheduler (extra Dragoman round, py-spy over the closed-loop window) ...")
+                spy_out = logdir / "scheduler-pyspy.txt"
+                try:
+                    r = await run_dragoman(ctx, 0, spy_out=spy_out)
+                    us = r["closed"]["cpu_us_per_job"]["scheduler"]
+                    res["scheduler_profile"] = {
+                        "closed_rate": r["closed"]["rate"], "scheduler_cpu_us_per_job": us,
+                        **analyse_profile(spy_out.read_text() if spy_out.exists() else "", us)}
+                except Exception as exc:  # noqa: BLE001 - the profile is a diagnostic
+                    res["profile_error"] = repr(exc)[:500]
         admin.flushall()
         admin.close()
         ctx.admin.close()
@@ -544,6 +724,12 @@ def summary(res: dict[str, Any]) -> str:
                      f"{a['scheduler_cpu_us_per_job_open']:.0f} µs (target <= 400: "
                      f"{'PASS' if a['scheduler_cpu_le_400us_closed'] and a['scheduler_cpu_le_400us_open'] else 'MISS'})")
     d = res["systems"].get("dragoman")
+    if d and "idle" in d:
+        ic = d["idle"]["cpu_cores"]
+        lines.append(f"  dragoman idle (all sockets open, no load): scheduler {ic.get('scheduler', 0):.3f} cores, "
+                     f"Redis {ic.get('redis', 0):.3f} cores, {d['idle']['redis_calls_per_s']:.0f} Redis calls/s; "
+                     f"at {p['rate']:.0f} jobs/s that fixed cost is {ic.get('scheduler', 0) / p['rate'] * 1e6:.0f} "
+                     "µs/job of the scheduler's open-loop figure")
     if d:
         for phase in ("closed", "open"):
             x = d[phase]
@@ -555,6 +741,18 @@ def summary(res: dict[str, Any]) -> str:
                          f"µs/job ({x['cpu_cores'].get('nodes', 0) + x['cpu_cores'].get('sessions', 0):.2f} cores); "
                          f"Redis: {x['redis_calls_per_job']:.1f} calls/job ({x['redis_script_calls_per_job']:.1f} "
                          f"scripts, {x['redis_exec_us_per_job']['scripts']:.0f} µs in scripts): {top}")
+    prof = res.get("scheduler_profile")
+    if prof and prof.get("samples"):
+        lines.append(f"  scheduler profile (extra round under py-spy: {prof['closed_rate']:,.0f} jobs/s, "
+                     f"{prof['scheduler_cpu_us_per_job']:.0f} µs/job, {prof['samples']} samples), µs/job by component "
+                     "(innermost Python frame): " + ", ".join(
+                         f"{x['name']} {x['us_per_job']:.0f}" for x in prof["self_by_component"][:12]))
+        lines.append("    inclusive, by Dragoman function: " + ", ".join(
+            f"{x['name']} {x['us_per_job']:.0f}" for x in prof["inclusive_by_function"][:12]))
+        lines.append("    by task the event loop was running: " + ", ".join(
+            f"{x['name']} {x['us_per_job']:.0f}" for x in prof["by_task"][:8]))
+    elif res.get("profile_error"):
+        lines.append(f"  scheduler profile failed: {res['profile_error']}")
     for s, why in res["skipped"].items():
         lines.append(f"  skipped {s}: {why}")
     for s, a2 in res["systems"].items():

@@ -11,8 +11,9 @@ flight and checks every ``translation_result``'s ``utterance_index`` against it.
 A job is complete when its ``translation_result`` is in hand; an ``error`` / ``missing_result``
 naming the utterance fails it (counted). The load comes from ``bench.peers.loadgen`` (the same
 closed and open loops as the peers): closed loop, ``--inflight`` utterances in flight over all
-sessions (slot k always uses session k mod S); open loop, ``--rate`` utterances per second started
-round-robin over the sessions, latency = final chunk sent -> ``translation_result`` received.
+sessions; open loop, ``--rate`` utterances per second; either way each new utterance goes to the
+next session round-robin (a session may have several in flight). Latency = final chunk sent ->
+``translation_result`` received.
 """
 
 from __future__ import annotations
@@ -170,13 +171,20 @@ async def main_async(args: argparse.Namespace) -> None:
                  payload_bytes=len(payload), chunk_frame_bytes=len(sessions[0]._head) + len(sessions[0]._tail) + 20,
                  pid=os.getpid())
     n = len(sessions)
+    turn = [0]
 
-    async def one(slot: int) -> None:
-        await sessions[slot % n].utter()
+    async def one(_slot: int) -> None:
+        # round-robin over the sessions, so no session's chunk rate limit (chunks_per_s, 50 by
+        # default) caps the total: S sessions allow S x 50 utterances/s
+        k = turn[0]
+        turn[0] = k + 1 if k + 1 < n else 0
+        await sessions[k].utter()
 
     for phase in loadgen.phases(args):
         before = dict(stats)
-        if phase == "closed":
+        if phase == "idle":
+            res = await loadgen.idle_phase(args.idle_window)
+        elif phase == "closed":
             res = await loadgen.closed_loop(one, args.inflight, args.warmup, args.window)
         else:
             res = await loadgen.open_loop(one, args.rate, args.warmup, args.window, args.drain)
@@ -191,7 +199,7 @@ async def main_async(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m bench.e2e.sessions", description=__doc__.split("\n\n")[0])
     ap.add_argument("--url", required=True, help="ws://host:port/ws/session")
-    ap.add_argument("--sessions", type=int, default=50)
+    ap.add_argument("--sessions", type=int, default=100)
     ap.add_argument("--src", default="zh")
     ap.add_argument("--tgt", default="en")
     loadgen.add_load_args(ap)

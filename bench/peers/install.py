@@ -33,6 +33,8 @@ PY_PEERS: dict[str, tuple[str, ...]] = {
     "arq": ("arq==0.28.0",),  # depends on redis[hiredis]
     "celery": ("celery[redis]==5.7.0", "hiredis"),
     "saq": ("saq[hiredis]==0.26.4", "typing_extensions"),  # saq imports typing_extensions, does not require it
+    # not a peer: the sampling profiler for the scheduler's CPU breakdown (python -m bench.e2e --profile)
+    "pyspy": ("py-spy==0.4.3",),
 }
 NPM_PACKAGES = ("bullmq@6.7.6", "ioredis@6.1.0")
 _STAMP = ".installed.json"
@@ -135,7 +137,7 @@ def install(peers: list[str] | tuple[str, ...] = ("arq", "celery", "saq", "bullm
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.peers.install", description=__doc__.split("\n\n")[0])
-    ap.add_argument("peers", nargs="*", metavar="PEER", help="arq, celery, saq, bullmq (default: all)")
+    ap.add_argument("peers", nargs="*", metavar="PEER", help="arq, celery, saq, bullmq, pyspy (default: all)")
     ap.add_argument("--force", action="store_true", help="reinstall even when the stamp matches")
     args = ap.parse_args(argv)
     unknown = set(args.peers) - {*PY_PEERS, "bullmq"}

@@ -174,6 +174,17 @@ async def open_loop(one: Callable[[int], Awaitable[Any]], rate: float, warmup: f
             "latency_ms": summarize_ms(lat), "send_lag_ms": summarize_ms(lags), "gen_cpu": (c1 - c0) / secs}
 
 
+async def idle_phase(window: float, phase: str = "idle") -> dict[str, Any]:
+    """A window with no load at all: what the system costs while connected and idle."""
+    emit("window", phase=phase, edge="start")
+    c0, t0 = cpu_s(), time.perf_counter()
+    await asyncio.sleep(window)
+    c1, t1 = cpu_s(), time.perf_counter()
+    emit("window", phase=phase, edge="end")
+    return {"phase": phase, "mode": "idle", "completed": 0, "seconds": t1 - t0, "rate": 0.0, "errors": 0,
+            "latency_ms": summarize_ms([]), "gen_cpu": (c1 - c0) / (t1 - t0)}
+
+
 # --------------------------------------------------------------------------------------- threads
 def closed_loop_threads(one: Callable[[int], Any], inflight: int, warmup: float, window: float,
                         phase: str = "closed") -> dict[str, Any]:
@@ -301,7 +312,9 @@ def add_load_args(ap: Any) -> None:
     ap.add_argument("--warmup", type=float, default=1.0)
     ap.add_argument("--window", type=float, default=5.0)
     ap.add_argument("--drain", type=float, default=5.0)
-    ap.add_argument("--phases", default="closed,open", help="closed, open or both (comma separated)")
+    ap.add_argument("--phases", default="closed,open", help="closed, open (and idle, where supported), "
+                    "comma separated, run in that order")
+    ap.add_argument("--idle-window", type=float, default=2.0, help="length of the idle phase")
 
 
 def phases(args: Any) -> list[str]:
