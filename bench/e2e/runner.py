@@ -387,7 +387,7 @@ def analyse_profile(raw_text: str, cpu_us_per_job: float) -> dict[str, Any]:
       frame, or the frame right after asyncio's ``Handle._run``); samples in the loop's own code are
       "event loop (select, ready queue)";
     * ``inclusive_by_function``: each Dragoman function, counted once per sample it appears in
-      (wrappers present in more than 90% of the samples, such as the serve entry points, left out).
+      (the entry point's frames below the event loop's ``run_forever`` left out).
     """
     total = 0
     self_by: dict[str, int] = {}
@@ -406,7 +406,10 @@ def analyse_profile(raw_text: str, cpu_us_per_job: float) -> dict[str, Any]:
         cat = _category(frames[-1][1])
         self_by[cat] = self_by.get(cat, 0) + count
         seen = set()
-        for func, path in frames:
+        # frames below the event loop (the process's entry point down to run_forever) are not work
+        loop_at = max((i for i, (func, path) in enumerate(frames)
+                       if func.rsplit(".", 1)[-1] == "run_forever" and "asyncio" in path), default=-1)
+        for func, path in frames[loop_at + 1:]:
             if "/dragoman/" in path:
                 name = _fn_name(func, path)
                 if name not in seen:
@@ -428,13 +431,12 @@ def analyse_profile(raw_text: str, cpu_us_per_job: float) -> dict[str, Any]:
     if not total:
         return {"samples": 0}
 
-    def table(d: dict[str, int], n: int, cap: float = 1.0) -> list[dict[str, Any]]:
-        rows = [(k, v) for k, v in d.items() if v / total <= cap]
+    def table(d: dict[str, int], n: int) -> list[dict[str, Any]]:
         return [{"name": k, "share": v / total, "us_per_job": v / total * cpu_us_per_job}
-                for k, v in sorted(rows, key=lambda kv: -kv[1])[:n]]
+                for k, v in sorted(d.items(), key=lambda kv: -kv[1])[:n]]
 
     return {"samples": total, "cpu_us_per_job": cpu_us_per_job, "self_by_component": table(self_by, 25),
-            "by_task": table(tasks, 15), "inclusive_by_function": table(incl, 25, cap=0.9)}
+            "by_task": table(tasks, 15), "inclusive_by_function": table(incl, 25)}
 
 
 # ----------------------------------------------------------------------------------------- facts
@@ -509,16 +511,27 @@ def aggregate(rounds: list[dict[str, Any]]) -> dict[str, Any]:
             "errors": sum(r.get("errors", 0) for r in rs),
             "lost": sum(r.get("lost", 0) for r in rs),
             "other_cores": _median([r.get("other_cores", float("nan")) for r in rs]),
+            "per_round": [{"rate": r["rate"], "p50_ms": r["latency_ms"]["p50"], "p99_ms": r["latency_ms"]["p99"],
+                           "other_cores": r.get("other_cores", float("nan"))} for r in rs],
             "gen_cpu_self": _median([r.get("gen_cpu", float("nan")) for r in rs]),
         }
         roles = sorted({k for r in rs for k in r.get("cpu_us_per_job", {})})
-        a["cpu_us_per_job"] = {k: _median([r["cpu_us_per_job"].get(k, float("nan")) for r in rs]) for k in roles}
-        a["cpu_cores"] = {k: _median([r["cpu_cores"].get(k, float("nan")) for r in rs]) for k in roles}
-        a["cpu_split_us_per_job"] = {k: {s: _median([r["cpu_split_us_per_job"][k][s] for r in rs
-                                                     if k in r.get("cpu_split_us_per_job", {})])
-                                         for s in ("user", "sys")} for k in roles}
-        a["ctx_per_job"] = {k: {s: _median([r["ctx_per_job"][k][s] for r in rs if k in r.get("ctx_per_job", {})])
-                                for s in ("voluntary", "involuntary")} for k in roles}
+
+        def med(key: str, role: str, sub: str | None = None, rs: list[dict[str, Any]] = rs) -> float:
+            vals = []
+            for r in rs:
+                v = r.get(key, {}).get(role)
+                if v is not None and sub is not None:
+                    v = v.get(sub)
+                if v is not None:
+                    vals.append(v)
+            return _median(vals)
+
+        a["cpu_us_per_job"] = {k: med("cpu_us_per_job", k) for k in roles}
+        a["cpu_cores"] = {k: med("cpu_cores", k) for k in roles}
+        a["cpu_split_us_per_job"] = {k: {s: med("cpu_split_us_per_job", k, s) for s in ("user", "sys")}
+                                     for k in roles}
+        a["ctx_per_job"] = {k: {s: med("ctx_per_job", k, s) for s in ("voluntary", "involuntary")} for k in roles}
         a["redis_calls_per_job"] = _median([r.get("redis_calls_per_job", float("nan")) for r in rs])
         a["redis_script_calls_per_job"] = _median([r.get("redis_script_calls_per_job", float("nan")) for r in rs])
         a["redis_exec_us_per_job"] = {k: _median([r["redis_exec_us_per_job"][k] for r in rs
@@ -782,5 +795,15 @@ def markdown(res: dict[str, Any]) -> str:
          f"with `is_final` per utterance, from separate processes. CPU from /proc over each window.", "",
          "| " + " | ".join(HEAD) + " |", "|---|" + "---:|" * (len(HEAD) - 1)]
     L += ["| " + " | ".join(r) + " |" for r in table_rows(res)]
+    L += ["", "Each round (the spread shows the machine's noise; *other CPU* is what other processes used):", "",
+          "| system | round | closed jobs/s | closed p99 ms | open p50 ms | open p99 ms | other CPU closed/open |",
+          "|---|---:|---:|---:|---:|---:|---:|"]
+    for name in ALL_SYSTEMS:
+        a = res["systems"].get(name)
+        if not a:
+            continue
+        for i, (c, o) in enumerate(zip(a["closed"]["per_round"], a["open"]["per_round"], strict=False), 1):
+            L.append(f"| {LABELS[name]} | {i} | {_f(c['rate'])} | {_f(c['p99_ms'], 1)} | {_f(o['p50_ms'], 2)} | "
+                     f"{_f(o['p99_ms'], 2)} | {c['other_cores']:.2f}/{o['other_cores']:.2f} |")
     L += ["", "```", summary(res), "```", ""]
     return "\n".join(L)
