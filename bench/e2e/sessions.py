@@ -118,6 +118,15 @@ class Session:
             fut.set_exception(JobFailed(error))
 
     async def read(self, stats: dict[str, Any]) -> None:
+        try:
+            await self._read(stats)
+        finally:  # the socket is gone: whatever it still owed has failed
+            while self.pending:
+                _, fut = self.pending.popleft()
+                if not fut.done():
+                    fut.set_exception(JobFailed("session socket closed"))
+
+    async def _read(self, stats: dict[str, Any]) -> None:
         async for raw in self.ws:
             msg = _decode(raw)
             kind = msg.type
