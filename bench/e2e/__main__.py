@@ -7,7 +7,15 @@ import json
 import sys
 from pathlib import Path
 
-from bench.e2e.runner import ALL_SYSTEMS, PROFILES, markdown, run_comparison, summary
+from bench.e2e.runner import (
+    ALL_SYSTEMS,
+    EXPERIMENTS,
+    KNOWN_SYSTEMS,
+    PROFILES,
+    markdown,
+    run_comparison,
+    summary,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -16,7 +24,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="Dragoman, BullMQ, arq10; one short round (CI smoke)")
     ap.add_argument("--json", type=Path, help="write every figure as JSON here")
     ap.add_argument("--markdown", type=Path, help="write a Markdown section here")
-    ap.add_argument("--systems", help=f"comma-separated subset of {','.join(ALL_SYSTEMS)}")
+    ap.add_argument("--systems", help=f"comma-separated, from {','.join(ALL_SYSTEMS)} (the default) and the "
+                    f"experiment(s) {','.join(EXPERIMENTS)}")
     ap.add_argument("--rounds", type=int)
     ap.add_argument("--warmup", type=float)
     ap.add_argument("--window", type=float)
@@ -31,8 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     overrides = {k: getattr(args, k) for k in ("rounds", "warmup", "window", "inflight", "rate", "sessions", "nodes")
                  if getattr(args, k) is not None}
     if args.systems:
-        systems = tuple(s.strip() for s in args.systems.split(",") if s.strip())
-        bad = set(systems) - set(ALL_SYSTEMS)
+        systems = tuple(dict.fromkeys(s.strip() for s in args.systems.split(",") if s.strip()))
+        bad = set(systems) - set(KNOWN_SYSTEMS)
         if bad:
             ap.error(f"unknown system(s): {', '.join(sorted(bad))}")
         overrides["systems"] = systems

@@ -33,13 +33,13 @@ PEERS_DIR = ROOT / "bench" / "peers"
 _OWN_COMMANDS = {"info", "flushall", "config|resetstat", "ping", "client|setname", "client|setinfo", "hello"}
 _SCRIPT_COMMANDS = {"evalsha", "eval", "evalsha_ro", "eval_ro", "fcall", "fcall_ro"}
 
-# The issue's "today" figures, shown beside the measured ones for orientation (not asserted).
-ISSUE_TODAY = {"dragoman": "565/s; open 4.5/12 ms", "bullmq": "1,177/s; 2.2/7.0 ms", "arq10": "533/s; 12.5/26.7 ms",
-               "celery": "242/s", "saq": "49/s"}
-
 ALL_SYSTEMS = ("dragoman", "bullmq", "arq10", "arq", "celery", "saq")
+# Not in the default run: the same scheduler code with uvloop's event loop installed from outside
+# (``dragoman serve`` runs uvicorn's Server.serve under asyncio.run, i.e. on asyncio's own loop).
+EXPERIMENTS = ("dragoman-uvloop",)
+KNOWN_SYSTEMS = ALL_SYSTEMS + EXPERIMENTS
 PEER_PACKAGE = {"bullmq": "bullmq", "arq10": "arq", "arq": "arq", "celery": "celery", "saq": "saq"}
-LABELS = {"dragoman": "Dragoman (2 WebSockets)", "bullmq": "BullMQ", "arq10": "arq (poll 10 ms)",
+LABELS = {"dragoman": "Dragoman (2 WebSockets)", "dragoman-uvloop": "Dragoman, scheduler on uvloop (experiment)", "bullmq": "BullMQ", "arq10": "arq (poll 10 ms)",
           "arq": "arq (default, poll 0.5 s)", "celery": "Celery (threads pool)", "saq": "SAQ (apply, default)"}
 
 
@@ -228,15 +228,22 @@ def _pyspy() -> str | None:
     return str(exe) if exe.exists() else None
 
 
-async def run_dragoman(ctx: Context, rnd: int, spy_out: Path | None = None) -> dict[str, Any]:
+_UVLOOP_MAIN = ("import asyncio, sys, uvloop; asyncio.set_event_loop_policy(uvloop.EventLoopPolicy()); "
+                "sys.argv[0] = 'dragoman'; from dragoman.cli.main import main; main()")
+
+
+async def run_dragoman(ctx: Context, rnd: int, spy_out: Path | None = None, uvloop: bool = False) -> dict[str, Any]:
     """One round of Dragoman. With ``spy_out``, py-spy samples the scheduler during the closed-loop
-    window and writes collapsed stacks there."""
+    window and writes collapsed stacks there. With ``uvloop``, the scheduler's asyncio.run gets
+    uvloop's loop (an experiment: the code is the same)."""
     p = ctx.profile
     port = free_port()
     bindir = Path(sys.executable).parent
-    dragoman = shutil.which("dragoman", path=str(bindir)) or "dragoman"
-    logf = ctx.logdir / f"dragoman-r{rnd}.log"
-    sched = Proc("scheduler", [dragoman, "serve", "--redis-url", ctx.redis_url, "--host", "127.0.0.1",
+    dragoman = [shutil.which("dragoman", path=str(bindir)) or "dragoman"]
+    if uvloop:
+        dragoman = [sys.executable, "-c", _UVLOOP_MAIN]
+    logf = ctx.logdir / f"dragoman{'-uvloop' if uvloop else ''}-r{rnd}.log"
+    sched = Proc("scheduler", [*dragoman, "serve", "--redis-url", ctx.redis_url, "--host", "127.0.0.1",
                                "--port", str(port)], logf, cwd=ROOT)
     procs = [sched]
     try:
@@ -587,7 +594,8 @@ async def _run(profile: Profile, logdir: Path) -> dict[str, Any]:
                 log(f"round {rnd}/{profile.rounds}: {s} ...")
                 t0 = time.perf_counter()
                 try:
-                    r = await (run_dragoman(ctx, rnd) if s == "dragoman" else run_peer(ctx, s, rnd))
+                    r = await (run_dragoman(ctx, rnd, uvloop=s == "dragoman-uvloop") if s.startswith("dragoman")
+                               else run_peer(ctx, s, rnd))
                 except Exception as exc:  # noqa: BLE001 - one failed round of one system never stops the run
                     errors[s].append(f"round {rnd}: {exc!r}"[:600])
                     log(f"  {s} round {rnd} failed: {exc!r}"[:600])
@@ -683,7 +691,7 @@ def _f(x: float | None, nd: int = 0) -> str:
 
 def _roles(name: str) -> tuple[str, str]:
     """(server-side role, client-side roles) for the CPU columns."""
-    return ("scheduler", "nodes+sessions") if name == "dragoman" else ("worker", "submitter")
+    return ("scheduler", "nodes+sessions") if name.startswith("dragoman") else ("worker", "submitter")
 
 
 def _cpu(a: dict[str, Any], roles: str) -> float:
@@ -692,7 +700,7 @@ def _cpu(a: dict[str, Any], roles: str) -> float:
 
 def table_rows(res: dict[str, Any]) -> list[list[str]]:
     rows = []
-    for name in ALL_SYSTEMS:
+    for name in KNOWN_SYSTEMS:
         a = res["systems"].get(name)
         if not a:
             continue
@@ -798,7 +806,7 @@ def markdown(res: dict[str, Any]) -> str:
     L += ["", "Each round (the spread shows the machine's noise; *other CPU* is what other processes used):", "",
           "| system | round | closed jobs/s | closed p99 ms | open p50 ms | open p99 ms | other CPU closed/open |",
           "|---|---:|---:|---:|---:|---:|---:|"]
-    for name in ALL_SYSTEMS:
+    for name in KNOWN_SYSTEMS:
         a = res["systems"].get(name)
         if not a:
             continue
