@@ -651,6 +651,15 @@ def analyse(res: dict[str, Any]) -> dict[str, Any]:
     def rate(name: str) -> float | None:
         return s[name]["closed"]["rate"] if name in s and "closed" in s[name] else None
 
+    def per_round(name: str) -> list[float]:
+        """Dragoman's closed rate / the peer's, round by round (adjacent in time, so alike in noise)."""
+        ds, ps = d["closed"]["per_round"], s[name]["closed"]["per_round"]
+        return [x["rate"] / y["rate"] for x, y in zip(ds, ps, strict=False) if y["rate"]]
+
+    for peer in ("bullmq", "arq10"):
+        if rate(peer):
+            a[f"closed_vs_{peer}_rounds"] = per_round(peer)
+            a[f"closed_vs_{peer}_rounds_median"] = _median(per_round(peer))
     if rate("bullmq"):
         a["closed_vs_bullmq"] = d["closed"]["rate"] / rate("bullmq")
         a["closed_ge_bullmq"] = a["closed_vs_bullmq"] >= 1.0
@@ -732,6 +741,19 @@ def summary(res: dict[str, Any]) -> str:
             lines.append("  " + "  ".join("-" * w for w in widths))
     lines.append("  server = Dragoman's scheduler process / the peer's worker process; load-gen = Dragoman's node "
                  "and session programs / the peer's submitter (its client library).")
+    spread = []
+    for name in KNOWN_SYSTEMS:
+        a = res["systems"].get(name)
+        if a and len(a["closed"]["per_round"]) > 1:
+            rates = [r["rate"] for r in a["closed"]["per_round"]]
+            spread.append(f"{name} {min(rates):,.0f}-{max(rates):,.0f}")
+    if spread:
+        lines.append("  closed jobs/s over the rounds (min-max): " + ", ".join(spread))
+    others = [a[ph]["other_cores"] for a in res["systems"].values() for ph in ("closed", "open")]
+    busy = _median(others) if others else float("nan")
+    if busy > 0.3:
+        lines.append(f"  NOTE: other processes used {busy:.2f} cores (median over the windows) of this machine's "
+                     f"{res['env']['cpu_count']}: every figure here is depressed and noisy; compare within a round")
     a = res["analysis"]
     if "closed_vs_bullmq" in a:
         lines.append(f"  Dragoman/BullMQ closed loop {a['closed_vs_bullmq']:.2f}x (target >= 1: "
@@ -740,6 +762,11 @@ def summary(res: dict[str, Any]) -> str:
     if "closed_vs_arq10" in a:
         lines.append(f"  Dragoman/arq10 closed loop {a['closed_vs_arq10']:.2f}x (target >= 2: "
                      f"{'PASS' if a['closed_ge_2x_arq10'] else 'MISS'})")
+    for peer in ("bullmq", "arq10"):
+        rr = a.get(f"closed_vs_{peer}_rounds")
+        if rr and len(rr) > 1:
+            lines.append(f"  Dragoman/{peer} closed loop round by round: {', '.join(f'{x:.2f}' for x in rr)} "
+                         f"(median {a[f'closed_vs_{peer}_rounds_median']:.2f}x)")
     if "scheduler_cpu_us_per_job_closed" in a:
         lines.append(f"  scheduler CPU per job: closed {a['scheduler_cpu_us_per_job_closed']:.0f} µs, open "
                      f"{a['scheduler_cpu_us_per_job_open']:.0f} µs (target <= 400: "
