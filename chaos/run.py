@@ -1,0 +1,226 @@
+"""One fault run: a fresh topology, the load, the fault at a fixed instant, then drain, quiesce, audit.
+
+Timeline (seconds; quick values in brackets):
+
+    start topology -> warm-up 5 [2] -> fault (injector runs; d s) -> recovery window 10 [3]
+    -> speakers stop, close their sessions (waits for every owed outcome, bounded)
+    -> quiesce (until no slot is taken and no job is live in Redis, bounded) -> audit -> teardown
+
+The phases are timed on purpose: they are the experiment's design. Waits for a state (ready, closed,
+quiescent) poll that state with a timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import shutil
+import statistics
+import time
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .audit import Audit, quiesce
+from .faults import FAULTS, Ctx
+from .load import Ledger, Speaker
+from .topology import Shape, Topology
+
+
+@dataclass
+class Load:
+    sessions: int = 20
+    rate: float = 50.0  # utterances per second, all sessions together
+    audio_ms: tuple[int, int] = (1000, 9000)  # simulated job time = 50 ms + 5% of the audio: 100-500 ms
+    warmup: float = 5.0
+    recovery: float = 10.0
+
+    @classmethod
+    def quick(cls) -> Load:
+        return cls(warmup=2.0, recovery=4.0)
+
+
+@dataclass
+class FaultResult:
+    name: str
+    title: str
+    sent: int = 0
+    kinds: dict[str, int] = field(default_factory=dict)
+    translated: int = 0
+    lost: int = 0
+    duplicates: int = 0
+    failed: int = 0
+    leaked: int = 0
+    non_terminal: int = 0
+    audit: dict[str, Any] = field(default_factory=dict)
+    recover_s: float | None = None
+    first_ok_s: float | None = None
+    baseline: dict[str, Any] = field(default_factory=dict)
+    unexpected: dict[str, int] = field(default_factory=dict)
+    session_errors: dict[str, int] = field(default_factory=dict)
+    misrouted: int = 0
+    forged: int = 0
+    forged_samples: list[str] = field(default_factory=list)
+    sessions_opened: int = 0
+    sessions_lost: int = 0
+    send_failures: int = 0
+    crashed: list[str] = field(default_factory=list)
+    notes: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+    error: str = ""
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return not self.problems
+
+
+def judge(r: FaultResult, attack: bool) -> list[str]:
+    problems = []
+    if r.error:
+        problems.append(f"run error: {r.error}")
+    for name in ("lost", "duplicates", "leaked", "non_terminal", "misrouted"):
+        if getattr(r, name):
+            problems.append(f"{name.replace('_', '-')} {getattr(r, name)}")
+    if r.audit.get("violations"):
+        problems.append("I1 violations")
+    if r.audit.get("error"):
+        problems.append("audit failed")
+    if r.forged:
+        problems.append(f"forged text delivered {r.forged}")
+    if r.crashed:
+        problems.append("crashed: " + ", ".join(r.crashed))
+    if r.sent == 0:
+        problems.append("no load")
+    return problems
+
+
+def recovery(ledger: Ledger, t_fault: float, t_end: float, prompt_s: float) -> tuple[float | None, float | None]:
+    """(time to recover, time to first served) after ``t_fault``.
+
+    Recovered: the first instant after the fault from which three consecutive 1 s windows of
+    utterances *sent* each had at least 80% translated within ``prompt_s``. First served: the
+    first translation_result for an utterance sent after the fault."""
+    sends = sorted((t, k) for k, t in ledger.sent.items() if t >= t_fault)
+
+    def ok(key: tuple[str, int, str], t: float) -> bool:
+        outs = ledger.outcomes.get(key)
+        return bool(outs) and outs[0].kind == "translated" and outs[0].at - t <= prompt_s
+
+    first = [outs[0].at for t, k in sends if (outs := ledger.outcomes.get(k)) and outs[0].kind == "translated"]
+    first_ok = (min(first) - t_fault) if first else None
+    d = 0.0
+    while t_fault + d + 3 <= t_end + 1e-9:
+        good = True
+        for w in range(3):
+            lo, hi = t_fault + d + w, t_fault + d + w + 1
+            window = [(k, t) for t, k in sends if lo <= t < hi]
+            if not window or sum(ok(k, t) for k, t in window) < 0.8 * len(window):
+                good = False
+                break
+        if good:
+            return d, first_ok
+        d += 0.25
+    return None, first_ok
+
+
+def baseline(ledger: Ledger, lo: float, hi: float) -> dict[str, Any]:
+    lat = sorted(outs[0].at - t for k, t in ledger.sent.items() if lo <= t < hi
+                 and (outs := ledger.outcomes.get(k)) and outs[0].kind == "translated")
+    if not lat:
+        return {"translated/s": 0.0}
+    return {"translated/s": round(len(lat) / max(1e-9, hi - lo), 1),
+            "latency p50 ms": round(1000 * statistics.median(lat)),
+            "latency p95 ms": round(1000 * lat[min(len(lat) - 1, int(0.95 * len(lat)))])}
+
+
+async def run_fault(name: str, *, quick: bool = False, workdir: Path, load: Load | None = None,
+                    keep_logs: bool = True, log: Any = print) -> FaultResult:
+    fault = FAULTS[name]
+    load = load or (Load.quick() if quick else Load())
+    shape = Shape()
+    if fault.shape is not None:
+        fault.shape(shape)
+    result = FaultResult(name, fault.title)
+    run_dir = fresh_dir(workdir, name)
+    topo = Topology(run_dir, shape)
+    ledger = Ledger()
+    ctx = Ctx(topo, ledger, quick)
+    started = time.monotonic()
+    speakers: list[Speaker] = []
+    try:
+        if fault.prepare is not None:
+            fault.prepare(ctx)
+        await topo.start()
+        rng = random.Random(zlib.crc32(name.encode()))
+        per_session = load.rate / load.sessions
+        speakers = [Speaker(i, topo.session_url, per_session, ledger, random.Random(rng.random()), load.audio_ms)
+                    for i in range(load.sessions)]
+        disruption = fault.disruption(quick)
+        t_load = time.monotonic()
+        t_fault = t_load + load.warmup
+        t_stop = t_fault + disruption + load.recovery
+        talking = [asyncio.create_task(s.run(t_load, t_stop)) for s in speakers]
+        await asyncio.sleep(max(0.0, t_fault - time.monotonic()))  # warm-up (the experiment's design)
+        log(f"  [{name}] fault at +{load.warmup:.0f}s: {fault.title}")
+        t_fault = time.monotonic()
+        await fault.inject(ctx)
+        await asyncio.gather(*talking)
+        t_end = time.monotonic()
+        log(f"  [{name}] load stopped after {t_end - t_load:.1f}s; closing sessions")
+        s = shape
+        drain = (s.setting_ms("result_gap_ms") + s.setting_ms("pending_timeout_ms") + s.setting_ms("job_timeout_ms")) / 1000 + 3
+        await asyncio.gather(*(sp.close(drain) for sp in speakers))
+        attempts = 3
+        bound = (attempts * s.setting_ms("job_timeout_ms") + s.setting_ms("pending_timeout_ms")
+                 + s.setting_ms("node_ttl_ms")) / 1000
+        audit, waited = await quiesce(topo.rc, bound)
+        log(f"  [{name}] quiescent check after {waited:.1f}s")
+        _fill(result, ledger, audit)
+        base = baseline(ledger, t_load + 1.0, t_fault)
+        result.baseline = base
+        prompt = max(2.0, 3 * base.get("latency p95 ms", 0) / 1000)
+        result.baseline["prompt s"] = round(prompt, 2)
+        result.recover_s, result.first_ok_s = recovery(ledger, t_fault, t_end, prompt)
+        for proc in topo.processes():
+            if not proc.alive() and proc.name not in ctx.killed:
+                result.crashed.append(f"{proc.name} (exit {proc.popen.returncode})")
+        if topo.node_proxy and topo.session_proxy:
+            result.notes["proxy failovers (nodes, sessions)"] = (topo.node_proxy.failovers,
+                                                                  topo.session_proxy.failovers)
+    except Exception as exc:  # report it as the fault's result rather than stopping the suite
+        result.error = f"{type(exc).__name__}: {exc}"
+        _fill(result, ledger, Audit(error="not audited"))
+    finally:
+        for sp in speakers:
+            sp.closing = True
+        await topo.stop()
+        if not keep_logs:
+            shutil.rmtree(run_dir, ignore_errors=True)
+    result.notes.update(ctx.notes)
+    result.seconds = round(time.monotonic() - started, 1)
+    result.problems = judge(result, fault.attack)
+    return result
+
+
+def fresh_dir(workdir: Path, name: str) -> Path:
+    """An empty directory for one run (absolute: valkey-server changes into its --dir)."""
+    run_dir = workdir.resolve() / name
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.mkdir(parents=True)
+    return run_dir
+
+
+def _fill(result: FaultResult, ledger: Ledger, audit: Audit) -> None:
+    c = ledger.counts()
+    result.sent, result.kinds, result.translated = c["sent"], c["kinds"], c["translated"]
+    result.lost, result.duplicates, result.failed = c["lost"], c["duplicates"], c["failed"]
+    result.leaked, result.non_terminal = audit.leaked, audit.non_terminal
+    result.audit = {"nodes": audit.nodes, "violations": audit.violations[:10],
+                    "non_terminal_states": audit.non_terminal_states, "error": audit.error}
+    result.unexpected = dict(ledger.unexpected)
+    result.session_errors = dict(ledger.session_errors)
+    result.misrouted, result.forged, result.forged_samples = ledger.misrouted, ledger.forged, ledger.forged_samples
+    result.sessions_opened, result.sessions_lost = ledger.sessions_opened, ledger.sessions_lost
+    result.send_failures = ledger.send_failures
