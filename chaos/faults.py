@@ -252,7 +252,7 @@ FAULTS: dict[str, Fault] = {f.name: f for f in [
           "session holder B for 4 s (less than its registration's lifetime) while results for its sessions "
           "are added to its inbox stream, then SIGCONT.",
           inbox_stall, _const(4.0), shape=inbox_shape),
-    Fault("fuzz", "10,000 generated frames per WebSocket endpoint",
+    Fault("fuzz", "generated frames per WebSocket endpoint (10,000; 500 with --quick)",
           "Hypothesis-generated frames (see chaos/fuzz.py) from attacker connections straight to both "
           "schedulers, on /ws/node and /ws/session, spread over the attack window while the load runs.",
           fuzz, attack_seconds, prepare=fuzz_prepare, attack=True),

@@ -106,9 +106,11 @@ class Ledger:
             kinds[outs[0].kind] += 1  # the first outcome is the one a client acts on
         lost = self.owed()
         dups = sum(len(o) - 1 for o in self.outcomes.values())
+        # a repeat of the same job's same outcome (a re-delivery) vs a second, different outcome
+        repeats = sum(1 for o in self.outcomes.values() for x in o[1:] if (x.kind, x.job_id) == (o[0].kind, o[0].job_id))
         failed = sum(n for k, n in kinds.items() if k != "translated")
         return {"sent": len(self.sent), "kinds": dict(kinds), "translated": kinds.get("translated", 0),
-                "lost": lost, "duplicates": dups, "failed": failed}
+                "lost": lost, "duplicates": dups, "duplicate_repeats": repeats, "failed": failed}
 
 
 class Speaker:

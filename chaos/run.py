@@ -25,6 +25,7 @@ from typing import Any
 from .audit import Audit, quiesce
 from .faults import FAULTS, Ctx
 from .load import Ledger, Speaker
+from .monitor import Monitor
 from .topology import Shape, Topology
 
 
@@ -50,6 +51,7 @@ class FaultResult:
     translated: int = 0
     lost: int = 0
     duplicates: int = 0
+    duplicate_repeats: int = 0  # of which: the same job's same outcome again
     failed: int = 0
     leaked: int = 0
     non_terminal: int = 0
@@ -100,8 +102,9 @@ def recovery(ledger: Ledger, t_fault: float, t_end: float, prompt_s: float) -> t
     """(time to recover, time to first served) after ``t_fault``.
 
     Recovered: the first instant after the fault from which three consecutive 1 s windows of
-    utterances *sent* each had at least 80% translated within ``prompt_s``. First served: the
-    first translation_result for an utterance sent after the fault."""
+    utterances *sent* each had at least 80% translated within ``prompt_s`` (the caller takes the
+    later of this and first served). First served: the first translation_result for an utterance
+    sent after the fault."""
     sends = sorted((t, k) for k, t in ledger.sent.items() if t >= t_fault)
 
     def ok(key: tuple[str, int, str], t: float) -> bool:
@@ -125,9 +128,11 @@ def recovery(ledger: Ledger, t_fault: float, t_end: float, prompt_s: float) -> t
     return None, first_ok
 
 
-def baseline(ledger: Ledger, lo: float, hi: float) -> dict[str, Any]:
+def baseline(ledger: Ledger, lo: float, hi: float, t_fault: float) -> dict[str, Any]:
+    """Throughput and latency before the fault: translations of utterances sent in [lo, hi) that
+    arrived before the fault, so the fault's own delays stay out of the baseline."""
     lat = sorted(outs[0].at - t for k, t in ledger.sent.items() if lo <= t < hi
-                 and (outs := ledger.outcomes.get(k)) and outs[0].kind == "translated")
+                 and (outs := ledger.outcomes.get(k)) and outs[0].kind == "translated" and outs[0].at < t_fault)
     if not lat:
         return {"translated/s": 0.0}
     return {"translated/s": round(len(lat) / max(1e-9, hi - lo), 1),
@@ -162,12 +167,16 @@ async def run_fault(name: str, *, quick: bool = False, workdir: Path, load: Load
         t_fault = t_load + load.warmup
         t_stop = t_fault + disruption + load.recovery
         talking = [asyncio.create_task(s.run(t_load, t_stop)) for s in speakers]
+        monitor = Monitor(topo)
+        watching = asyncio.create_task(monitor.run())
         await asyncio.sleep(max(0.0, t_fault - time.monotonic()))  # warm-up (the experiment's design)
         log(f"  [{name}] fault at +{load.warmup:.0f}s: {fault.title}")
         t_fault = time.monotonic()
         await fault.inject(ctx)
         await asyncio.gather(*talking)
         t_end = time.monotonic()
+        watching.cancel()
+        result.notes.update(monitor.summary(t_fault))
         log(f"  [{name}] load stopped after {t_end - t_load:.1f}s; closing sessions")
         s = shape
         drain = (s.setting_ms("result_gap_ms") + s.setting_ms("pending_timeout_ms") + s.setting_ms("job_timeout_ms")) / 1000 + 3
@@ -178,11 +187,13 @@ async def run_fault(name: str, *, quick: bool = False, workdir: Path, load: Load
         audit, waited = await quiesce(topo.rc, bound)
         log(f"  [{name}] quiescent check after {waited:.1f}s")
         _fill(result, ledger, audit)
-        base = baseline(ledger, t_load + 1.0, t_fault)
+        base = baseline(ledger, t_load + 1.0, t_fault - 1.0, t_fault)
         result.baseline = base
         prompt = max(2.0, 3 * base.get("latency p95 ms", 0) / 1000)
         result.baseline["prompt s"] = round(prompt, 2)
         result.recover_s, result.first_ok_s = recovery(ledger, t_fault, t_end, prompt)
+        if result.recover_s is not None and result.first_ok_s is not None:
+            result.recover_s = max(result.recover_s, result.first_ok_s)
         for proc in topo.processes():
             if not proc.alive() and proc.name not in ctx.killed:
                 result.crashed.append(f"{proc.name} (exit {proc.popen.returncode})")
@@ -216,6 +227,7 @@ def _fill(result: FaultResult, ledger: Ledger, audit: Audit) -> None:
     c = ledger.counts()
     result.sent, result.kinds, result.translated = c["sent"], c["kinds"], c["translated"]
     result.lost, result.duplicates, result.failed = c["lost"], c["duplicates"], c["failed"]
+    result.duplicate_repeats = c["duplicate_repeats"]
     result.leaked, result.non_terminal = audit.leaked, audit.non_terminal
     result.audit = {"nodes": audit.nodes, "violations": audit.violations[:10],
                     "non_terminal_states": audit.non_terminal_states, "error": audit.error}
