@@ -5,6 +5,7 @@ goes on around it. ``Ctx.notes`` collects what the injector saw, for the report.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import signal
 import time
@@ -117,7 +118,12 @@ async def inbox_stall(ctx: Ctx) -> None:
     finally:
         proc.signal(signal.SIGCONT)
     bound = ctx.topo.shape.env().get("DRAGOMAN_INBOX_MAX_LEN")
-    ctx.notes["stall"] = f"{stall:.0f} s; inbox bound {bound}"
+    from dragoman.config import Settings
+
+    known = "inbox_max_len" in {f.name for f in dataclasses.fields(Settings)}
+    ctx.notes["stall"] = f"{stall:.0f} s; inbox bound {bound}" + (
+        "" if known else " (not a setting of this scheduler, which ignores it: its scripts trim inboxes at "
+                         "MAXLEN ~ 1000)")
     ctx.notes["inbox entries added during the stall (per scheduler process)"] = sorted(
         (after.get(k, 0) - before.get(k, 0) for k in keys), reverse=True)
 

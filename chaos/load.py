@@ -47,6 +47,7 @@ class Ledger:
     outcomes: dict[Key, list[Outcome]] = field(default_factory=dict)
     unexpected: Counter[str] = field(default_factory=Counter)  # outcomes for keys never sent
     session_errors: Counter[str] = field(default_factory=Counter)  # errors naming no utterance
+    error_samples: dict[str, Counter[str]] = field(default_factory=dict)  # code -> message -> count
     misrouted: int = 0  # a translation whose text names another utterance
     forged: int = 0  # messages carrying text an attacker made up
     forged_samples: list[str] = field(default_factory=list)
@@ -72,6 +73,9 @@ class Ledger:
             if "utterance_index" in details:
                 key = (session_id, int(details["utterance_index"]), str(details.get("tgt_lang") or TGT))
                 self._add(key, Outcome(f"error:{msg.code}", now, str(details.get("job_id") or "")))
+                sample = msg.message + (f" (node_error_code {details['node_error_code']})"
+                                        if "node_error_code" in details else "")
+                self.error_samples.setdefault(msg.code, Counter())[sample[:100]] += 1
             else:
                 self.session_errors[msg.code] += 1
                 self._forged_check(msg.message)

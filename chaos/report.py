@@ -202,6 +202,8 @@ def page(results: list[FaultResult], *, quick: bool, command: str, load: Load, t
             details["utterances whose send raised (not counted as sent)"] = r.send_failures
         if r.unexpected:
             details["outcomes for utterances never counted as sent"] = _fmt(r.unexpected)
+        for code, messages in r.error_messages.items():
+            details[f"{code} messages"] = "; ".join(f"{n} x \"{m}\"" for m, n in messages.items())
         if r.session_errors:
             details["errors naming no utterance"] = _fmt(r.session_errors)
         if r.misrouted:

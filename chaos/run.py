@@ -61,6 +61,7 @@ class FaultResult:
     baseline: dict[str, Any] = field(default_factory=dict)
     unexpected: dict[str, int] = field(default_factory=dict)
     session_errors: dict[str, int] = field(default_factory=dict)
+    error_messages: dict[str, dict[str, int]] = field(default_factory=dict)  # code -> message -> count
     misrouted: int = 0
     forged: int = 0
     forged_samples: list[str] = field(default_factory=list)
@@ -176,6 +177,8 @@ async def run_fault(name: str, *, quick: bool = False, workdir: Path, load: Load
         await asyncio.gather(*talking)
         t_end = time.monotonic()
         watching.cancel()
+        result.notes["load achieved"] = (f"{len(ledger.sent) / (t_end - t_load):.1f} utterances/s over "
+                                         f"{t_end - t_load:.1f} s, {load.sessions} sessions")
         result.notes.update(monitor.summary(t_fault))
         log(f"  [{name}] load stopped after {t_end - t_load:.1f}s; closing sessions")
         s = shape
@@ -187,7 +190,8 @@ async def run_fault(name: str, *, quick: bool = False, workdir: Path, load: Load
         audit, waited = await quiesce(topo.rc, bound)
         log(f"  [{name}] quiescent check after {waited:.1f}s")
         _fill(result, ledger, audit)
-        base = baseline(ledger, t_load + 1.0, t_fault - 1.0, t_fault)
+        margin = min(1.0, load.warmup / 4)
+        base = baseline(ledger, t_load + margin, t_fault - margin, t_fault)
         result.baseline = base
         prompt = max(2.0, 3 * base.get("latency p95 ms", 0) / 1000)
         result.baseline["prompt s"] = round(prompt, 2)
@@ -233,6 +237,7 @@ def _fill(result: FaultResult, ledger: Ledger, audit: Audit) -> None:
                     "non_terminal_states": audit.non_terminal_states, "error": audit.error}
     result.unexpected = dict(ledger.unexpected)
     result.session_errors = dict(ledger.session_errors)
+    result.error_messages = {code: dict(c.most_common(3)) for code, c in ledger.error_samples.items()}
     result.misrouted, result.forged, result.forged_samples = ledger.misrouted, ledger.forged, ledger.forged_samples
     result.sessions_opened, result.sessions_lost = ledger.sessions_opened, ledger.sessions_lost
     result.send_failures = ledger.send_failures
