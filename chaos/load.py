@@ -50,6 +50,7 @@ class Ledger:
     error_samples: dict[str, Counter[str]] = field(default_factory=dict)  # code -> message -> count
     misrouted: int = 0  # a translation whose text names another utterance
     forged: int = 0  # messages carrying text an attacker made up
+    forged_kinds: Counter[str] = field(default_factory=Counter)  # by message type
     forged_samples: list[str] = field(default_factory=list)
     sessions_opened: int = 0
     sessions_lost: int = 0  # sockets lost without a resume: their owed outcomes are lost
@@ -59,7 +60,7 @@ class Ledger:
 
     def on_message(self, session_id: str, msg: Any, now: float) -> None:
         if isinstance(msg, TranslationResult):
-            forged = self._forged_check(msg.text_translated, msg.text_asr)
+            forged = self._forged_check("translation_result", msg.text_translated, msg.text_asr)
             key = (session_id, msg.utterance_index, msg.tgt_lang or TGT)
             self._add(key, Outcome("translated", now, msg.job_id))
             if not forged and f"utterance {msg.utterance_index} " not in (msg.text_translated or ""):
@@ -78,17 +79,18 @@ class Ledger:
                 self.error_samples.setdefault(msg.code, Counter())[sample[:100]] += 1
             else:
                 self.session_errors[msg.code] += 1
-                self._forged_check(msg.message)
+                self._forged_check("error", msg.message)
         elif isinstance(msg, AsrPartial):
-            self._forged_check(msg.text)
+            self._forged_check("asr_partial", msg.text)
         elif isinstance(msg, UiEvent):
             if msg.event == "DISPATCHED" and msg.job_id:
                 self.dispatched[msg.job_id] = (session_id, msg.utterance_index)
 
-    def _forged_check(self, *texts: str | None) -> bool:
+    def _forged_check(self, kind: str, *texts: str | None) -> bool:
         for text in texts:
             if text and "FORGED" in text:
                 self.forged += 1
+                self.forged_kinds[kind] += 1
                 if len(self.forged_samples) < 5:
                     self.forged_samples.append(text[:120])
                 return True

@@ -53,7 +53,7 @@ def machine() -> dict[str, str]:
             versions.append(f"{pkg} {metadata.version(pkg)}")
         except metadata.PackageNotFoundError:
             pass
-    dirty = _git("status", "--porcelain")
+    dirty = _git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)docs/reliability.md")
     return {
         "commit": _git("rev-parse", "--short", "HEAD") + (" (uncommitted changes)" if dirty else ""),
         "branch": _git("rev-parse", "--abbrev-ref", "HEAD"),
@@ -209,7 +209,8 @@ def page(results: list[FaultResult], *, quick: bool, command: str, load: Load, t
         if r.misrouted:
             details["misrouted translations"] = r.misrouted
         if r.forged or fault.attack:
-            details["forged texts delivered to clients"] = r.forged
+            details["forged texts delivered to clients"] = (f"{r.forged} ({_fmt(r.forged_kinds)})"
+                                                            if r.forged else "0")
             if r.forged_samples:
                 details["forged samples"] = " / ".join(f"`{s}`" for s in r.forged_samples[:3])
         if r.audit.get("violations"):

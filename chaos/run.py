@@ -64,6 +64,7 @@ class FaultResult:
     error_messages: dict[str, dict[str, int]] = field(default_factory=dict)  # code -> message -> count
     misrouted: int = 0
     forged: int = 0
+    forged_kinds: dict[str, int] = field(default_factory=dict)
     forged_samples: list[str] = field(default_factory=list)
     sessions_opened: int = 0
     sessions_lost: int = 0
@@ -239,5 +240,6 @@ def _fill(result: FaultResult, ledger: Ledger, audit: Audit) -> None:
     result.session_errors = dict(ledger.session_errors)
     result.error_messages = {code: dict(c.most_common(3)) for code, c in ledger.error_samples.items()}
     result.misrouted, result.forged, result.forged_samples = ledger.misrouted, ledger.forged, ledger.forged_samples
+    result.forged_kinds = dict(ledger.forged_kinds)
     result.sessions_opened, result.sessions_lost = ledger.sessions_opened, ledger.sessions_lost
     result.send_failures = ledger.send_failures
