@@ -172,8 +172,8 @@ def page(results: list[FaultResult], *, quick: bool, command: str, load: Load, t
         "In each fault a surviving process, node or Redis is back within seconds (and an attack should not touch "
         "the legitimate load at all), so utterances should wait and be served. Reported, not part of the verdict.",
         "- **recover s**: from the fault's injection to the later of (a) the first `translation_result` for an "
-        "utterance sent after it and (b) the first instant from which three consecutive 1 s windows of "
-        "utterances *sent* each had at least 80% translated within the prompt bound (max(2 s, 3 x the warm-up's "
+        "utterance sent after it and (b) the first instant from which every 1 s window of utterances *sent*, "
+        "until the load stopped, had at least 80% translated within the prompt bound (max(2 s, 3 x the warm-up's "
         "p95 latency)). It includes the fault's own length (a 5 s stall cannot recover in less). "
         "\"never\" means that did not happen before the load stopped. **first ok s**: from the injection to "
         "the first `translation_result` for an utterance sent after it.",

@@ -13,6 +13,7 @@ quiescent) poll that state with a timeout.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import random
 import shutil
 import statistics
@@ -103,31 +104,35 @@ def judge(r: FaultResult, attack: bool) -> list[str]:
 def recovery(ledger: Ledger, t_fault: float, t_end: float, prompt_s: float) -> tuple[float | None, float | None]:
     """(time to recover, time to first served) after ``t_fault``.
 
-    Recovered: the first instant after the fault from which three consecutive 1 s windows of
-    utterances *sent* each had at least 80% translated within ``prompt_s`` (the caller takes the
-    later of this and first served). First served: the first translation_result for an utterance
+    Recovered: the first instant after the fault from which *every* 1 s window of utterances sent,
+    until the load stopped, had at least 80% translated within ``prompt_s`` (the caller takes the
+    later of this and first served); a service that collapses later (an attack that knocks the nodes
+    out one by one) has not recovered. First served: the first translation_result for an utterance
     sent after the fault."""
     sends = sorted((t, k) for k, t in ledger.sent.items() if t >= t_fault)
+    times = [t for t, _ in sends]
 
     def ok(key: tuple[str, int, str], t: float) -> bool:
         outs = ledger.outcomes.get(key)
         return bool(outs) and outs[0].kind == "translated" and outs[0].at - t <= prompt_s
 
+    good = [ok(k, t) for t, k in sends]
     first = [outs[0].at for t, k in sends if (outs := ledger.outcomes.get(k)) and outs[0].kind == "translated"]
     first_ok = (min(first) - t_fault) if first else None
-    d = 0.0
-    while t_fault + d + 3 <= t_end + 1e-9:
-        good = True
-        for w in range(3):
-            lo, hi = t_fault + d + w, t_fault + d + w + 1
-            window = [(k, t) for t, k in sends if lo <= t < hi]
-            if not window or sum(ok(k, t) for k, t in window) < 0.8 * len(window):
-                good = False
-                break
-        if good:
-            return d, first_ok
-        d += 0.25
-    return None, first_ok
+
+    def window_ok(lo: float) -> bool:
+        a, b = bisect.bisect_left(times, lo), bisect.bisect_left(times, lo + 1.0)
+        return b > a and sum(good[a:b]) >= 0.8 * (b - a)
+
+    steps = int((t_end - t_fault - 1.0) / 0.25) + 1
+    if steps <= 0:
+        return None, first_ok
+    recovered: float | None = None
+    for i in reversed(range(steps)):  # from the last window back: the start of the final good run
+        if not window_ok(t_fault + i * 0.25):
+            break
+        recovered = i * 0.25
+    return recovered, first_ok
 
 
 def baseline(ledger: Ledger, lo: float, hi: float, t_fault: float) -> dict[str, Any]:
