@@ -167,7 +167,7 @@ def fuzz_count(quick: bool) -> int:
 
 
 def attack_seconds(quick: bool) -> float:
-    return 3.0 if quick else 12.0
+    return 2.5 if quick else 12.0
 
 
 def fuzz_prepare(ctx: Ctx) -> None:

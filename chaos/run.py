@@ -40,7 +40,7 @@ class Load:
 
     @classmethod
     def quick(cls) -> Load:
-        return cls(warmup=2.0, recovery=4.0)
+        return cls(warmup=2.0, recovery=3.0)
 
 
 @dataclass
