@@ -61,7 +61,6 @@ class Forger:
         self.topo, self.ledger = topo, ledger
         self.stats = ForgeStats()
         self.rng = random.Random(seed)
-        self.last_reply: dict[int, str] = {}
 
     async def _open(self, url: str, node_id: str, pairs: list[list[str]], slots: int,
                     tag: str) -> tuple[ClientConnection, dict[str, Any]] | None:

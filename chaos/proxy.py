@@ -7,7 +7,8 @@ never moved: when a backend dies, its connections are closed and the peers recon
 
 The proxy also injects the "TCP connection cut without a close frame" fault: ``cut(tag)`` stops
 forwarding on that peer's live connection in both directions while keeping both sockets open (a
-blackhole: nothing arrives, nothing is closed), and ``reset`` later aborts both sides with an RST.
+blackhole: nothing arrives, nothing is closed), and ``Conn.abort(rst=True)`` later ends both sides
+with an RST.
 
 A connection is tagged by the ``chaos`` query parameter of its HTTP upgrade request
 (``ws://host:port/ws/node?chaos=n1``): the request line is the one plaintext thing a proxy can read
@@ -73,7 +74,7 @@ class Proxy:
 
     def cut(self, tag: str) -> Conn | None:
         """Blackhole the newest live connection tagged ``tag``: no byte forwarded either way, no
-        close, no RST. Returns it (for ``reset`` later), or None when there is none."""
+        close, no RST. Returns it (for ``abort(rst=True)`` later), or None when there is none."""
         live = self.live(tag)
         if not live:
             return None
@@ -113,7 +114,7 @@ class Proxy:
             back_w.write(first)
             conn.pipes = [asyncio.create_task(self._pipe(conn, peer_r, back_w)),
                           asyncio.create_task(self._pipe(conn, back_r, peer_w))]
-            await conn.ended.wait()  # a pipe ended (EOF, error), reset(), or shutdown
+            await conn.ended.wait()  # a pipe ended (EOF, error), an abort (the RST of a cut), or shutdown
         except (Exception, asyncio.CancelledError):
             pass
         finally:
