@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test bench lint browser-deps clean
+.PHONY: demo test bench chaos lint browser-deps clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,8 +28,14 @@ test: $(STAMP) browser-deps
 bench: $(STAMP)
 	$(BIN)/python -m bench.run --out docs/benchmarks.md
 
+# The fault suite (real processes under load, one fault at a time); writes docs/reliability.md and
+# exits non-zero when a fault loses, duplicates or leaks anything. CI runs the short version
+# (tests/e2e/test_chaos_quick.py).
+chaos: $(STAMP)
+	$(BIN)/python -m chaos --out docs/reliability.md
+
 lint: $(STAMP)
-	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff check src tests bench chaos
 
 clean:
 	rm -rf $(VENV) .pytest_cache artifacts
