@@ -29,8 +29,10 @@ class Ctx:
     prepared: dict[str, Any] = field(default_factory=dict)  # what prepare() made (fuzz frames)
 
     @property
-    def node_ttl_s(self) -> float:
-        return self.topo.shape.setting_ms("node_ttl_ms") / 1000
+    def liveness_s(self) -> float:
+        """How long a node that stops answering keeps its jobs: WebSocket ping interval + timeout."""
+        s = self.topo.shape
+        return (s.setting_ms("ws_ping_interval_ms") + s.setting_ms("ws_ping_timeout_ms")) / 1000
 
 
 @dataclass
@@ -69,7 +71,7 @@ async def node_stop(ctx: Ctx) -> None:
     tag = await busiest_node(ctx)
     proc = ctx.topo.nodes[tag]
     proc.signal(signal.SIGSTOP)
-    await asyncio.sleep(2 * ctx.node_ttl_s)  # the fault's length, by design
+    await asyncio.sleep(ctx.liveness_s + 1.5)  # the fault's length, by design: past its liveness deadline
     proc.signal(signal.SIGCONT)
 
 
@@ -80,9 +82,9 @@ async def node_cut(ctx: Ctx) -> None:
     if conn is None:
         ctx.notes["cut"] = "no live connection found"
         return
-    await asyncio.sleep(2 * ctx.node_ttl_s)  # blackholed: nothing forwarded, nothing closed
+    await asyncio.sleep(ctx.liveness_s + 1.5)  # blackholed: nothing forwarded, nothing closed
     conn.abort(rst=True)
-    ctx.notes["cut"] = f"blackholed {2 * ctx.node_ttl_s:.1f} s, then RST both sides"
+    ctx.notes["cut"] = f"blackholed {ctx.liveness_s + 1.5:.1f} s, then RST both sides"
 
 
 # ---------------------------------------------------------------------- schedulers
@@ -224,14 +226,15 @@ FAULTS: dict[str, Fault] = {f.name: f for f in [
           "SIGKILL to the node agent process holding the most jobs at that instant; it stays dead.",
           node_kill, _const(0)),
     Fault("node-stop", "node SIGSTOP past its deadline, then SIGCONT",
-          "SIGSTOP to the busiest node agent for 2 x node_ttl (3 s), then SIGCONT: it wakes up holding "
-          "jobs that were reassigned meanwhile and sends their late results.",
-          node_stop, _const(3.0)),
+          "SIGSTOP to the busiest node agent for its liveness deadline (WebSocket ping interval + timeout, "
+          "4.5 s) + 1.5 s, then SIGCONT: it wakes up holding jobs that were reassigned meanwhile and sends "
+          "their late results.",
+          node_stop, _const(6.0)),
     Fault("node-cut", "node TCP connection cut without a close frame",
           "The node proxy stops forwarding the busiest node's connection in both directions and keeps both "
-          "sockets open (blackhole) for 2 x node_ttl (3 s), then aborts both sides with RST; the agent "
-          "reconnects.",
-          node_cut, _const(3.0)),
+          "sockets open (blackhole) for its liveness deadline (4.5 s) + 1.5 s, then aborts both sides with "
+          "RST; the agent reconnects.",
+          node_cut, _const(6.0)),
     Fault("sched-nodes-kill", "SIGKILL of the scheduler holding the nodes (A)",
           "SIGKILL to scheduler process A, which holds every node socket. The node agents reconnect through "
           "their proxy, which now reaches B; B holds everything from then on.",

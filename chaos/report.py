@@ -113,8 +113,13 @@ def _fmt(v: Any) -> str:
 def page(results: list[FaultResult], *, quick: bool, command: str, load: Load, total_s: float) -> str:
     m = machine()
     shape = Shape()
-    env = ", ".join(f"{k.removeprefix('DRAGOMAN_').lower()}={v}" for k, v in SCHEDULER_ENV.items()
-                    if k != "DRAGOMAN_LOG_LEVEL")
+    shown = ("heartbeat_interval_ms", "node_ttl_ms", "ws_ping_interval_ms", "ws_ping_timeout_ms", "job_timeout_ms",
+             "pending_timeout_ms", "outcome_check_ms", "session_grace_ms", "proc_ttl_ms", "reaper_interval_ms",
+             "queue_max", "warmup_ms", "redis_retry_ms")
+    env = "the shipped defaults (" + ", ".join(f"{name}={shape.setting_ms(name)}" for name in shown) + ")"
+    extra = [f"{k.removeprefix('DRAGOMAN_').lower()}={v}" for k, v in SCHEDULER_ENV.items() if k != "DRAGOMAN_LOG_LEVEL"]
+    if extra:
+        env += ", with " + ", ".join(extra)
     failed = [r for r in results if not r.passed]
     out = [
         "# Reliability: the fault suite",
@@ -146,7 +151,7 @@ def page(results: list[FaultResult], *, quick: bool, command: str, load: Load, t
         "agents and clients reconnect through the same address.",
         f"- **Timeline**: warm-up {load.warmup:g} s, the fault, a recovery window of {load.recovery:g} s after the "
         "fault's own duration, then the speakers stop and close their sessions (`session_close`, waiting for "
-        "`session_close_ack`, which comes once every owed outcome is flushed; bounded by result_gap + "
+        "`session_close_ack`, which comes once every owed outcome is flushed; bounded by outcome_check + "
         "pending_timeout + job_timeout), then a quiescence check on Redis (bounded by 3 x job_timeout + "
         "pending_timeout + node_ttl).",
         "",
@@ -170,15 +175,15 @@ def page(results: list[FaultResult], *, quick: bool, command: str, load: Load, t
         "failed after quiescence.",
         "- **failed** (target 0 for every fault here): outcomes that are not a translation (missing or error). "
         "In each fault a surviving process, node or Redis is back within seconds (and an attack should not touch "
-        "the legitimate load at all), so utterances should wait and be served. Reported, not part of the verdict.",
+        "the legitimate load at all), so utterances should wait and be served. Part of the verdict.",
         "- **recover s**: from the fault's injection to the later of (a) the first `translation_result` for an "
         "utterance sent after it and (b) the first instant from which every 1 s window of utterances *sent*, "
         "until the load stopped, had at least 80% translated within the prompt bound (max(2 s, 3 x the warm-up's "
         "p95 latency)). It includes the fault's own length (a 5 s stall cannot recover in less). "
         "\"never\" means that did not happen before the load stopped. **first ok s**: from the injection to "
         "the first `translation_result` for an utterance sent after it.",
-        "- **verdict**: FAIL when lost, dup, leaked, non-term or misrouted (a translation carrying another "
-        "utterance's text) is not 0, when the audit finds an I1 violation, when a process exits that the "
+        "- **verdict**: FAIL when lost, dup, leaked, non-term, failed or misrouted (a translation carrying "
+        "another utterance's text) is not 0, when the audit finds an I1 violation, when a process exits that the "
         "injector did not kill, or when any text an attacker forged reaches a client. `python -m chaos` exits "
         "non-zero when any fault fails.",
         "",

@@ -85,7 +85,9 @@ def judge(r: FaultResult, attack: bool) -> list[str]:
     problems = []
     if r.error:
         problems.append(f"run error: {r.error}")
-    for name in ("lost", "duplicates", "leaked", "non_terminal", "misrouted"):
+    # "failed" too: in every fault here the failed party (a node, a scheduler process, Redis) is
+    # replaced or back within seconds, so every utterance is to wait and be served
+    for name in ("lost", "duplicates", "leaked", "non_terminal", "misrouted", "failed"):
         if getattr(r, name):
             problems.append(f"{name.replace('_', '-')} {getattr(r, name)}")
     if r.audit.get("violations"):
@@ -188,7 +190,7 @@ async def run_fault(name: str, *, quick: bool = False, workdir: Path, load: Load
         result.notes.update(monitor.summary(t_fault))
         log(f"  [{name}] load stopped after {t_end - t_load:.1f}s; closing sessions")
         s = shape
-        drain = (s.setting_ms("result_gap_ms") + s.setting_ms("pending_timeout_ms") + s.setting_ms("job_timeout_ms")) / 1000 + 3
+        drain = (s.setting_ms("outcome_check_ms") + s.setting_ms("pending_timeout_ms") + s.setting_ms("job_timeout_ms")) / 1000 + 3
         await asyncio.gather(*(sp.close(drain) for sp in speakers))
         attempts = 3
         bound = (attempts * s.setting_ms("job_timeout_ms") + s.setting_ms("pending_timeout_ms")

@@ -25,7 +25,7 @@ class Settings:
     cells: tuple[str, ...] = ("c0",)
     redis_retry_ms: int = 15_000  # a transition is retried this long while Redis is unreachable
     inbox_max_len: int = 10_000  # unread effects a process's inbox holds before effects for it move on
-    warmup_ms: int = 5_000  # after Redis lost its data, a pool with no node queues jobs this long
+    warmup_ms: int = 5_000  # after Redis lost its data or a pool its last node, jobs for it wait this long
 
     # HTTP / WebSocket server
     host: str = "127.0.0.1"
@@ -53,14 +53,14 @@ class Settings:
     pending_timeout_ms: int = 10_000
     outcome_check_ms: int = 5_000  # a session asks Redis about a job it has waited on this long
     session_grace_ms: int = 15_000  # a session whose socket or process is lost can be resumed this long
-    queue_max: int = 64
+    queue_max: int = 1_000  # per pool; holds about pending_timeout_ms of a busy pool's traffic
     api_keys: tuple[str, ...] = ()
     chunks_per_s: float = 50.0
     max_sessions_per_key: int = 100
     padding_ms: int = 0
 
     # Bookkeeping
-    proc_ttl_ms: int = 5_000  # a scheduler process's registration lifetime (renewed every third of it)
+    proc_ttl_ms: int = 3_000  # a scheduler process's registration lifetime (renewed every third of it)
     stats_flush_ms: int = 2_000  # per-process counters are added to the cluster-wide ones this often
 
     log_level: str = "info"
@@ -141,6 +141,10 @@ def _validate(s: Settings) -> None:
     for name in ("session_grace_ms", "warmup_ms"):
         if getattr(s, name) < 0:
             raise ConfigError(f"setting {name!r} must not be negative, got {getattr(s, name)}")
+    if s.redis_url:
+        from dragoman.store.connect import parse_redis_url  # raises ConfigError naming what is wrong
+
+        parse_redis_url(s.redis_url)
     if not s.cells:
         raise ConfigError("setting 'cells' needs at least one cell name")
     for cell in s.cells:

@@ -76,15 +76,22 @@ def spawn(tmp_path: Path) -> Iterator[Callable[..., Proc]]:
         p.stop()
 
 
-@pytest.fixture
-def scheduler(spawn, redis_url: str) -> Callable[..., str]:
-    """Start a scheduler process; returns its base URL (http://127.0.0.1:PORT)."""
+class Scheduler(str):
+    """A scheduler's base URL (http://127.0.0.1:PORT), with its process."""
 
-    def start(**overrides: str) -> str:
+    proc: Proc
+
+
+@pytest.fixture
+def scheduler(spawn, redis_url: str) -> Callable[..., Scheduler]:
+    """Start a scheduler process; returns its base URL (``.proc`` is the process)."""
+
+    def start(**overrides: str) -> Scheduler:
         port = free_port()
         env = FAST | {"DRAGOMAN_REDIS_URL": redis_url, "DRAGOMAN_PORT": str(port)} | overrides
-        spawn("serve", env=env, name="serve")
-        base = f"http://127.0.0.1:{port}"
+        proc = spawn("serve", env=env, name="serve")
+        base = Scheduler(f"http://127.0.0.1:{port}")
+        base.proc = proc
         wait_http(base + "/readyz")
         return base
 

@@ -55,7 +55,12 @@ async def readyz(request: Request) -> Response:
             scripts = True
         except DependencyDown:
             ok = False
-    body = {"redis": ok, "scripts_loaded": scripts}
+    body: dict[str, Any] = {"redis": ok, "scripts_loaded": scripts, "target": hub.store.target}
+    if ok:
+        try:
+            body["primary"] = await hub.store.primary()
+        except DependencyDown:
+            body["primary"] = None
     return JSONResponse({"status": "ready" if ok and scripts else "not_ready", **body},
                         status_code=200 if ok and scripts else 503)
 

@@ -90,9 +90,12 @@ class Hub:
         self.sessions: dict[str, SessionActor] = {}
         self.sessions_per_key: dict[str, int] = {}
         self.boots: dict[str, str] = {}
+        self.primary = ""  # the Redis server written to; a change is a failover
         self.redis_ok = False
         self._tasks: list[asyncio.Task[None]] = []
         self._recovering: asyncio.Task[None] | None = None
+        self._last_reap: float | None = None  # loop time of the last reap that reached Redis
+        self._lenient_until = 0.0
         store.sink = self.deliver
 
     # ------------------------------------------------------------------ registries
@@ -126,7 +129,8 @@ class Hub:
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
         await self.store.load_scripts()
-        self.boots = await self.store.touch_proc()
+        self.boots = {cell: reply.boot for cell, reply in (await self.store.touch_proc()).items()}
+        self.primary = await self.store.primary()
         self.redis_ok = True
         s = self.settings
         self._tasks = [
@@ -168,17 +172,36 @@ class Hub:
             await asyncio.sleep(every if pause is None else pause)
 
     async def _reap_once(self) -> float | None:
+        """One reaper pass. After a while without reaching Redis (a stall, a restart), nobody could
+        renew a node's or a process's registration: for one renewal period the reaper does not
+        take lapsed ones as dead (they renew now; the really dead lapse again right after)."""
+        loop = asyncio.get_running_loop()
+        s = self.settings
+        now = loop.time()
+        if self._last_reap is not None and now - self._last_reap > max(3 * s.reaper_interval_ms, 2_000) / 1000:
+            self._lenient_until = now + max(s.proc_ttl_ms, s.heartbeat_interval_ms) / 1000
+            log.warning("Redis was out of reach; dead nodes and processes are not reaped for a renewal period",
+                        out_for_s=round(now - self._last_reap, 1))
+        lenient = now < self._lenient_until
         more = False
         for cell in self.store.cell_names:  # each cell's effects are delivered before the next call
-            reply = await self.store.reap_cell(cell)
+            reply = await self.store.reap_cell(cell, lenient=lenient)
             self.metrics.reaped_reply(reply)
             self._watch_boot(cell, reply.boot)
             more = more or reply.more
+        self._last_reap = loop.time()
         return 0.0 if more else None
 
     async def _touch_once(self) -> float | None:
-        for cell, boot in (await self.store.touch_proc()).items():
-            self._watch_boot(cell, boot)
+        for cell, reply in (await self.store.touch_proc()).items():
+            if reply.revived:
+                self._lost("this process was declared dead (Redis stalled past its registration)", cell)
+            self._watch_boot(cell, reply.boot)
+        primary = await self.store.primary()
+        if self.primary and primary != self.primary:
+            log.warning("Redis primary changed (failover)", was=self.primary, now=primary)
+            self.metrics.failovers.inc()
+        self.primary = primary
         return None
 
     async def _flush_stats(self) -> float | None:
@@ -207,15 +230,19 @@ class Hub:
         if boot == known:
             return
         self.boots[cell] = boot
-        if known is not None and (self._recovering is None or self._recovering.done()):
-            log.warning("Redis lost its data: registering this process's nodes and sessions again",
-                        cell=cell, was=known, now=boot or "(none)")
+        if known is not None:
+            self._lost("Redis lost its data", cell)
+
+    def _lost(self, why: str, cell: str) -> None:
+        """What Redis knew of this process's nodes and sessions is gone: give it back."""
+        if self._recovering is None or self._recovering.done():
+            log.warning(f"{why}: registering this process's nodes and sessions again", cell=cell)
             self._recovering = asyncio.create_task(self._recover(), name="recover")
 
     async def _recover(self) -> None:
         self.metrics.redis_resets.inc()
-        for cell, boot in (await self.store.touch_proc()).items():
-            self.boots[cell] = boot
+        for cell, reply in (await self.store.touch_proc()).items():
+            self.boots[cell] = reply.boot
         for link in list(self.nodes.values()):
             if link.connection is not None:
                 try:

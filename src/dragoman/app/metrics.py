@@ -37,6 +37,8 @@ class Metrics:
         self.slots_total = Gauge("dragoman_slots_total", "Slots of live nodes (cluster-wide)", registry=r)
         self.queue_depth = Gauge("dragoman_queue_depth", "Jobs waiting per pool", ["pool"], registry=r)
         self.jobs_total = Gauge("dragoman_jobs", "Cluster-wide job counters from Redis", ["counter"], registry=r)
+        self.failovers = Counter("dragoman_redis_failovers", "Times this process saw the Redis primary change",
+                                 registry=r)
         self.redis_resets = Counter("dragoman_redis_data_lost", "Times this process saw Redis lose its data "
                                     "and registered its nodes and sessions again", registry=r)
 

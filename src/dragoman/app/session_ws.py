@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import secrets
 from typing import TYPE_CHECKING
 
 import structlog
@@ -91,8 +92,9 @@ async def open_or_resume(hub: Hub, init: SessionInit, key: str, link: Link) -> t
     config = SessionConfig.from_settings(hub.settings)
     now = monotonic_ms()
     if not init.resume_session_id:
-        spec = SessionSpec.from_init(init, api_key=key)
-        proto = SessionProtocol(spec, config, now=now, wall_offset_ms=wall_offset_ms())
+        token = secrets.token_hex(16)
+        spec = SessionSpec.from_init(init, api_key=key, resume_token=token)
+        proto = SessionProtocol(spec, config, now=now, wall_offset_ms=wall_offset_ms(), resume_token=token)
         return hub.new_session(proto, link, api_key=key), False
     sid = init.resume_session_id
     try:
@@ -105,6 +107,9 @@ async def open_or_resume(hub: Hub, init: SessionInit, key: str, link: Link) -> t
     spec = SessionSpec.from_json(record["spec"])
     if spec.key != key_digest(key):
         raise ProtocolError("that session was opened with another API key", code=ErrorCode.UNAUTHORIZED)
+    if not init.resume_token or not secrets.compare_digest(spec.resume, key_digest(init.resume_token)):
+        raise ProtocolError("resume_session_id needs the resume_token its first session_init_ack gave",
+                            code=ErrorCode.UNAUTHORIZED)
     replies = await hub.store.resume_session(sid)
     home = replies[0]
     if home.status != Status.RESUMED:

@@ -168,7 +168,8 @@ class SessionActor:
             elif isinstance(action, CancelJob):
                 await self._best_effort("cancel", self.store.cancel(action.job_id, action.code))
             elif isinstance(action, Reopen):
-                await self._best_effort("reopen", self.store.open_session(sid, proto.spec.to_json()))
+                await self._best_effort("reclaim", self.store.reclaim_session(sid, proto.spec.to_json(), proto.epoch,
+                                                                              self.cells))
             elif isinstance(action, Detach | End):
                 self._close_later(detach=isinstance(action, Detach))
             elif isinstance(action, CloseSocket):

@@ -119,7 +119,7 @@ class CancelJob:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Reopen:
-    """Redis lost the session's record: write it again."""
+    """Redis lost the session's record, or declared this process dead: make it live here again."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -221,8 +221,9 @@ _FAILURE_TEXT = {
 
 class SessionProtocol:
     def __init__(self, spec: SessionSpec, config: SessionConfig, *, now: int, wall_offset_ms: int = 0,
-                 resume: ResumeState | None = None) -> None:
+                 resume: ResumeState | None = None, resume_token: str | None = None) -> None:
         self.spec = spec
+        self._resume_token = resume_token
         self.config = config
         self._wall_offset = wall_offset_ms
         self.resume = resume
@@ -289,7 +290,7 @@ class SessionProtocol:
             negotiated_codec=self.spec.audio_format, negotiated_audio_format=self.spec.audio_format,
             negotiated_sample_rate=self.spec.sample_rate, negotiated_channel_count=1,
             resumed=True if resume else None, resume_from_seq=resume.seq if resume else None,
-            resume_from_utterance_index=resume.next_utt if resume else None))]
+            resume_from_utterance_index=resume.next_utt if resume else None, resume_token=self._resume_token))]
         if resume is None:
             return out
         # Jobs of utterances past the recorded resume point were never committed: the client sends
@@ -625,7 +626,8 @@ class SessionProtocol:
                                   "connection")), CloseSocket(4000)]
 
     def redis_reset(self, now: int) -> list[Action]:
-        """Redis lost its data: write the session's record again and check every job it is owed."""
+        """Redis lost its data (or declared this process dead while it stalled): make the session's
+        record live here again and check every job it is owed."""
         if self.finished:
             return []
         out: list[Action] = [Reopen()]

@@ -36,9 +36,11 @@ class SessionSpec(msgspec.Struct, frozen=True, kw_only=True):
     dialect: str | None = None
     features: dict[str, Any] | None = None
     key: str = ""  # digest of the API key that opened it: only that key may resume it
+    resume: str = ""  # digest of its resume token: only the client that has it may resume it
 
     @classmethod
-    def from_init(cls, msg: SessionInit, api_key: str = "", session_id: str | None = None) -> SessionSpec:
+    def from_init(cls, msg: SessionInit, api_key: str = "", session_id: str | None = None,
+                  resume_token: str = "") -> SessionSpec:
         tgts = tuple(dict.fromkeys(msg.tgt_langs or [msg.tgt_lang]))
         if not tgts or len(tgts) > MAX_TARGETS:
             raise ProtocolError(f"tgt_langs must name 1 to {MAX_TARGETS} target languages")
@@ -47,7 +49,7 @@ class SessionSpec(msgspec.Struct, frozen=True, kw_only=True):
             src_lang=msg.src_lang, tgt_langs=tgts, audio_format=msg.audio_format, sample_rate=msg.sample_rate,
             mode=msg.mode, lang_a=msg.lang_a, lang_b=msg.lang_b,
             auto_langs=tuple(msg.auto_langs) if msg.auto_langs else None, dialect=msg.dialect,
-            features=msg.features, key=key_digest(api_key))
+            features=msg.features, key=key_digest(api_key), resume=key_digest(resume_token))
         for tgt in tgts:
             spec.pool_for(tgt)
         return spec

@@ -27,15 +27,14 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
 import msgspec
-import redis.asyncio as aioredis
 import structlog
-from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import BusyLoadingError, ReadOnlyError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from dragoman.config import Settings
 from dragoman.errors import DependencyDown, ScriptError
+from dragoman.store.connect import current_primary, make_client
 from dragoman.store.keys import (
     CellKeys,
     cell_of_job,
@@ -115,22 +114,21 @@ class Store:
         self.cell_names = tuple(settings.cells)
         self.scripts = Scripts(client, defines={"test_clock": test_clock, "inbox_max_len": settings.inbox_max_len})
         self.sink: Sink | None = None
+        self.target = "redis"
         self.undecodable_effects = 0
         self.counts: Counter[str] = Counter()  # frequent counters, added to Redis by flush_stats
 
     @classmethod
     def from_url(cls, url: str, settings: Settings, proc: str | None = None, cluster: bool = False,
                  test_clock: bool = False) -> Store:
-        # Timeouts above the inbox's 1 s blocking read: a stalled Redis becomes DependencyDown, not a hang.
-        timeouts = {"socket_timeout": 5.0, "socket_connect_timeout": 3.0}
-        if cluster:
-            client: Any = RedisCluster.from_url(url, decode_responses=False, max_connections=512, **timeouts)
-        else:
-            # A blocking pool: past max_connections calls wait for a connection instead of failing.
-            pool = aioredis.BlockingConnectionPool.from_url(url, max_connections=256, timeout=5,
-                                                            health_check_interval=10, **timeouts)
-            client = aioredis.Redis(connection_pool=pool, decode_responses=False)
-        return cls(client, settings, proc, test_clock=test_clock)
+        """A Store on ``redis://`` (one server), ``redis+sentinel://`` (the primary the Sentinels name,
+        followed through failovers) or a cluster (``redis+cluster://``, or ``cluster=True``); see
+        ``store/connect.py``. Socket timeouts sit above the inbox's 1 s blocking read: a stalled
+        Redis becomes a retried call, then DependencyDown, never a hang."""
+        client, described = make_client(url, cluster=cluster)
+        store = cls(client, settings, proc, test_clock=test_clock)
+        store.target = described
+        return store
 
     async def aclose(self) -> None:
         await self.client.aclose()
@@ -201,6 +199,13 @@ class Store:
     @staticmethod
     def call_id() -> str:
         return uuid.uuid4().hex
+
+    async def primary(self) -> str:
+        """The server this Store writes to ("host:port"; for a cluster, its primaries)."""
+        try:
+            return await current_primary(self.client)
+        except (*RETRYABLE, ResponseError) as exc:
+            raise DependencyDown(f"Redis unreachable: {exc}") from exc
 
     async def ping(self) -> bool:
         try:
@@ -367,6 +372,16 @@ class Store:
                                         [self.proc, session_id, "resume", "", "", self.call_id()], SessionReply))
         return out
 
+    async def reclaim_session(self, session_id: str, spec: str, epoch: int,
+                              cells: Iterable[str] | None = None) -> None:
+        """The holder is alive but Redis lost the session's record or declared the holder dead: the
+        session is live on this process again, in its home cell and every cell it used."""
+        names = set(cells or ()) | {home_cell(session_id, self.cell_names)}
+        for cell in sorted(names):
+            ck = self.cells[cell]
+            await self._call("open_session", ck, [ck.nodes, ck.sess(session_id)],
+                             [self.proc, session_id, "reclaim", spec, epoch, self.call_id()], SessionReply)
+
     async def commit_session(self, session_id: str, epoch: int, point: tuple[int, int, int, int]) -> SessionReply:
         ck = self.keys_for_session(session_id)
         return await self._call("open_session", ck, [ck.nodes, ck.sess(session_id)], [
@@ -394,22 +409,23 @@ class Store:
         return acked
 
     # ---------------------------------------------------------------- upkeep
-    async def reap_cell(self, cell: str, batch: int = 100) -> ReapReply:
+    async def reap_cell(self, cell: str, batch: int = 100, lenient: bool = False) -> ReapReply:
+        """``lenient`` right after this process could not reach Redis: see reap-1.lua."""
         ck = self.cells[cell]
         return await self._call("reap", ck, [ck.nodes], [self.proc, batch, self.settings.session_grace_ms,
-                                                         self.call_id()], ReapReply)
+                                                         self.call_id(), "1" if lenient else ""], ReapReply)
 
-    async def reap(self, batch: int = 100) -> list[ReapReply]:
-        return [await self.reap_cell(cell, batch) for cell in self.cell_names]
+    async def reap(self, batch: int = 100, lenient: bool = False) -> list[ReapReply]:
+        return [await self.reap_cell(cell, batch, lenient) for cell in self.cell_names]
 
-    async def touch_proc(self, ttl_ms: int | None = None) -> dict[str, str]:
-        """Renew this process in every cell; returns each cell's data generation marker."""
-        boots = {}
+    async def touch_proc(self, ttl_ms: int | None = None) -> dict[str, TouchReply]:
+        """Renew this process in every cell: each cell's data generation marker, and whether the
+        process had to be registered anew (new, or declared dead while Redis stalled it)."""
+        out = {}
         for ck in self.cells.values():
-            reply = await self._call("touch_proc", ck, [ck.nodes],
-                                     [self.proc, ttl_ms or self.settings.proc_ttl_ms, uuid.uuid4().hex[:8]], TouchReply)
-            boots[ck.cell] = reply.boot
-        return boots
+            out[ck.cell] = await self._call("touch_proc", ck, [ck.nodes], [
+                self.proc, ttl_ms or self.settings.proc_ttl_ms, uuid.uuid4().hex[:8]], TouchReply)
+        return out
 
     async def flush_stats(self) -> None:
         """Frequent counters are kept per process and added to the cluster-wide figures now and

@@ -45,6 +45,10 @@ class CellKeys:
         return self.base + "pools"
 
     @property
+    def pools_gone(self) -> str:  # hash pool id -> when its last node left (see warmup_ms)
+        return self.base + "pools_gone"
+
+    @property
     def leases(self) -> str:  # zset job_id -> lease deadline (assigned jobs)
         return self.base + "leases"
 

@@ -171,6 +171,7 @@ class ReapReply(Reply, kw_only=True):
 class TouchReply(Reply, kw_only=True):
     deadline: int = 0
     boot: str = ""
+    revived: bool = False
 
 
 class SessionReply(Reply, kw_only=True):

@@ -371,6 +371,9 @@ class SessionInit(Message, tag="session_init"):
     resume_session_id: str | None = None
     """(ext) Take over a session whose socket or scheduler process was lost (within the grace
     period): the ack names that session, says what to send again, and every outcome owed follows."""
+    resume_token: str | None = None
+    """(ext) With ``resume_session_id``: the ``resume_token`` that session's first ack gave. A session
+    id is not a secret (room members see each other's); the token is."""
 
 
 class AudioChunk(Message, tag="audio_chunk"):
@@ -462,6 +465,8 @@ class SessionInitAck(Message, tag="session_init_ack"):
     resume_from_utterance_index: int | None = None
     """(ext) On a resumed session: the first utterance index not yet made into jobs (for clients
     that send whole ``utterance`` messages: send those from this index again)."""
+    resume_token: str | None = None
+    """(ext) On a new session: the secret that, with the session id, resumes it on a new connection."""
 
 
 class TranslationResult(Message, tag="translation_result"):

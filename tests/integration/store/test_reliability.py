@@ -208,12 +208,33 @@ async def test_resume_takes_the_session_over_with_everything_it_is_owed(store: S
 async def test_the_data_generation_marker_changes_when_redis_loses_its_data(store: Store) -> None:
     """Loss path 5: a process sees Redis lost its data (the cell's boot marker changed) within a
     reaper call, and re-registers what it holds."""
-    first = await store.touch_proc()
-    assert (await store.reap())[0].boot == first["c0"]
+    first = (await store.touch_proc())["c0"]
+    assert first.revived and (await store.reap())[0].boot == first.boot
     await store.client.flushall()
     assert (await store.reap())[0].boot == ""
-    second = await store.touch_proc()
-    assert second["c0"] and second != first
+    second = (await store.touch_proc())["c0"]
+    assert second.boot and second.boot != first.boot
+    assert second.revived  # it had to register anew: what Redis knew of it is gone
+
+
+async def test_a_process_declared_dead_while_alive_learns_it_and_the_reaper_never_buries_itself(
+        store: Store, p2: Store) -> None:
+    """Redis stalled longer than a process's registration: its own reaper renews it instead of
+    reaping it; another's reaper may reap it, and its next renewal says so (it registers again)."""
+    await store.touch_proc(ttl_ms=1_000)
+    await p2.touch_proc(ttl_ms=600_000)
+    await store.open_session("s1", "{}")
+    await store.set_clock_offset(5_000)
+    await store.reap()  # its own reaper: still registered
+    assert await store.session("s1") and (await store.session("s1"))["state"] == "live"
+    await store.set_clock_offset(10_000)
+    await p2.reap()  # another's: it is declared dead, its session an orphan
+    assert (await store.session("s1"))["state"] == "orphan"
+    assert (await store.touch_proc())["c0"].revived
+    await store.reclaim_session("s1", "{}", 1)
+    record = await store.session("s1")
+    assert (record["state"], record["proc"]) == ("live", store.proc)
+    assert await store.client.zcard(store.cells["c0"].orphans) == 0
 
 
 async def test_right_after_a_data_loss_a_pool_without_nodes_queues_instead_of_failing(redis_url, settings) -> None:

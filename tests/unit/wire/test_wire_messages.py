@@ -251,6 +251,7 @@ SAMPLES: list[tuple[str, Message]] = [
             audio_format="pcm16",
             sample_rate=48000,
             resume_session_id="s0",
+            resume_token="t0",
         ),
     ),
     (
@@ -298,6 +299,7 @@ SAMPLES: list[tuple[str, Message]] = [
             resumed=True,
             resume_from_seq=7,
             resume_from_utterance_index=3,
+            resume_token="t1",
         ),
     ),
     (

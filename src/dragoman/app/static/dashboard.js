@@ -12,13 +12,16 @@ const $ = (sel) => document.querySelector(sel);
 
 // ---------------------------------------------------------------- auth pass-through
 
+// The operator surface needs an operator token when the scheduler is configured with credentials:
+// open the dashboard as /?token=<operator token>. (EventSource cannot send headers: the token goes
+// in the query, as ?token=, which the scheduler accepts like the Authorization header.)
 const pageParams = new URLSearchParams(location.search);
-const apiKey = pageParams.get("api_key");
+const apiKey = pageParams.get("token") || pageParams.get("api_key");
 
 function withKey(url) {
   if (!apiKey) return url;
   const sep = url.includes("?") ? "&" : "?";
-  return `${url}${sep}api_key=${encodeURIComponent(apiKey)}`;
+  return `${url}${sep}token=${encodeURIComponent(apiKey)}`;
 }
 
 // ---------------------------------------------------------------- small helpers

@@ -2,8 +2,9 @@
   Create a job and place it: on the session's previous node in the pool while it has a free slot,
   else on the node with the most free slots; with no free slot, in the pool's bounded queue; with
   no node serving the pool at all, fail it at once with NO_AVAILABLE_NODE (unless the cell's data is
-  younger than the warm-up: right after Redis lost its data, nodes are still registering again, so
-  the job waits in the queue instead). One call does pool choice, node choice, slot taking, and the
+  younger than the warm-up, or the pool lost its last node less than the warm-up ago: right after
+  Redis lost its data or a scheduler process died, nodes are registering again, so the job waits in
+  the queue instead). One call does pool choice, node choice, slot taking, and the
   session's bookkeeping (the job is owed to it; its affinity; its resume point).
 
   Retry-safe (I8): a job id the session has seen is answered with its current state and nothing
@@ -35,7 +36,7 @@
     ARGV[16] resume point to record in the session, "" for none: "next_utt seq skip cutt"
     ARGV[17] warm-up ms (see above)
   Output: [body, effects, payloads...], body {status, state, node, attempt, code, now}
-    status "assigned" | "queued" | "failed" (code NO_AVAILABLE_NODE, NODE_OVERLOADED, NODE_UNAVAILABLE)
+    status "assigned" | "queued" | "failed" (code NO_AVAILABLE_NODE, or NODE_OVERLOADED: queue full)
          | "exists" (seen before: its current state, "gone" once acknowledged) | "no_capacity"
          | "superseded"
 ]]
@@ -85,7 +86,17 @@ if s[4] then
 end
 
 local place_only = ARGV[15] == 'place_only'
-local n = pick_node(ctx, KEYS[3], s[3] or nil, word_set(ARGV[11]))
+local avoid = word_set(ARGV[11])
+local n = pick_node(ctx, KEYS[3], s[3] or nil, avoid)
+-- a node whose process cannot hear of it now (gone, or its inbox full) is skipped; with none left,
+-- the job waits in the queue like any job that finds no free slot
+local exclude = {}
+for _ = 1, 8 do
+  if not n or reachable(ctx, n.proc) then break end
+  exclude[n.id] = true
+  count(ctx, 'unreachable')
+  n = pick_node(ctx, KEYS[3], nil, avoid, exclude)
+end
 if place_only and not n then return reply(ctx, { status = 'no_capacity' }) end
 
 local sess = { 'j:' .. jid, '1' }
@@ -123,21 +134,19 @@ local function answer()
 end
 
 if n then
-  if not assign_job(ctx, jid, j, n, creation) then
-    -- that node's process cannot be reached: its slot back, and the job goes elsewhere
-    release_slot(ctx, n.id, jid)
-    count(ctx, 'unreachable')
-    reassign_or_fail(ctx, jid, j, { [n.id] = true })
-  end
+  assign_job(ctx, jid, j, n, creation, true)
   return answer()
 end
 
+-- Right after Redis lost its data, or the pool lost its last node, its nodes are on their way back.
 local function warming_up()
   if warmup <= 0 then return false end
   local boot = rcall('GET', k_boot(base))
   if not boot then return true end
   local born = tonumber(string.match(boot, ':(%d+)$') or '')
-  return born == nil or ctx.now - born < warmup
+  if born == nil or ctx.now - born < warmup then return true end
+  local gone = tonumber(rcall('HGET', k_pools_gone(base), pid) or '')
+  return gone ~= nil and ctx.now - gone < warmup
 end
 
 if rcall('ZCARD', KEYS[3]) == 0 and not warming_up() then

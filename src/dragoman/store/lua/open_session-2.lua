@@ -9,15 +9,17 @@
   still running its state, and for one Redis no longer knows, "missing".
   "commit": record the resume point (see dispatch_task), when the session's last dispatch of an
   utterance went to another cell.
+  "reclaim": the holder is alive but Redis lost the record or declared the holder dead (a stall):
+  the session is live on the caller again, at the caller's epoch (never over a newer holder).
 
   Input:
     KEYS[1] cell node registry "<base>nodes"
     KEYS[2] session record     "<base>sess:<session_id>"
     ARGV[1] calling process id
     ARGV[2] session_id
-    ARGV[3] "open" | "resume" | "commit"
-    ARGV[4] open: the session's settings (JSON); commit: the epoch
-    ARGV[5] commit: "next_utt seq skip cutt"
+    ARGV[3] "open" | "resume" | "commit" | "reclaim"
+    ARGV[4] open, reclaim: the session's settings (JSON); commit: the epoch
+    ARGV[5] commit: "next_utt seq skip cutt"; reclaim: the epoch
     ARGV[6] call id (a retry after a lost reply gets the same reply again)
   Output: [body, effects, payloads...], body {status, epoch, spec, next_utt, seq, skip, cutt, jobs, now}
     status "opened" | "exists" | "resumed" | "unknown" | "committed" | "superseded"
@@ -31,8 +33,8 @@
 local base = base_of(KEYS[1])
 local sid, mode = ARGV[2], ARGV[3]
 if sid == '' or KEYS[2] ~= k_sess(base, sid) then error('ERR dragoman: session key does not match session_id') end
-if mode ~= 'open' and mode ~= 'resume' and mode ~= 'commit' then
-  error('ERR dragoman: mode must be open, resume or commit')
+if mode ~= 'open' and mode ~= 'resume' and mode ~= 'commit' and mode ~= 'reclaim' then
+  error('ERR dragoman: mode must be open, resume, commit or reclaim')
 end
 local ctx = new_context(base, ARGV[1])
 local again = replay(ctx, ARGV[6])
@@ -45,6 +47,22 @@ if mode == 'open' then
     'skip', 0, 'cutt', -1, 'opened', ctx.now)
   rcall('SADD', k_proc_sessions(base, ctx.proc), sid)
   return reply(ctx, { status = 'opened', epoch = 1 })
+end
+
+if mode == 'reclaim' then
+  local epoch = need_number(ARGV[5], 'epoch')
+  local current = tonumber(rcall('HGET', sk, 'epoch') or '')
+  if current and current > epoch then return reply(ctx, { status = 'superseded' }) end
+  local old = rcall('HGET', sk, 'proc')
+  if old and old ~= '' and old ~= ctx.proc then rcall('SREM', k_proc_sessions(base, old), sid) end
+  if not current then
+    rcall('HSET', sk, 'spec', ARGV[4], 'next_utt', -1, 'seq', 0, 'skip', 0, 'cutt', -1, 'opened', ctx.now)
+  end
+  rcall('HSET', sk, 'proc', ctx.proc, 'epoch', epoch, 'state', 'live')
+  rcall('HDEL', sk, 'orphan_at')
+  rcall('ZREM', k_orphans(base), sid)
+  rcall('SADD', k_proc_sessions(base, ctx.proc), sid)
+  return reply(ctx, { status = 'opened', epoch = epoch })
 end
 
 if mode == 'commit' then

@@ -7,7 +7,8 @@
        reassigned the same way; the node's freed slot may take waiting work;
     3. queued jobs past their pending timeout fail with JOB_TIMEOUT;
     4. scheduler processes whose registration expired: their nodes go offline (their jobs move on
-       at once), their sessions become orphans (kept for a client that resumes), their inbox goes;
+       at once), their sessions become orphans (kept for a client that resumes), their inbox goes
+       (the caller itself is alive whatever its registration says: it is renewed instead);
     5. orphan sessions past their grace period are abandoned: their waiting jobs are cancelled,
        running ones get job_cancel, and the session is forgotten;
     6. nodes offline for more than an hour leave the operators' list of recent nodes.
@@ -19,6 +20,9 @@
     ARGV[2] batch size per kind
     ARGV[3] session resume grace ms (for sessions of dead processes)
     ARGV[4] call id (a retry after a lost reply gets the same reply again)
+    ARGV[5] "1" right after the caller could not reach Redis for a while (a stall, a restart): then
+            nobody could renew anything, so deadlines that passed meanwhile say nothing of who is
+            alive; steps 1 and 4 wait until everyone had a chance to renew
   Derived keys (same hash tag): node:*, job:*, pool:*, queue:*, sess:*, proc:*, leases, pending,
     orphans, procs, inbox:*, pools, stats, events, offline, boot
   Output: [body, effects, payloads...], body {status:"ok", dead_nodes, expired_leases, expired_pending,
@@ -39,7 +43,9 @@ local again = replay(ctx, ARGV[4])
 if again then return again end
 local more = false
 
-local dead = rcall('ZRANGE', KEYS[1], '-inf', ctx.now - 1, 'BYSCORE', 'LIMIT', 0, batch)
+local lenient = ARGV[5] == '1'
+local dead = {}
+if not lenient then dead = rcall('ZRANGE', KEYS[1], '-inf', ctx.now - 1, 'BYSCORE', 'LIMIT', 0, batch) end
 for _, nid in ipairs(dead) do
   if node_down(ctx, nid, 'heartbeat_timeout') < 0 then rcall('ZREM', KEYS[1], nid) end
 end
@@ -73,8 +79,13 @@ for _, jid in ipairs(waited) do
 end
 if #waited == batch then more = true end
 
-local procs = rcall('ZRANGE', k_procs(base), '-inf', ctx.now - 1, 'BYSCORE', 'LIMIT', 0, batch)
+local procs = {}
+if not lenient then procs = rcall('ZRANGE', k_procs(base), '-inf', ctx.now - 1, 'BYSCORE', 'LIMIT', 0, batch) end
 for _, p in ipairs(procs) do
+  if p == ctx.proc then
+    -- the caller is running this very script, so it is alive (its renewal was late: Redis stalled)
+    rcall('ZADD', k_procs(base), ctx.now + 3000, p)
+  else
   for _, nid in ipairs(rcall('SPOP', k_proc_nodes(base, p), batch)) do
     local n = node_fields(ctx, nid)
     if n and n.proc == p then node_down(ctx, nid, 'scheduler_lost') end
@@ -88,6 +99,7 @@ for _, p in ipairs(procs) do
     log_event(ctx, 'scheduler_lost', { proc = p })
   else
     more = true
+  end
   end
 end
 

@@ -4,7 +4,8 @@
 
   Only the holder speaks for a node (I11): a node id in use by a live connection (its deadline not
   passed, its scheduler process alive) is refused ("in_use") unless the caller knows that connection
-  is gone ("force"); with node tokens, an id stays bound to the token that first registered it.
+  is gone ("force"), or (with node tokens) the same token registers it again; with node tokens, an id
+  stays bound to the token that first registered it ("forbidden" for any other).
 
   Jobs it holds stay with it, reconciled with what Redis knows: a job that no longer exists, has
   ended, or moved to another holder leaves its set, so `used` is exactly the jobs it holds (I1). The
@@ -52,8 +53,11 @@ local old = node_fields(ctx, nid)
 local meta = rcall('HMGET', KEYS[2], 'conn', 'owner', 'drain_source')
 if old then
   if (meta[2] or '') ~= '' and meta[2] ~= owner then return reply(ctx, { status = 'forbidden' }) end
-  if old.state ~= 'offline' and meta[1] ~= conn and ARGV[9] ~= 'force' and old.deadline >= ctx.now
-      and old.proc ~= '' and rcall('ZSCORE', k_procs(base), old.proc) then
+  -- The same token proves the same node (a node reconnecting before its old socket was noticed gone);
+  -- without tokens, only a connection that is gone (its process dead, or the caller's word) yields.
+  local proven = owner ~= '' and meta[2] == owner
+  if old.state ~= 'offline' and meta[1] ~= conn and ARGV[9] ~= 'force' and not proven
+      and old.deadline >= ctx.now and old.proc ~= '' and proc_alive(ctx, old.proc) then
     return reply(ctx, { status = 'in_use', proc = old.proc })
   end
   unpool(ctx, nid, old.pools)

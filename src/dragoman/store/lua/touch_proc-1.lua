@@ -11,7 +11,9 @@
     ARGV[1] process id
     ARGV[2] ttl ms
     ARGV[3] a fresh token, used when the cell has no boot marker yet
-  Output: [body, effects], body {status:"ok", deadline, boot, now}
+  Output: [body, effects], body {status:"ok", deadline, boot, revived, now}
+    revived: the process was not registered (new, or declared dead while Redis stalled it: it then
+    registers its nodes and sessions again)
 ]]
 --- @include "includes/keys"
 --- @include "includes/context"
@@ -20,6 +22,6 @@ local base = base_of(KEYS[1])
 local ttl = need_number(ARGV[2], 'ttl_ms', 1)
 local ctx = new_context(base, ARGV[1])
 local deadline = ctx.now + ttl
-rcall('ZADD', k_procs(base), deadline, ARGV[1])
+local revived = rcall('ZADD', k_procs(base), deadline, ARGV[1]) == 1
 rcall('SET', k_boot(base), ARGV[3] .. ':' .. ctx.now, 'NX')
-return reply(ctx, { status = 'ok', deadline = deadline, boot = rcall('GET', k_boot(base)) })
+return reply(ctx, { status = 'ok', deadline = deadline, boot = rcall('GET', k_boot(base)), revived = revived })

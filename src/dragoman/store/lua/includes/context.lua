@@ -31,6 +31,12 @@ local function new_context(base, proc)
   return { base = base, proc = proc, now = server_now_ms(base), effects = {}, payloads = {} }
 end
 
+-- A process is alive while its registration (renewed every third of proc_ttl_ms) has not lapsed.
+local function proc_alive(ctx, proc)
+  local deadline = rcall('ZSCORE', k_procs(ctx.base), proc)
+  return deadline ~= false and deadline ~= nil and tonumber(deadline) >= ctx.now
+end
+
 local function emit(ctx, target, effect, payload, own)
   if target == nil or target == false or target == '' then return false end
   if target == ctx.proc then
@@ -44,7 +50,7 @@ local function emit(ctx, target, effect, payload, own)
     return true
   end
   -- (a process that is not registered is dead: its sockets, and whoever would hear this, are gone)
-  if not rcall('ZSCORE', k_procs(ctx.base), target) then return false end
+  if not proc_alive(ctx, target) then return false end
   local key = k_inbox(ctx.base, target)
   if rcall('XLEN', key) >= INBOX_MAX_LEN then
     rcall('HINCRBY', k_stats(ctx.base), 'inbox_full', 1)

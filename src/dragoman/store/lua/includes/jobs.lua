@@ -59,8 +59,20 @@ local function finish_job(ctx, jid, j, state, code, payload, own, extra)
   j.state = state
 end
 
--- True when the node heard of it (or will: its process's inbox took it).
-local function assign_job(ctx, jid, j, n, extra)
+-- Can an effect for this process be delivered now? (the caller itself always can)
+local function reachable(ctx, proc)
+  if proc == ctx.proc then return true end
+  if proc == '' or not proc_alive(ctx, proc) then return false end
+  return rcall('XLEN', k_inbox(ctx.base, proc)) < INBOX_MAX_LEN
+end
+
+-- Give the job to node n. False, and nothing changed, when n's process cannot hear of it now (it
+-- is gone, or its inbox is full: a stalled reader): the caller tries another node or the job waits.
+local function assign_job(ctx, jid, j, n, extra, known_reachable)
+  if not known_reachable and not reachable(ctx, n.proc) then
+    count(ctx, 'unreachable')
+    return false
+  end
   take_slot(ctx, n, jid)
   local attempt = j.attempt + 1
   local lease = ctx.now + j.job_timeout
@@ -80,12 +92,12 @@ local function assign_job(ctx, jid, j, n, extra)
   elseif n.proc ~= '' then
     payload = rcall('HGET', k_job(ctx.base, jid), 'data')
   end
-  local heard = emit(ctx, n.proc, {
+  emit(ctx, n.proc, {
     kind = 'assign', job = jid, node = n.id, attempt = attempt, session = j.session, utt = j.utt,
     tgt = j.tgt, lease = lease,
   }, payload, own)
   j.state, j.node, j.attempt, j.tried = 'assigned', n.id, attempt, tried
-  return heard
+  return true
 end
 
 local function enqueue_job(ctx, jid, j, extra)
@@ -101,35 +113,23 @@ local function enqueue_job(ctx, jid, j, extra)
 end
 
 -- The job needs a (new) holder: its slot on the old one is already given back. Next attempt on
--- another node, or wait in the queue, or fail. A node whose process cannot be reached (gone, or
--- its inbox full) is skipped: the job never waits on a holder that will not hear of it.
+-- another node, or wait in the queue, or fail. A node whose process cannot hear of it now is
+-- skipped (no attempt spent): the job never waits on a holder that will not hear of it.
 local function reassign_or_fail(ctx, jid, j, exclude, fail_code)
   exclude = exclude or {}
-  local unreachable = false
-  while true do
-    if j.attempt >= j.max_attempts then
-      finish_job(ctx, jid, j, 'failed', unreachable and 'NODE_UNAVAILABLE' or (fail_code or 'JOB_TIMEOUT'))
-      return 'failed'
-    end
-    local n = pick_node(ctx, k_pool(ctx.base, j.pool), nil, word_set(j.tried), exclude)
-    if not n then
-      if enqueue_job(ctx, jid, j) then return 'queued' end
-      finish_job(ctx, jid, j, 'failed', 'NODE_OVERLOADED')
-      return 'failed'
-    end
-    if assign_job(ctx, jid, j, n) then return 'reassigned' end
-    release_slot(ctx, n.id, jid)
-    exclude[n.id] = true
-    unreachable = true
-    count(ctx, 'unreachable')
+  if j.attempt >= j.max_attempts then
+    finish_job(ctx, jid, j, 'failed', fail_code or 'JOB_TIMEOUT')
+    return 'failed'
   end
-end
-
--- Can an effect for this process be delivered now? (the caller itself always can)
-local function reachable(ctx, proc)
-  if proc == ctx.proc then return true end
-  if proc == '' or not rcall('ZSCORE', k_procs(ctx.base), proc) then return false end
-  return rcall('XLEN', k_inbox(ctx.base, proc)) < INBOX_MAX_LEN
+  for _ = 1, 8 do
+    local n = pick_node(ctx, k_pool(ctx.base, j.pool), nil, word_set(j.tried), exclude)
+    if not n then break end
+    if assign_job(ctx, jid, j, n) then return 'reassigned' end
+    exclude[n.id] = true
+  end
+  if enqueue_job(ctx, jid, j) then return 'queued' end
+  finish_job(ctx, jid, j, 'failed', 'NODE_OVERLOADED')
+  return 'failed'
 end
 
 -- The oldest job still waiting in a pool's queue; entries no longer waiting (cancelled, failed) are dropped.
@@ -191,7 +191,11 @@ local function node_down(ctx, nid, reason)
   for _, jid in ipairs(jobs) do
     release_slot(ctx, nid, jid)
     local j = job_fields(ctx, jid)
-    if j and ACTIVE[j.state] and j.node == nid then reassign_or_fail(ctx, jid, j, { [nid] = true }) end
+    if j and ACTIVE[j.state] and j.node == nid then
+      -- a node declared gone that is in fact alive (a stall) stops the work that moved on
+      emit(ctx, n.proc, { kind = 'cancel', job = jid, node = nid, attempt = j.attempt, reason = reason })
+      reassign_or_fail(ctx, jid, j, { [nid] = true })
+    end
   end
   rcall('PEXPIRE', nk, 3600000)
   return #jobs

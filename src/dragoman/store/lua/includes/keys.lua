@@ -14,6 +14,7 @@ local function k_proc_sessions(base, proc) return base .. 'proc:' .. proc .. ':s
 local function k_reply(base, call_id) return base .. 'reply:' .. call_id end
 local function k_nodes(base) return base .. 'nodes' end
 local function k_pools(base) return base .. 'pools' end
+local function k_pools_gone(base) return base .. 'pools_gone' end
 local function k_leases(base) return base .. 'leases' end
 local function k_pending(base) return base .. 'pending' end
 local function k_orphans(base) return base .. 'orphans' end

@@ -51,10 +51,18 @@ local function unpool(ctx, nid, pools)
   end
 end
 
+-- The last node of a pool leaving is remembered ("pools_gone"): right after a scheduler process or
+-- Redis failed, its nodes are on their way back, and a job for the pool waits rather than fails.
 local function count_pools(ctx, pools, delta)
   local key = k_pools(ctx.base)
   for _, pid in ipairs(split_words(pools)) do
-    if rcall('HINCRBY', key, pid, delta) <= 0 then rcall('HDEL', key, pid) end
+    local n = rcall('HINCRBY', key, pid, delta)
+    if n <= 0 then
+      rcall('HDEL', key, pid)
+      rcall('HSET', k_pools_gone(ctx.base), pid, ctx.now)
+    elseif n == delta then
+      rcall('HDEL', k_pools_gone(ctx.base), pid)
+    end
   end
 end
 

@@ -1,0 +1,56 @@
+"""app/sockets.py: a socket's outbound side (no network: a stand-in socket object)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from starlette.websockets import WebSocketState
+
+from dragoman.app.sockets import Link
+
+
+class StuckSocket:
+    """A peer that never reads: every send blocks forever."""
+
+    application_state = WebSocketState.CONNECTED
+
+    def __init__(self) -> None:
+        self.sent: list[str] = []
+        self.closed_with: int | None = None
+
+    async def send_text(self, text: str) -> None:
+        self.sent.append(text)
+        await asyncio.Event().wait()
+
+    async def close(self, code: int = 1000) -> None:
+        self.closed_with = code
+
+
+class FastSocket(StuckSocket):
+    async def send_text(self, text: str) -> None:
+        self.sent.append(text)
+
+
+async def test_a_peer_too_slow_is_cut_off_and_no_writer_task_outlives_the_close() -> None:
+    """Loss path 12: after an overflow, closing the link ends its writer task (it used to wait forever)."""
+    ws = StuckSocket()
+    link = Link(ws, "slow", max_backlog=3)  # type: ignore[arg-type]
+    link.start()
+    assert link.send("first")
+    await asyncio.sleep(0)  # the writer takes it and is stuck sending it
+    assert all(link.send(str(i)) for i in range(3))  # the queue is full
+    assert not link.send("overflow") and link.overflowed and link.closed.is_set()
+    await asyncio.wait_for(link.close(timeout=0.1), 2)
+    assert link._task is not None and link._task.done()
+    assert ws.closed_with == 1000
+
+
+async def test_what_was_queued_is_sent_before_the_close() -> None:
+    ws = FastSocket()
+    link = Link(ws, "fast")  # type: ignore[arg-type]
+    link.start()
+    for text in ("a", "b", "c"):
+        link.send(text)
+    await link.close(code=4000)
+    assert ws.sent == ["a", "b", "c"] and ws.closed_with == 4000
+    assert not link.send("late")
