@@ -58,6 +58,8 @@ class Settings:
     chunks_per_s: float = 50.0
     max_sessions_per_key: int = 100
     padding_ms: int = 0
+    room_max_members: int = 16
+    room_expiry_ms: int = 1_800_000  # a room with no speech for this long is closed (room_expired)
 
     # Bookkeeping
     proc_ttl_ms: int = 3_000  # a scheduler process's registration lifetime (renewed every third of it)
@@ -135,16 +137,12 @@ def _validate(s: Settings) -> None:
     for name in ("heartbeat_interval_ms", "node_ttl_ms", "job_timeout_ms", "max_attempts",
                  "default_max_concurrency", "reaper_interval_ms", "queue_max", "pending_timeout_ms",
                  "outcome_check_ms", "proc_ttl_ms", "inbox_max_len", "redis_retry_ms", "ws_ping_interval_ms",
-                 "ws_ping_timeout_ms", "stats_flush_ms"):
+                 "ws_ping_timeout_ms", "stats_flush_ms", "room_max_members", "room_expiry_ms"):
         if getattr(s, name) <= 0:
             raise ConfigError(f"setting {name!r} must be positive, got {getattr(s, name)}")
     for name in ("session_grace_ms", "warmup_ms"):
         if getattr(s, name) < 0:
             raise ConfigError(f"setting {name!r} must not be negative, got {getattr(s, name)}")
-    if s.redis_url:
-        from dragoman.store.connect import parse_redis_url  # raises ConfigError naming what is wrong
-
-        parse_redis_url(s.redis_url)
     if not s.cells:
         raise ConfigError("setting 'cells' needs at least one cell name")
     for cell in s.cells:

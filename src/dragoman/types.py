@@ -8,7 +8,14 @@ from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from dragoman.store.api import JobSpec
-    from dragoman.store.replies import CancelReply, CloseReply, DispatchReply, JobStatus, SessionReply
+    from dragoman.store.replies import (
+        CancelReply,
+        CloseReply,
+        DispatchReply,
+        JobStatus,
+        RoomReply,
+        SessionReply,
+    )
 
 
 class SessionStore(Protocol):
@@ -25,6 +32,7 @@ class SessionStore(Protocol):
     async def cancel(self, job_id: str, code: str = ...) -> CancelReply: ...
     async def close_session(self, session_id: str, epoch: int, *, detach: bool, grace_ms: int = ...,
                             cells: Iterable[str] | None = ...) -> list[CloseReply]: ...
+    async def room(self, op: str, code: str, session_id: str, arg5: str = ..., arg6: str = ...) -> RoomReply: ...
 
 
 class Transport(Protocol):

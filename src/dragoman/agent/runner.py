@@ -57,9 +57,11 @@ from websockets.uri import parse_uri
 
 from dragoman import __version__
 from dragoman.agent.engines.base import Engine, EngineErrorCode, EngineJob, EngineResult
+from dragoman.clock import wall_ms
 from dragoman.errors import ConfigError, ProtocolError
 from dragoman.wire import (
     CapabilityByType,
+    ErrorCode,
     ErrorInfo,
     ErrorMessage,
     Hardware,
@@ -84,7 +86,7 @@ MAX_FRAME_BYTES: Final = 8 * 1024 * 1024
 DEFAULT_HEARTBEAT_INTERVAL_S: Final = 15.0
 """Used when neither the caller nor the ack gives an interval: the existing worker's period."""
 
-NODE_OVERLOADED: Final = "NODE_OVERLOADED"
+NODE_OVERLOADED: Final = ErrorCode.NODE_OVERLOADED
 SEEN_JOBS_LIMIT: Final = 4096
 """How many ``(job_id, attempt_id)`` keys the duplicate filter remembers."""
 
@@ -154,10 +156,6 @@ def _memory_gb() -> float | None:
         return round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
     except (AttributeError, ValueError, OSError):
         return None
-
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 class NodeAgent:
@@ -754,7 +752,7 @@ class NodeAgent:
         return encode(
             NodeHeartbeat(
                 node_id=self._node_id or "",
-                timestamp=_now_ms(),
+                timestamp=wall_ms(),
                 resource_usage=ResourceUsage(cpu_percent=0.0, mem_percent=0.0, running_jobs=len(self._jobs)),
                 installed_services=[],
                 capability_by_type=self._capabilities(),

@@ -62,6 +62,8 @@ def create_app(settings: Settings, store: Store) -> Starlette:
         Route("/api/v1/nodes/{node_id}/undrain", api.undrain_node, methods=["POST"]),
         Route("/api/v1/pools", api.list_pools),
         Route("/api/v1/sessions", api.list_sessions),
+        Route("/api/v1/rooms", api.list_rooms),
+        Route("/api/v1/languages", api.languages),
         Route("/api/v1/jobs/{job_id}", api.get_job),
         Route("/api/v1/jobs/{job_id}/cancel", api.cancel_job, methods=["POST"]),
         Route("/api/v1/stats", api.stats),

@@ -17,13 +17,13 @@ import msgspec
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
+from dragoman.clock import monotonic_ms, wall_ms, wall_offset_ms
 from dragoman.core.audio import read_wav_pcm16
 from dragoman.errors import DependencyDown, ProtocolError
-from dragoman.sessions.actor import monotonic_ms, wall_offset_ms
 from dragoman.sessions.protocol import SessionProtocol
 from dragoman.sessions.spec import SessionConfig, SessionSpec
 from dragoman.store.replies import Status
-from dragoman.wire import SessionClose, SessionInit, Utterance
+from dragoman.wire import ErrorCode, SessionClose, SessionInit, Utterance
 from dragoman.wire.codec import decode_session_outbound
 
 from .openapi import OPENAPI
@@ -75,10 +75,10 @@ def operator(handler: Callable[[Request], Awaitable[Response]]) -> Callable[[Req
         s = _hub(request).settings
         if s.operator_tokens:
             if bearer(request, "token") not in s.operator_tokens:
-                return _error(401, "UNAUTHORIZED", "this needs a valid operator token (Authorization: Bearer, "
+                return _error(401, ErrorCode.UNAUTHORIZED, "this needs a valid operator token (Authorization: Bearer, "
                                                    "or ?token=)")
         elif s.node_tokens or s.api_keys:
-            return _error(401, "UNAUTHORIZED", "node tokens or API keys are configured but no operator token: "
+            return _error(401, ErrorCode.UNAUTHORIZED, "node tokens or API keys are configured but no operator token: "
                                                "configure operator_tokens to use the operator surface")
         return await handler(request)
 
@@ -101,6 +101,33 @@ async def list_nodes(request: Request) -> Response:
 @operator
 async def list_pools(request: Request) -> Response:
     return JSONResponse({"pools": await _hub(request).store.pools()})
+
+
+@operator
+async def list_rooms(request: Request) -> Response:
+    return JSONResponse({"rooms": await _hub(request).store.rooms()})
+
+
+async def languages(request: Request) -> Response:
+    """What the network can translate now: the language pairs its pools serve (for client pages;
+    needs an API key when API keys are configured)."""
+    hub = _hub(request)
+    keys = hub.settings.api_keys
+    if keys and bearer(request, "api_key") not in keys:
+        return _error(401, ErrorCode.UNAUTHORIZED, "missing or wrong API key")
+    pairs: set[tuple[str, str]] = set()
+    two_way: set[tuple[str, str]] = set()
+    for pool in await hub.store.pools():
+        if not pool["nodes"]:
+            continue
+        src, sep, tgt = pool["pool"].partition(">")
+        if sep:
+            pairs.add((src, tgt))
+        else:
+            a, _, b = pool["pool"].partition("<>")
+            two_way.add((a, b))
+    return JSONResponse({"pairs": sorted(pairs), "two_way": sorted(two_way),
+                         "sources": sorted({s for s, _ in pairs}), "targets": sorted({t for _, t in pairs})})
 
 
 @operator
@@ -139,7 +166,7 @@ async def _drain(request: Request, on: bool) -> Response:
     try:
         reply = await hub.store.drain(request.path_params["node_id"], on=on, source="operator")
     except ValueError as exc:
-        return _error(400, "INVALID_MESSAGE", str(exc))
+        return _error(400, ErrorCode.INVALID_MESSAGE, str(exc))
     if reply.status == Status.UNKNOWN:
         return _error(404, "NOT_FOUND", "no such live node")
     return JSONResponse({"node": request.path_params["node_id"], "state": reply.state, "used": reply.used})
@@ -169,7 +196,7 @@ async def snapshot(hub: Hub) -> dict[str, Any]:
     nodes = await hub.store.nodes()
     lat = hub.metrics.snapshot()
     return {
-        "ts": int(time.time() * 1000), "nodes": nodes, "pools": await hub.store.pools(),
+        "ts": wall_ms(), "nodes": nodes, "pools": await hub.store.pools(),
         "sessions": hub.session_rows(), "stats": await hub.store.stats(),
         "latency_histogram": lat["e2e"], "rates": {
             "dispatch_p50_ms": lat["dispatch"]["p50_ms"], "dispatch_p95_ms": lat["dispatch"]["p95_ms"],
@@ -229,15 +256,15 @@ async def translate(request: Request) -> Response:
     hub = _hub(request)
     keys = hub.settings.api_keys
     if keys and bearer(request, "api_key") not in keys:
-        return _error(401, "UNAUTHORIZED", "missing or wrong API key")
+        return _error(401, ErrorCode.UNAUTHORIZED, "missing or wrong API key")
     limit = hub.settings.max_frame_bytes
     if int(request.headers.get("content-length") or 0) > limit:
-        return _error(413, "INVALID_MESSAGE", "request body too large")
+        return _error(413, ErrorCode.INVALID_MESSAGE, "request body too large")
     body = bytearray()
     async for part in request.stream():
         body += part
         if len(body) > limit:
-            return _error(413, "INVALID_MESSAGE", "request body too large")
+            return _error(413, ErrorCode.INVALID_MESSAGE, "request body too large")
     try:
         if request.headers.get("content-type", "").startswith("application/json"):
             try:
@@ -266,7 +293,7 @@ async def translate(request: Request) -> Response:
         key = bearer(request, "api_key")
         spec = SessionSpec.from_init(init, api_key=key)
     except (msgspec.ValidationError, ProtocolError) as exc:
-        return _error(400, "INVALID_MESSAGE", getattr(exc, "message", str(exc)))
+        return _error(400, ErrorCode.INVALID_MESSAGE, getattr(exc, "message", str(exc)))
     sink = _Collector()
     proto = SessionProtocol(spec, SessionConfig.from_settings(hub.settings), now=monotonic_ms(),
                             wall_offset_ms=wall_offset_ms())

@@ -288,6 +288,14 @@ class Hub:
             actor = self.sessions.get(effect.session)
             if actor is not None:
                 actor.post_superseded()
+        elif kind == EffectKind.EXPECT:
+            actor = self.sessions.get(effect.session)
+            if actor is not None:
+                actor.post_expect(effect)
+        elif kind == EffectKind.ROOM:
+            actor = self.sessions.get(effect.session)
+            if actor is not None:
+                actor.post_room(effect)
         else:
             log.warning("unknown effect", effect=kind)
 

@@ -5,7 +5,6 @@ the hub."""
 from __future__ import annotations
 
 import hashlib
-import time
 import uuid
 from typing import TYPE_CHECKING
 
@@ -13,6 +12,7 @@ import msgspec
 import structlog
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
+from dragoman.clock import monotonic_ms
 from dragoman.core.pools import pools_for_pairs
 from dragoman.core.ratelimit import TokenBucket
 from dragoman.errors import DependencyDown, DragomanError, ProtocolError, ScriptError
@@ -49,10 +49,6 @@ _ALREADY_HAS_IT = "DUPLICATE_JOB_ID"
 _CANNOT_TAKE = ("DUPLICATE_UTTERANCE_INDEX",)
 
 
-def _now_ms() -> int:
-    return int(time.monotonic() * 1000)
-
-
 def job_outcome(msg: JobResult) -> tuple[str, str]:
     """What a node's job_result means: (outcome, code); outcome "ignore" changes nothing."""
     if not msg.success:
@@ -85,7 +81,7 @@ class NodeConnection:
         self.pools: list[str] = []
         self.strikes = 0
         rate = hub.settings.node_msgs_per_s
-        self.limiter = TokenBucket(rate, burst=2 * rate, now_ms=_now_ms())
+        self.limiter = TokenBucket(rate, burst=2 * rate, now_ms=monotonic_ms())
 
     async def serve(self) -> None:
         tokens = self.hub.settings.node_tokens
@@ -101,7 +97,7 @@ class NodeConnection:
             while not self.link.closed.is_set():
                 try:
                     text = await receive_text(self.ws)
-                    if not self.limiter.allow(_now_ms()):
+                    if not self.limiter.allow(monotonic_ms()):
                         raise ProtocolError("too many messages; slow down", code=ErrorCode.RATE_LIMITED)
                     msg = decode_node(text)
                     self.strikes = 0

@@ -11,8 +11,9 @@ from typing import TYPE_CHECKING
 import structlog
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
+from dragoman.clock import monotonic_ms, wall_offset_ms
 from dragoman.errors import DragomanError, ProtocolError
-from dragoman.sessions.actor import SessionActor, monotonic_ms, wait_finished, wall_offset_ms
+from dragoman.sessions.actor import SessionActor, wait_finished
 from dragoman.sessions.protocol import ResumeState, SessionProtocol
 from dragoman.sessions.spec import SessionConfig, SessionSpec, key_digest
 from dragoman.store.replies import Status

@@ -34,8 +34,14 @@ def serve(
 ) -> None:
     """Run a scheduler process (any number may share one Redis)."""
     from dragoman.server import serve as run
+    from dragoman.store.connect import parse_redis_url
 
     settings = settings_from(config, host=host, port=port, redis_url=redis_url, log_level=log_level)
+    if settings.redis_url:  # from a flag, the environment or the file: a bad URL is refused at once
+        try:
+            parse_redis_url(settings.redis_url, cluster=cluster)
+        except ConfigError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--redis-url") from None
     setup_logging(settings.log_level)
     run(settings, cluster=cluster)
 

@@ -53,6 +53,7 @@ from dragoman.core.audio import (
     split_opus_frames,
 )
 from dragoman.errors import ProtocolError
+from dragoman.wire.codes import ErrorCode
 
 
 class CutReason(StrEnum):
@@ -263,7 +264,7 @@ class Segmenter:
         """Take one ``audio_chunk``; return the utterances it completes (possibly several, or none).
         ``seq`` (the chunk's ``audio_chunk.seq``) places resume points; without it chunks count from 0."""
         if self._closed:
-            raise ProtocolError("audio_chunk after session_close", code="SESSION_CLOSED")
+            raise ProtocolError("audio_chunk after session_close", code=ErrorCode.SESSION_CLOSED)
         seq = self._cursor_seq if seq is None else seq
         offset = 0
         if self._skip is not None and self._skip[0] == seq:

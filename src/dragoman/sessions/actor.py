@@ -17,11 +17,12 @@ from typing import Any
 
 import structlog
 
+from dragoman.clock import monotonic_ms
 from dragoman.errors import DragomanError
 from dragoman.store.api import JobSpec
 from dragoman.store.replies import Effect
 from dragoman.types import Observer, SessionStore, Transport
-from dragoman.wire import Message, encode, error_frame
+from dragoman.wire import ErrorCode, Message, encode, error_frame
 
 from .protocol import (
     Ack,
@@ -36,20 +37,15 @@ from .protocol import (
     Observe,
     Outcome,
     Reopen,
+    RoomAnswer,
+    RoomCall,
+    RoomNews,
     Send,
     SessionProtocol,
     Settled,
 )
 
 log = structlog.get_logger(__name__)
-
-
-def monotonic_ms() -> int:
-    return int(time.monotonic() * 1000)
-
-
-def wall_offset_ms() -> int:
-    return int(time.time() * 1000) - monotonic_ms()
 
 
 class SessionActor:
@@ -86,6 +82,12 @@ class SessionActor:
     def post_partial(self, frame: str) -> None:
         self.inbox.put_nowait(("partial", frame))
 
+    def post_expect(self, effect: Effect) -> None:
+        self.inbox.put_nowait(("expect", effect))
+
+    def post_room(self, effect: Effect) -> None:
+        self.inbox.put_nowait(("room", effect))
+
     def post_gone(self) -> None:
         self.inbox.put_nowait(("gone", None))
 
@@ -117,7 +119,7 @@ class SessionActor:
             raise
         except Exception as exc:
             log.exception("session actor failed", session=proto.session_id)
-            code = "SCHEDULER_DEPENDENCY_DOWN" if isinstance(exc, DragomanError) else "INTERNAL_ERROR"
+            code = ErrorCode.SCHEDULER_DEPENDENCY_DOWN if isinstance(exc, DragomanError) else ErrorCode.INTERNAL_ERROR
             self.transport.send(error_frame(code, "the session failed; please reconnect"))
             if self.opened and not proto.finished:
                 proto.finished = True
@@ -137,6 +139,10 @@ class SessionActor:
         if kind == "partial":
             self.transport.send(item)
             return []
+        if kind == "expect":
+            return self.proto.expect_room_job(item.job, item.speaker, item.utt, item.tgt, now)
+        if kind == "room":
+            return self.proto.room_news(RoomNews(item.room, item.event, item.sender, item.payload), now)
         if kind == "gone":
             return self.proto.socket_lost(now)
         if kind == "superseded":
@@ -165,6 +171,8 @@ class SessionActor:
                 queue.extend(proto.checked(statuses, monotonic_ms()))
             elif isinstance(action, Ack):
                 await self._best_effort("ack", self.store.ack(sid, action.job_ids))
+            elif isinstance(action, RoomCall):
+                queue.extend(await self._room(action))
             elif isinstance(action, CancelJob):
                 await self._best_effort("cancel", self.store.cancel(action.job_id, action.code))
             elif isinstance(action, Reopen):
@@ -185,7 +193,7 @@ class SessionActor:
         req, proto = action.request, self.proto
         spec = JobSpec(pool=req.pool, session_id=proto.session_id, utterance_index=req.utt, tgt_lang=req.tgt,
                        body=req.body, unique=req.unique, avoid=req.avoid, session_proc=self.store.proc,
-                       epoch=proto.epoch, commit=req.commit)
+                       epoch=proto.epoch, commit=req.commit, listeners=req.listeners)
         started = time.perf_counter()
         try:
             reply = await self.store.dispatch(spec)
@@ -198,6 +206,16 @@ class SessionActor:
             if self.observer is not None:
                 self.observer.observe("dispatch", time.perf_counter() - started)
         return proto.dispatched(req, result, monotonic_ms())
+
+    async def _room(self, call: RoomCall) -> list[Action]:
+        try:
+            reply = await self.store.room(call.op, call.code, self.proto.session_id, call.arg5, call.arg6)
+        except DragomanError as exc:
+            log.warning("room call failed", op=call.op, session=self.proto.session_id, error=str(exc))
+            answer = RoomAnswer("unreachable")
+        else:
+            answer = RoomAnswer(reply.status, reply.code, reply.room_id, tuple(reply.members))
+        return self.proto.room_answered(call, answer, monotonic_ms())
 
     async def _best_effort(self, what: str, call: Any) -> None:
         try:

@@ -30,8 +30,10 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
+import random
 import uuid
 from collections import deque
+from collections.abc import Sequence
 from typing import Any, TypeAlias
 
 import msgspec
@@ -41,7 +43,7 @@ from dragoman.core.ratelimit import TokenBucket
 from dragoman.core.segmentation import CutReason, Segmenter, SegmenterConfig
 from dragoman.core.segmentation import Utterance as Cut
 from dragoman.errors import ProtocolError
-from dragoman.store.replies import JobState, JobStatus, Status
+from dragoman.store.replies import JobState, JobStatus, RoomMemberRecord, Status
 from dragoman.wire import (
     EMPTY_RESULT_REASONS,
     PROTOCOL_VERSION,
@@ -55,6 +57,16 @@ from dragoman.wire import (
     Message,
     MissingResult,
     Pipeline,
+    RoomCreate,
+    RoomCreateAck,
+    RoomError,
+    RoomErrorCode,
+    RoomExpired,
+    RoomJoin,
+    RoomLeave,
+    RoomMember,
+    RoomMembers,
+    RoomRawVoicePreference,
     ServerHeartbeat,
     SessionClose,
     SessionCloseAck,
@@ -65,6 +77,9 @@ from dragoman.wire import (
     TtsStarted,
     UiEvent,
     Utterance,
+    WebrtcAnswer,
+    WebrtcIce,
+    WebrtcOffer,
     encode,
 )
 
@@ -89,6 +104,7 @@ class JobRequest:
     unique: str
     avoid: tuple[str, ...] = ()
     commit: tuple[int, int, int, int] | None = None  # the resume point once this one is dispatched
+    listeners: tuple[str, ...] = ()  # a room job: "session@process" of each member it is for
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -115,6 +131,16 @@ class Ack:
 class CancelJob:
     job_id: str
     code: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RoomCall:
+    """One room transition (``Store.room``); its answer comes back through ``room_answered``."""
+
+    op: str  # create | join | leave | prefer | speak | signal
+    code: str
+    arg5: str = ""
+    arg6: str = ""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -153,8 +179,8 @@ class Settled:
     code: str
 
 
-Action: TypeAlias = (Send | Dispatch | CheckJobs | Ack | CancelJob | Reopen | Detach | End | CloseSocket | Observe
-                     | Settled)
+Action: TypeAlias = (Send | Dispatch | CheckJobs | Ack | CancelJob | RoomCall | Reopen | Detach | End | CloseSocket
+                     | Observe | Settled)
 
 
 # ----------------------------------------------------------------------------------------- inputs
@@ -179,6 +205,32 @@ class DispatchResult:
     node: str = ""
     code: str = ""
     message: str = ""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RoomAnswer:
+    status: str  # a store Status ("created", "joined", "error"...), or "unreachable"
+    code: str = ""  # a room error code (status "error")
+    room_id: str = ""
+    members: tuple[RoomMemberRecord, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RoomNews:
+    """A room's news for this session (a "room" effect): members changed, it expired, or signalling."""
+
+    room: str
+    event: str  # members | expired | signal
+    sender: str = ""
+    payload: str | None = None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Fanout:
+    """A cut made in a room: who hears it is asked of the room (``RoomCall("speak")``) first."""
+
+    cut: Cut
+    audio: str
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -221,9 +273,15 @@ _FAILURE_TEXT = {
 
 class SessionProtocol:
     def __init__(self, spec: SessionSpec, config: SessionConfig, *, now: int, wall_offset_ms: int = 0,
-                 resume: ResumeState | None = None, resume_token: str | None = None) -> None:
+                 resume: ResumeState | None = None, resume_token: str | None = None,
+                 rng: random.Random | None = None) -> None:
         self.spec = spec
         self._resume_token = resume_token
+        self._rng = rng or random.SystemRandom()
+        self.room: str | None = None  # the room this session is in
+        self._room_call: RoomCall | None = None  # a create/join/leave waiting for its answer
+        self._room_display: tuple[str | None, str | None] = (None, None)
+        self._create_tries = 0
         self.config = config
         self._wall_offset = wall_offset_ms
         self.resume = resume
@@ -238,8 +296,8 @@ class SessionProtocol:
         self.orderer: ResultOrderer[Lane, tuple[list[Message], str]] = ResultOrderer()
         self._slots: dict[tuple[Lane, int], _Slot] = {}
         self._by_job: dict[str, tuple[Lane, int]] = {}
-        self._queue: deque[JobRequest] = deque()
-        self._in_flight: JobRequest | None = None
+        self._queue: deque[JobRequest | _Fanout] = deque()
+        self._in_flight: JobRequest | _Fanout | None = None
         self._avoid: dict[int, list[str]] = {}
         self._acks: list[str] = []
         self._ack_at: int | None = None
@@ -258,7 +316,9 @@ class SessionProtocol:
         return self.spec.session_id
 
     def owed(self) -> int:
-        return self.orderer.owed() + len(self._queue) + (1 if self._in_flight else 0)
+        """Outcomes this session's client is still owed (a cut waiting for its room's fan-out counts one)."""
+        waiting = [*self._queue, self._in_flight]
+        return self.orderer.owed() + sum(isinstance(item, _Fanout) for item in waiting)
 
     def job_ids(self) -> list[str]:
         return list(self._by_job)
@@ -339,7 +399,10 @@ class SessionProtocol:
             elif isinstance(msg, ClientHeartbeat):
                 out.append(Send(ServerHeartbeat(session_id=self.spec.session_id, timestamp=self._wall(now))))
             elif isinstance(msg, SessionClose):
-                self._on_close(now)
+                self._on_close(now, out)
+            elif isinstance(msg, RoomCreate | RoomJoin | RoomLeave | RoomRawVoicePreference
+                            | WebrtcOffer | WebrtcAnswer | WebrtcIce):
+                self._on_room_message(msg, out)
             elif isinstance(msg, SessionInit):
                 raise ProtocolError("session already initialised")
             else:
@@ -394,7 +457,7 @@ class SessionProtocol:
             self._cuts([Cut(index=msg.utterance_index, audio=audio, duration_ms=0, reason=CutReason.FINAL,
                             turn_id=None, started_at_ms=now, ended_at_ms=now)], now)
 
-    def _on_close(self, now: int) -> None:
+    def _on_close(self, now: int, out: list[Action]) -> None:
         if self.closing:
             return
         self._cuts(self.segmenter.close(now), now)
@@ -405,17 +468,52 @@ class SessionProtocol:
         for cut in cuts:
             self.utterances += 1
             audio = base64.b64encode(cut.audio).decode()
-            tgts = self.spec.tgt_langs
-            for i, tgt in enumerate(tgts):
-                lane = (self.spec.session_id, tgt)
-                self.orderer.expect(lane, cut.index)
-                body = self._body(cut, tgt, audio)
-                self._slots[(lane, cut.index)] = _Slot(lane, cut.index, tgt, body, cut.ended_at_ms)
-                commit = None
-                if i == len(tgts) - 1:  # once every target of the cut is a job, the cut is committed
-                    commit = (cut.index + 1, cut.next_seq, cut.next_skip, -1)
-                self._queue.append(JobRequest(lane, cut.index, tgt, self.spec.pool_for(tgt), body,
-                                              uuid.uuid4().hex, commit=commit))
+            if self.room is not None:
+                self._queue.append(_Fanout(cut, audio))
+            else:
+                self._own_jobs(cut, audio)
+
+    def _own_jobs(self, cut: Cut, audio: str, front: bool = False) -> None:
+        """One job per target language of the session, for the session itself."""
+        tgts = self.spec.tgt_langs
+        requests = []
+        for i, tgt in enumerate(tgts):
+            lane = (self.spec.session_id, tgt)
+            self.orderer.expect(lane, cut.index)
+            body = self._body(cut, tgt, audio)
+            self._slots[(lane, cut.index)] = _Slot(lane, cut.index, tgt, body, cut.ended_at_ms)
+            commit = None
+            if i == len(tgts) - 1:  # once every target of the cut is a job, the cut is committed
+                commit = (cut.index + 1, cut.next_seq, cut.next_skip, -1)
+            requests.append(JobRequest(lane, cut.index, tgt, self.spec.pool_for(tgt), body, uuid.uuid4().hex,
+                                       commit=commit))
+        self._enqueue(requests, front)
+
+    def _enqueue(self, requests: Sequence[JobRequest], front: bool) -> None:
+        if front:
+            self._queue.extendleft(reversed(requests))
+        else:
+            self._queue.extend(requests)
+
+    def _room_jobs(self, fanout: _Fanout, members: Sequence[RoomMemberRecord]) -> None:
+        """One job per language the other members hear, each for the members who hear it; alone in
+        the room, the session's own targets, as outside one. The speaker hears none of it."""
+        cut, me = fanout.cut, self.spec.session_id
+        by_lang: dict[str, list[str]] = {}
+        for m in members:
+            if m.session_id != me and m.lang:
+                by_lang.setdefault(m.lang, []).append(f"{m.session_id}@{m.proc}")
+        if not by_lang:
+            self._own_jobs(cut, fanout.audio, front=True)
+            return
+        requests = []
+        langs = sorted(by_lang)
+        for i, lang in enumerate(langs):
+            commit = (cut.index + 1, cut.next_seq, cut.next_skip, -1) if i == len(langs) - 1 else None
+            requests.append(JobRequest((me, lang), cut.index, lang, self.spec.pool_for(lang),
+                                       self._body(cut, lang, fanout.audio), uuid.uuid4().hex, commit=commit,
+                                       listeners=tuple(by_lang[lang])))
+        self._enqueue(requests, front=True)
 
     def _body(self, cut: Cut, tgt: str, audio: str) -> str:
         spec = self.spec
@@ -434,28 +532,32 @@ class SessionProtocol:
     def _pump(self, now: int, out: list[Action]) -> None:
         """One dispatch at a time: the next target of an utterance avoids the nodes of the ones before."""
         if self._in_flight is None and self._queue and not self.finished:
-            request = self._queue.popleft()
-            request = dataclasses.replace(request, avoid=tuple(self._avoid.get(request.utt, ())))
-            self._in_flight = request
-            out.append(Dispatch(request))
+            item = self._queue.popleft()
+            self._in_flight = item
+            if isinstance(item, _Fanout):
+                out.append(RoomCall("speak", self.room or ""))
+            else:
+                out.append(Dispatch(dataclasses.replace(item, avoid=tuple(self._avoid.get(item.utt, ())))))
         self._maybe_finish(now, out)
 
     def dispatched(self, request: JobRequest, result: DispatchResult, now: int) -> list[Action]:
         out: list[Action] = []
-        if self._in_flight is request:
+        if isinstance(self._in_flight, JobRequest) and self._in_flight.unique == request.unique:
             self._in_flight = None
+        if result.status == Status.SUPERSEDED:
+            return self.superseded()
+        if result.node:  # the next target of the utterance avoids this node
+            self._avoid.setdefault(request.utt, []).append(result.node)
         slot = self._slots.get((request.lane, request.utt))
-        if slot is None:
+        if slot is None:  # a room job: its listeners own its outcome, not the speaker
+            if request.commit is not None:
+                self._avoid.pop(request.utt, None)
             self._pump(now, out)
             return out
         if result.status == "error":
             self._settle(slot, self._failure(slot, ErrorCode.SCHEDULER_DEPENDENCY_DOWN, result.message, ""), now, out)
-        elif result.status == Status.SUPERSEDED:
-            return self.superseded()
         else:
             self._track(slot, result.job_id, now)
-            if result.node:
-                self._avoid.setdefault(request.utt, []).append(result.node)
             if result.status == Status.ASSIGNED:
                 out.append(Send(UiEvent(trace_id=self.spec.trace_id, session_id=self.spec.session_id,
                                         job_id=result.job_id, utterance_index=request.utt, event="DISPATCHED",
@@ -549,6 +651,137 @@ class SessionProtocol:
         elif self._ack_at is None:
             self._ack_at = now + self.config.ack_interval_ms
 
+
+    # ------------------------------------------------------------------ rooms
+    def _room_error(self, code: str, message: str) -> RoomError:
+        return RoomError(code=code, message=message)
+
+    def _member(self, display_name: str | None, preferred_lang: str | None) -> str:
+        """What the room keeps of this member; it hears its preferred language, else its target."""
+        return encode_json({"display_name": display_name, "preferred_lang": preferred_lang,
+                            "lang": preferred_lang or self.spec.tgt_langs[0]})
+
+    def _new_code(self) -> str:
+        return f"{self._rng.randrange(100_000, 1_000_000)}"
+
+    def _on_room_message(self, msg: Any, out: list[Action]) -> None:
+        if isinstance(msg, RoomCreate | RoomJoin):
+            if self.room is not None or self._room_call is not None:
+                out.append(Send(self._room_error(RoomErrorCode.ALREADY_IN_ROOM, "leave the room you are in first")))
+                return
+            if msg.preferred_lang is not None:
+                self.spec.pool_for(msg.preferred_lang)  # a language nobody could translate into: refused now
+            self._room_display = (msg.display_name, msg.preferred_lang)
+            if isinstance(msg, RoomCreate):
+                self._create_tries = 0
+                call = RoomCall("create", self._new_code(), self._member(*self._room_display),
+                                str(uuid.UUID(int=self._rng.getrandbits(128), version=4)))
+            else:
+                if not _is_room_code(msg.room_code):
+                    out.append(Send(self._room_error(RoomErrorCode.INVALID_ROOM_CODE, "a room code is 6 digits")))
+                    return
+                call = RoomCall("join", msg.room_code, self._member(*self._room_display), str(self.config.room_max_members))
+            self._room_call = call
+            out.append(call)
+            return
+        if self.room is None or msg.room_code != self.room:
+            out.append(Send(self._room_error(RoomErrorCode.NOT_IN_ROOM, f"this session is not in room {msg.room_code}")))
+            return
+        if isinstance(msg, RoomLeave):
+            out.append(self._leave_room())
+        elif isinstance(msg, RoomRawVoicePreference):
+            out.append(RoomCall("prefer", self.room, msg.target_session_id, "1" if msg.receive_raw_voice else "0"))
+        else:  # WebRTC signalling: relayed to `to` (who will see `to` set to this session)
+            out.append(RoomCall("signal", self.room, msg.to, encode(msg)))
+
+    def _leave_room(self) -> RoomCall:
+        """Leave now: what other members say from here on is not owed to this session any more."""
+        code = self.room or ""
+        for lane in [lane for lane in list(self._lanes_heard()) if lane[0] != self.spec.session_id]:
+            self._forget_lane(lane)
+        self.room = None
+        return RoomCall("leave", code)
+
+    def _lanes_heard(self) -> set[Lane]:
+        return {slot.lane for slot in self._slots.values()}
+
+    def _forget_lane(self, lane: Lane) -> None:
+        for key in [k for k in self._slots if k[0] == lane]:
+            slot = self._slots.pop(key)
+            self._by_job.pop(slot.job_id, None)
+        self.orderer.drop(lane)
+
+    def room_answered(self, call: RoomCall, answer: RoomAnswer, now: int) -> list[Action]:
+        """What a ``RoomCall`` found."""
+        out: list[Action] = []
+        if answer.status == "unreachable":
+            out.append(Send(ErrorMessage(code=ErrorCode.SCHEDULER_DEPENDENCY_DOWN,
+                                         message=f"room {call.op} failed: the scheduler's store is unreachable")))
+        if call.op in ("create", "join") and self._room_call == call:
+            self._room_call = None
+            if answer.status == Status.COLLISION and self._create_tries < 5:
+                self._create_tries += 1
+                retry = dataclasses.replace(call, code=self._new_code())
+                self._room_call = retry
+                out.append(retry)
+            elif answer.status in (Status.CREATED, Status.JOINED):
+                self.room = call.code
+                if call.op == "create":
+                    out.append(Send(RoomCreateAck(room_code=call.code, room_id=answer.room_id or None)))
+            elif answer.status == Status.ERROR:
+                out.append(Send(self._room_error(answer.code, _ROOM_ERROR_TEXT.get(answer.code, "room refused"))))
+        elif call.op == "speak":
+            fanout = self._in_flight
+            self._in_flight = None
+            if isinstance(fanout, _Fanout):
+                if answer.status == Status.OK:
+                    self._room_jobs(fanout, answer.members)
+                else:  # the room is gone (expired, left meanwhile): the session's own targets
+                    self._own_jobs(fanout.cut, fanout.audio, front=True)
+        elif answer.status == Status.ERROR and call.op in ("prefer", "signal"):
+            out.append(Send(self._room_error(answer.code, _ROOM_ERROR_TEXT.get(answer.code, "room refused"))))
+        self._pump(now, out)
+        return out
+
+    def room_news(self, news: RoomNews, now: int) -> list[Action]:
+        """A room's news for this session (another member joined, left, signalled; it expired)."""
+        out: list[Action] = []
+        if news.room != self.room:
+            return out  # a room this session has left
+        if news.event == "members":
+            raw = msgspec.json.decode(news.payload or "[]")
+            members = [RoomMember(participant_id=m["session_id"], session_id=m["session_id"],
+                                  joined_at=int(m.get("joined_at") or 0), display_name=m.get("display_name"),
+                                  preferred_lang=m.get("preferred_lang"),
+                                  raw_voice_preferences=m.get("prefs") if isinstance(m.get("prefs"), dict) else {})
+                       for m in raw]
+            out.append(Send(RoomMembers(room_code=news.room, members=members)))
+        elif news.event == "expired":
+            self._leave_room()
+            out.append(Send(RoomExpired(room_code=news.room, message="no one spoke in the room for "
+                                        f"{self.config.room_expiry_ms // 60_000} minutes: it is closed")))
+        elif news.event == "signal" and news.payload:
+            try:
+                signal = _signal_decoder.decode(news.payload)
+            except msgspec.DecodeError:
+                return out
+            out.append(Send(msgspec.structs.replace(signal, to=news.sender)))
+        return out
+
+    def expect_room_job(self, job: str, speaker: str, utt: int, tgt: str, now: int) -> list[Action]:
+        """A member of this session's room spoke: the outcome of ``job`` is owed to this session,
+        in that speaker's utterance order."""
+        out: list[Action] = []
+        if self.room is None or self.finished:
+            return out
+        lane = (speaker, tgt)
+        last = self.orderer.last_expected(lane)
+        if last is not None and utt <= last:
+            return out
+        self.orderer.expect(lane, utt)
+        self._track(_Slot(lane, utt, tgt, "", now), job, now)
+        return out
+
     # ------------------------------------------------------------------ deadlines
     def tick(self, now: int) -> list[Action]:
         out: list[Action] = []
@@ -603,6 +836,8 @@ class SessionProtocol:
         if self.finished or not self.closing or self._queue or self._in_flight or self.orderer.owed():
             return
         self.finished = True
+        if self.room is not None:
+            out.append(self._leave_room())
         out.append(Send(SessionCloseAck(session_id=self.spec.session_id)))
         out.append(End())
         out.append(CloseSocket())
@@ -614,6 +849,8 @@ class SessionProtocol:
         self.finished = True
         out: list[Action] = []
         self._flush_acks(now, out, force=True)
+        if self.room is not None:
+            out.append(self._leave_room())  # a closed socket leaves the room
         out.append(Detach())
         return out
 
@@ -639,6 +876,24 @@ class SessionProtocol:
         if due:
             out.append(CheckJobs(tuple(due)))
         return out
+
+
+_ROOM_ERROR_TEXT = {
+    RoomErrorCode.ROOM_NOT_FOUND: "no such room (closed, or never opened)",
+    RoomErrorCode.ROOM_FULL: "the room is full",
+    RoomErrorCode.ALREADY_IN_ROOM: "this session is already in that room",
+    RoomErrorCode.NOT_IN_ROOM: "this session is not in that room (or that member is not)",
+    RoomErrorCode.INVALID_ROOM_CODE: "a room code is 6 digits",
+}
+_signal_decoder = msgspec.json.Decoder(WebrtcOffer | WebrtcAnswer | WebrtcIce)
+
+
+def _is_room_code(code: str) -> bool:
+    return len(code) == 6 and code.isascii() and code.isdigit()
+
+
+def encode_json(value: Any) -> str:
+    return msgspec.json.encode(value).decode()
 
 
 def _b64(text: str, what: str) -> bytes:

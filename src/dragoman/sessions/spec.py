@@ -90,13 +90,16 @@ class SessionConfig:
     padding_ms: int = 0
     ack_interval_ms: int = 1_000
     ack_batch: int = 64
+    room_max_members: int = 16
+    room_expiry_ms: int = 1_800_000
 
     @classmethod
     def from_settings(cls, s: Settings) -> SessionConfig:
         return cls(pause_ms=s.pause_ms, max_duration_ms=s.max_duration_ms, max_buffer_bytes=s.max_buffer_bytes,
                    chunks_per_s=s.chunks_per_s, outcome_check_ms=s.outcome_check_ms,
                    job_timeout_ms=s.job_timeout_ms, pending_timeout_ms=s.pending_timeout_ms,
-                   max_attempts=s.max_attempts, padding_ms=s.padding_ms)
+                   max_attempts=s.max_attempts, padding_ms=s.padding_ms, room_max_members=s.room_max_members,
+                   room_expiry_ms=s.room_expiry_ms)
 
     @property
     def job_bound_ms(self) -> int:

@@ -43,6 +43,7 @@ from dragoman.store.keys import (
     check_pool,
     home_cell,
     job_id_for,
+    room_cell,
 )
 from dragoman.store.replies import (
     AckReply,
@@ -60,12 +61,14 @@ from dragoman.store.replies import (
     RegisterReply,
     RelayReply,
     Reply,
+    RoomReply,
     SessionReply,
     StartReply,
     Status,
     TouchReply,
 )
 from dragoman.store.scripts import Scripts
+from dragoman.wire.codes import ErrorCode
 
 log = structlog.get_logger(__name__)
 R = TypeVar("R", bound=Reply)
@@ -98,6 +101,7 @@ class JobSpec:
     session_proc: str | None = None
     epoch: int = 1
     commit: tuple[int, int, int, int] | None = None  # the session's resume point once this is dispatched
+    listeners: tuple[str, ...] = ()  # a room job: "session@process" of each member it is for
 
 
 def _text(value: Any) -> str:
@@ -288,7 +292,7 @@ class Store:
                     self.proc, job_id, spec.pool, spec.session_id, spec.utterance_index, spec.tgt_lang,
                     s.job_timeout_ms, s.pending_timeout_ms, s.queue_max, s.max_attempts, " ".join(spec.avoid),
                     spec.session_proc or self.proc, spec.epoch, spec.body, mode, commit if ck is home else "",
-                    s.warmup_ms], DispatchReply, own_payload=spec.body)
+                    s.warmup_ms, " ".join(spec.listeners)], DispatchReply, own_payload=spec.body)
             reply.job_id = job_id
             if reply.status != Status.NO_CAPACITY:
                 if reply.status not in (Status.EXISTS, Status.SUPERSEDED):
@@ -321,7 +325,7 @@ class Store:
         return await self._call("start_job", ck, [ck.nodes, ck.job(job_id)], [self.proc, job_id, node_id, attempt],
                                 StartReply)
 
-    async def cancel(self, job_id: str, code: str = "JOB_CANCELLED") -> CancelReply:
+    async def cancel(self, job_id: str, code: str = ErrorCode.JOB_CANCELLED) -> CancelReply:
         ck = self.keys_for_job(job_id)
         if ck is None:
             return CancelReply(status=Status.UNKNOWN)
@@ -407,6 +411,33 @@ class Store:
                                      [self.proc, session_id, *ids], AckReply)
             acked += reply.acked
         return acked
+
+    # ---------------------------------------------------------------- rooms
+    def keys_for_room(self, code: str) -> CellKeys:
+        return self.cells[room_cell(code, self.cell_names)]
+
+    async def room(self, op: str, code: str, session_id: str, arg5: str = "", arg6: str = "") -> RoomReply:
+        """One room transition (``store/lua/room-3.lua``): create, join, leave, prefer, speak, signal."""
+        ck = self.keys_for_room(code)
+        return await self._call("room", ck, [ck.nodes, ck.room(code), ck.room_members(code)], [
+            self.proc, op, code, session_id, arg5, arg6, self.settings.room_expiry_ms], RoomReply)
+
+    async def rooms(self) -> list[dict[str, Any]]:
+        """Every room and its members (operators' view)."""
+        out = []
+        for ck in self.cells.values():
+            codes = await self.retrying("zrange", lambda ck=ck: self.client.zrange(ck.rooms, 0, -1, withscores=True))
+            for raw_code, expires in codes:
+                code = _text(raw_code)
+                meta = await self._hash(ck.room(code)) or {}
+                members = await self.retrying("hgetall", lambda ck=ck, code=code: self.client.hgetall(
+                    ck.room_members(code)))
+                listed = sorted((msgspec.json.decode(v) for v in members.values()), key=lambda m: m.get("joined_at", 0))
+                out.append({"room_code": code, "room_id": meta.get("id", ""), "cell": ck.cell,
+                            "created_ms": int(meta.get("created", 0)), "expires_ms": int(expires),
+                            "members": [{k: m.get(k) for k in ("session_id", "display_name", "preferred_lang",
+                                                                "lang", "joined_at")} for m in listed]})
+        return out
 
     # ---------------------------------------------------------------- upkeep
     async def reap_cell(self, cell: str, batch: int = 100, lenient: bool = False) -> ReapReply:

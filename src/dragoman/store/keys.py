@@ -77,6 +77,10 @@ class CellKeys:
         return self.base + "orphans"
 
     @property
+    def rooms(self) -> str:  # zset room code -> when it expires (no speech for room_expiry_ms)
+        return self.base + "rooms"
+
+    @property
     def boot(self) -> str:  # "token:ms": the cell's data generation (changes when Redis lost its data)
         return self.base + "boot"
 
@@ -112,6 +116,15 @@ class CellKeys:
     def proc_sessions(self, proc: str) -> str:  # set of session ids held by that process
         return f"{self.base}proc:{proc}:sessions"
 
+    def room(self, code: str) -> str:  # hash: the room's id, when it was made, its last speech
+        return f"{self.base}room:{code}"
+
+    def room_members(self, code: str) -> str:  # hash session id -> member (JSON)
+        return f"{self.base}room:{code}:members"
+
+    def proc_rooms(self, proc: str) -> str:  # set of "code session_id": room members held by that process
+        return f"{self.base}proc:{proc}:rooms"
+
     def reply(self, call_id: str) -> str:  # a kept reply, for a retry after a lost one (30 s)
         return f"{self.base}reply:{call_id}"
 
@@ -130,6 +143,11 @@ def cell_of_job(job_id: str, cells: tuple[str, ...]) -> str | None:
     """The cell a job id names (cell names never contain '.', see config)."""
     cell, sep, _ = job_id.partition(".")
     return cell if sep and cell in cells else None
+
+
+def room_cell(code: str, cells: tuple[str, ...]) -> str:
+    """A room lives in one cell, chosen by its code (so a code is unique where it is made)."""
+    return cells[zlib.crc32(code.encode()) % len(cells)]
 
 
 def home_cell(session_id: str, cells: tuple[str, ...]) -> str:

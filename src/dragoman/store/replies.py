@@ -43,6 +43,12 @@ class Status(StrEnum):
     COMMITTED = "committed"
     DETACHED = "detached"
     ENDED = "ended"
+    # rooms
+    CREATED = "created"
+    COLLISION = "collision"
+    JOINED = "joined"
+    LEFT = "left"
+    ERROR = "error"
 
 
 class JobState(StrEnum):
@@ -67,6 +73,8 @@ class EffectKind(StrEnum):
     OUTCOME = "outcome"  # the job's one outcome, for ``session``
     PARTIAL = "partial"  # an interim transcript for ``session``
     SUPERSEDED = "superseded"  # ``session`` was taken over by a resume elsewhere
+    EXPECT = "expect"  # ``session`` (a room listener) is owed the outcome of ``job`` (``speaker``'s)
+    ROOM = "room"  # a room's news for ``session``: ``event`` members | expired | signal
 
 
 class Effect(msgspec.Struct, kw_only=True):
@@ -85,6 +93,10 @@ class Effect(msgspec.Struct, kw_only=True):
     code: str = ""
     lease: int = 0
     reason: str = ""
+    speaker: str = ""
+    room: str = ""
+    event: str = ""
+    sender: str = ""
     p: int = 0
     cell: str = ""
     payload: str | None = None
@@ -164,6 +176,7 @@ class ReapReply(Reply, kw_only=True):
     expired_pending: int = 0
     dead_procs: int = 0
     abandoned: int = 0
+    rooms_expired: int = 0
     more: bool = False
     boot: str = ""
 
@@ -198,3 +211,21 @@ class JobsReply(Reply, kw_only=True):
 
 class RelayReply(Reply, kw_only=True):
     reason: str = ""
+
+
+class RoomMemberRecord(msgspec.Struct, kw_only=True):
+    """A room member as Redis keeps it (includes/rooms.lua)."""
+
+    session_id: str
+    joined_at: int = 0
+    display_name: str | None = None
+    preferred_lang: str | None = None
+    lang: str = ""  # what it hears: its preferred_lang, else its session's target
+    prefs: dict[str, bool] | list[Any] = msgspec.field(default_factory=dict)  # (Lua's {} may be a list)
+    proc: str = ""
+
+
+class RoomReply(Reply, kw_only=True):
+    code: str = ""
+    room_id: str = ""
+    members: list[RoomMemberRecord] = msgspec.field(default_factory=list)

@@ -552,6 +552,90 @@ class SessionCloseAck(Message, tag="session_close_ack"):
     session_id: str
 
 
+# --- rooms (client <-> scheduler, /ws/session) --------------------------------------------------
+
+RoomCode = Annotated[str, Meta(pattern=r"^[0-9]{6}$")]
+"""Six digits, as the existing web client checks (``/^\\d{6}$/``)."""
+
+
+class RoomCreate(Message, tag="room_create"):
+    """Open a room and join it. The existing web client sends only ``client_ts``."""
+
+    client_ts: Millis | None = None
+    display_name: Annotated[str, Meta(max_length=64)] | None = None
+    preferred_lang: LangCode | None = None
+
+
+class RoomJoin(Message, tag="room_join"):
+    room_code: str
+    display_name: Annotated[str, Meta(max_length=64)] | None = None
+    preferred_lang: LangCode | None = None
+
+
+class RoomLeave(Message, tag="room_leave"):
+    room_code: str
+
+
+class RoomRawVoicePreference(Message, tag="room_raw_voice_preference"):
+    """Whether this member receives ``target_session_id``'s original voice over WebRTC."""
+
+    room_code: str
+    target_session_id: str
+    receive_raw_voice: bool
+
+
+class WebrtcOffer(Message, tag="webrtc_offer"):
+    """WebRTC signalling, relayed to the member named in ``to``; the scheduler sends it on with
+    ``to`` set to the sender. ``sdp`` is the browser's RTCSessionDescriptionInit, passed through."""
+
+    room_code: str
+    to: str
+    sdp: Any = None
+
+
+class WebrtcAnswer(Message, tag="webrtc_answer"):
+    room_code: str
+    to: str
+    sdp: Any = None
+
+
+class WebrtcIce(Message, tag="webrtc_ice"):
+    room_code: str
+    to: str
+    candidate: Any = None
+
+
+class RoomCreateAck(Message, tag="room_create_ack"):
+    room_code: str
+    room_id: str | None = None
+
+
+class RoomMember(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """One member as every member sees it (``participant_id`` is its session id, ``joined_at`` ms)."""
+
+    participant_id: str
+    session_id: str
+    joined_at: int
+    display_name: str | None = None
+    preferred_lang: str | None = None
+    raw_voice_preferences: dict[str, bool] = {}
+
+
+class RoomMembers(Message, tag="room_members"):
+    room_code: str
+    members: list[RoomMember]
+
+
+class RoomError(Message, tag="room_error"):
+    code: str
+    message: str | None = None
+
+
+class RoomExpired(Message, tag="room_expired"):
+    room_code: str
+    message: str
+
+
 # --- endpoint unions ----------------------------------------------------------------------------
 
 NodeInbound: TypeAlias = (
@@ -564,6 +648,7 @@ NodeOutbound: TypeAlias = NodeRegisterAck | JobAssign | JobCancel | ErrorMessage
 
 SessionInbound: TypeAlias = (
     SessionInit | AudioChunk | Utterance | ClientHeartbeat | TtsStarted | TtsPlayEnded | SessionClose
+    | RoomCreate | RoomJoin | RoomLeave | RoomRawVoicePreference | WebrtcOffer | WebrtcAnswer | WebrtcIce
 )
 """What a client may send on ``/ws/session``."""
 
@@ -577,5 +662,12 @@ SessionOutbound: TypeAlias = (
     | Backpressure
     | ServerHeartbeat
     | SessionCloseAck
+    | RoomCreateAck
+    | RoomMembers
+    | RoomError
+    | RoomExpired
+    | WebrtcOffer
+    | WebrtcAnswer
+    | WebrtcIce
 )
 """What the scheduler sends to a client."""

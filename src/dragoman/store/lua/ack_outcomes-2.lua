@@ -1,6 +1,7 @@
 --[[
   A session has delivered these jobs' outcomes to its client: they are no longer owed, and the jobs
-  (with their kept results) are forgotten. A job that has not ended is left as it is.
+  (with their kept results) are forgotten (a room job once every listener has it). A job that has
+  not ended is left as it is.
 
   Input:
     KEYS[1] cell node registry "<base>nodes"
@@ -21,9 +22,15 @@ local ctx = new_context(base, ARGV[1])
 local acked = 0
 for i = 3, #ARGV do
   local jk = k_job(base, ARGV[i])
-  local state = rcall('HGET', jk, 'state')
+  local f = rcall('HMGET', jk, 'state', 'listeners')
+  local state, listeners = f[1], f[2] or ''
   if not state or TERMINAL[state] then
-    if state then rcall('DEL', jk) end
+    if listeners ~= '' then
+      -- a room job: forgotten when the last of its listeners has it
+      if rcall('HINCRBY', jk, 'acks_left', -1) <= 0 then rcall('DEL', jk) end
+    elseif state then
+      rcall('DEL', jk)
+    end
     rcall('HDEL', KEYS[2], 'j:' .. ARGV[i])
     acked = acked + 1
   end

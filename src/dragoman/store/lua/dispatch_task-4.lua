@@ -35,6 +35,9 @@
              nothing and answer "no_capacity" (used to try one cell before the next)
     ARGV[16] resume point to record in the session, "" for none: "next_utt seq skip cutt"
     ARGV[17] warm-up ms (see above)
+    ARGV[18] room listeners, "session@process ...", "" for none: a room job's outcome goes to each
+             listener (each is first told to expect it), not to the speaking session, and it is
+             not the speaker's to keep: it is forgotten once every listener acknowledged it
   Output: [body, effects, payloads...], body {status, state, node, attempt, code, now}
     status "assigned" | "queued" | "failed" (code NO_AVAILABLE_NODE, or NODE_OVERLOADED: queue full)
          | "exists" (seen before: its current state, "gone" once acknowledged) | "no_capacity"
@@ -70,7 +73,8 @@ local sk = KEYS[4]
 local s = rcall('HMGET', sk, 'epoch', 'proc', 'a:' .. pid, 'j:' .. jid)
 if s[1] and tonumber(s[1]) > epoch then return reply(ctx, { status = 'superseded' }) end
 
-if s[4] then
+local listeners = ARGV[18] or ''
+if s[4] or (listeners ~= '' and rcall('EXISTS', KEYS[2]) == 1) then  -- (a room job is not the session's)
   local j = job_fields(ctx, jid)
   if not j then return reply(ctx, { status = 'exists', state = 'gone' }) end
   if ACTIVE[j.state] then
@@ -99,7 +103,8 @@ for _ = 1, 8 do
 end
 if place_only and not n then return reply(ctx, { status = 'no_capacity' }) end
 
-local sess = { 'j:' .. jid, '1' }
+local sess = {}
+if listeners == '' then sess = { 'j:' .. jid, '1' } end
 if not s[1] or s[2] ~= ARGV[12] then
   for _, v in ipairs({ 'proc', ARGV[12], 'epoch', epoch, 'state', 'live' }) do table.insert(sess, v) end
   rcall('SADD', k_proc_sessions(base, ARGV[12]), sid)
@@ -114,15 +119,19 @@ if n then
   table.insert(sess, 'a:' .. pid)
   table.insert(sess, n.id)
 end
-hset(sk, sess)
+if #sess > 0 then hset(sk, sess) end
 
 ctx.own_job, ctx.own_payload = jid, ARGV[14]
 local j = {
   state = 'new', node = '', attempt = 0, pool = pid, session = sid, utt = utt, tgt = ARGV[6],
   sproc = ARGV[12], max_attempts = max_attempts, job_timeout = job_timeout,
-  pending_timeout = pending_timeout, queue_max = queue_max, tried = '',
+  pending_timeout = pending_timeout, queue_max = queue_max, tried = '', listeners = listeners,
 }
-local creation = { 'id', jid, 'pool', pid, 'session', sid, 'utt', utt, 'tgt', ARGV[6], 'sproc', ARGV[12], 'attempt', 0, 'node', '',
+-- listeners learn of the job before anything can end it, through the same channel as its outcome
+each_listener(listeners, function(lsid, lproc)
+  emit(ctx, lproc, { kind = 'expect', job = jid, session = lsid, speaker = sid, utt = utt, tgt = ARGV[6] })
+end)
+local creation = { 'listeners', listeners, 'acks_left', #split_words(listeners), 'id', jid, 'pool', pid, 'session', sid, 'utt', utt, 'tgt', ARGV[6], 'sproc', ARGV[12], 'attempt', 0, 'node', '',
   'max_attempts', max_attempts, 'job_timeout', job_timeout, 'pending_timeout', pending_timeout,
   'queue_max', queue_max, 'created', ctx.now, 'data', ARGV[14] }
 

@@ -10,7 +10,8 @@
        at once), their sessions become orphans (kept for a client that resumes), their inbox goes
        (the caller itself is alive whatever its registration says: it is renewed instead);
     5. orphan sessions past their grace period are abandoned: their waiting jobs are cancelled,
-       running ones get job_cancel, and the session is forgotten;
+       running ones get job_cancel, and the session is forgotten; rooms without speech for their
+       expiry are closed (room_expired to each member); a dead process's room members leave;
     6. nodes offline for more than an hour leave the operators' list of recent nodes.
   Together with the reaper interval this bounds recovery (I5, I10).
 
@@ -34,6 +35,7 @@
 --- @include "includes/nodes"
 --- @include "includes/jobs"
 --- @include "includes/sessions"
+--- @include "includes/rooms"
 
 local base = base_of(KEYS[1])
 local batch = need_number(ARGV[2], 'batch', 1)
@@ -93,7 +95,11 @@ for _, p in ipairs(procs) do
   for _, sid in ipairs(rcall('SPOP', k_proc_sessions(base, p), batch)) do
     if rcall('HGET', k_sess(base, sid), 'proc') == p then session_orphan(ctx, sid, grace) end
   end
-  if rcall('EXISTS', k_proc_nodes(base, p), k_proc_sessions(base, p)) == 0 then
+  for _, entry in ipairs(rcall('SPOP', k_proc_rooms(base, p), batch)) do
+    local code, sid = string.match(entry, '^(%S+) (%S+)$')
+    if code then room_remove(ctx, code, sid) end
+  end
+  if rcall('EXISTS', k_proc_nodes(base, p), k_proc_sessions(base, p), k_proc_rooms(base, p)) == 0 then
     rcall('DEL', k_inbox(base, p))
     rcall('ZREM', k_procs(base), p)
     log_event(ctx, 'scheduler_lost', { proc = p })
@@ -102,6 +108,10 @@ for _, p in ipairs(procs) do
   end
   end
 end
+
+local quiet = rcall('ZRANGE', k_rooms(base), '-inf', ctx.now - 1, 'BYSCORE', 'LIMIT', 0, batch)
+for _, code in ipairs(quiet) do room_expire(ctx, code) end
+if #quiet == batch then more = true end
 
 local gone = rcall('ZRANGE', k_orphans(base), '-inf', ctx.now - 1, 'BYSCORE', 'LIMIT', 0, batch)
 for _, sid in ipairs(gone) do
@@ -112,5 +122,5 @@ if #gone == batch then more = true end
 rcall('ZREMRANGEBYSCORE', k_offline(base), '-inf', ctx.now - 3600000)
 
 return reply(ctx, { status = 'ok', dead_nodes = #dead, expired_leases = #expired,
-  expired_pending = #waited, dead_procs = #procs, abandoned = #gone, more = more,
+  expired_pending = #waited, dead_procs = #procs, abandoned = #gone, rooms_expired = #quiet, more = more,
   boot = rcall('GET', k_boot(base)) or '' })

@@ -15,15 +15,25 @@ local ACTIVE = { assigned = true, running = true }
 
 local function job_fields(ctx, jid)
   local f = rcall('HMGET', k_job(ctx.base, jid), 'state', 'node', 'attempt', 'pool', 'session', 'utt',
-    'tgt', 'sproc', 'max_attempts', 'job_timeout', 'pending_timeout', 'queue_max', 'tried')
+    'tgt', 'sproc', 'max_attempts', 'job_timeout', 'pending_timeout', 'queue_max', 'tried', 'listeners')
   if not f[1] then return nil end
   return {
     state = f[1], node = f[2] or '', attempt = tonumber(f[3]) or 0, pool = f[4], session = f[5],
     utt = tonumber(f[6]) or 0, tgt = f[7] or '', sproc = f[8] or '', max_attempts = tonumber(f[9]) or 1,
     job_timeout = tonumber(f[10]) or 60000, pending_timeout = tonumber(f[11]) or 10000,
-    queue_max = tonumber(f[12]) or 0, tried = f[13] or '',
+    queue_max = tonumber(f[12]) or 0, tried = f[13] or '', listeners = f[14] or '',
   }
 end
+
+-- A room job's outcome goes to its listeners ("sid@proc" each), not to the speaking session.
+local function each_listener(listeners, fn)
+  for _, entry in ipairs(split_words(listeners)) do
+    local sid, proc = string.match(entry, '^([^@]+)@(.*)$')
+    if sid then fn(sid, proc) end
+  end
+end
+
+local ROOM_JOB_KEEP_MS = 600000  -- an ended room job waits this long at most for its listeners' acks
 
 -- One HSET of ``extra`` then ``fields`` (a field in both takes its value from ``fields``).
 local function hset(key, fields, extra)
@@ -52,10 +62,18 @@ local function finish_job(ctx, jid, j, state, code, payload, own, extra)
     count(ctx, 'failed_' .. code)
     log_event(ctx, 'job_failed', { job = jid, code = code, session = j.session, utt = j.utt, tgt = j.tgt })
   end
-  emit(ctx, j.sproc, {
-    kind = 'outcome', job = jid, session = j.session, utt = j.utt, tgt = j.tgt,
-    state = state, code = code or '', node = j.node, attempt = j.attempt,
-  }, payload, own and payload ~= nil)
+  if j.listeners ~= '' then
+    each_listener(j.listeners, function(sid, proc)
+      emit(ctx, proc, { kind = 'outcome', job = jid, session = sid, speaker = j.session, utt = j.utt, tgt = j.tgt,
+        state = state, code = code or '', node = j.node, attempt = j.attempt }, payload)
+    end)
+    rcall('PEXPIRE', k_job(ctx.base, jid), ROOM_JOB_KEEP_MS)
+  else
+    emit(ctx, j.sproc, {
+      kind = 'outcome', job = jid, session = j.session, utt = j.utt, tgt = j.tgt,
+      state = state, code = code or '', node = j.node, attempt = j.attempt,
+    }, payload, own and payload ~= nil)
+  end
   j.state = state
 end
 

@@ -12,6 +12,9 @@ local function k_inbox(base, proc) return base .. 'inbox:' .. proc end
 local function k_proc_nodes(base, proc) return base .. 'proc:' .. proc .. ':nodes' end
 local function k_proc_sessions(base, proc) return base .. 'proc:' .. proc .. ':sessions' end
 local function k_reply(base, call_id) return base .. 'reply:' .. call_id end
+local function k_room(base, code) return base .. 'room:' .. code end
+local function k_room_members(base, code) return base .. 'room:' .. code .. ':members' end
+local function k_proc_rooms(base, proc) return base .. 'proc:' .. proc .. ':rooms' end
 local function k_nodes(base) return base .. 'nodes' end
 local function k_pools(base) return base .. 'pools' end
 local function k_pools_gone(base) return base .. 'pools_gone' end
@@ -24,3 +27,4 @@ local function k_procs(base) return base .. 'procs' end
 local function k_clock(base) return base .. 'clock' end
 local function k_offline(base) return base .. 'offline' end
 local function k_boot(base) return base .. 'boot' end
+local function k_rooms(base) return base .. 'rooms' end
