@@ -24,6 +24,8 @@ class Settings:
     key_prefix: str = "dragoman"
     cells: tuple[str, ...] = ("c0",)
     redis_retry_ms: int = 15_000  # a transition is retried this long while Redis is unreachable
+    redis_min_replicas_ack: int = 0  # >0: a transition returns only once this many replicas have it (WAIT)
+    redis_replica_wait_ms: int = 1_000  # how long one WAIT waits (then the transition is retried)
     inbox_max_len: int = 10_000  # unread effects a process's inbox holds before effects for it move on
     warmup_ms: int = 5_000  # after Redis lost its data or a pool its last node, jobs for it wait this long
 
@@ -140,7 +142,7 @@ def _validate(s: Settings) -> None:
                  "ws_ping_timeout_ms", "stats_flush_ms", "room_max_members", "room_expiry_ms"):
         if getattr(s, name) <= 0:
             raise ConfigError(f"setting {name!r} must be positive, got {getattr(s, name)}")
-    for name in ("session_grace_ms", "warmup_ms"):
+    for name in ("session_grace_ms", "warmup_ms", "redis_min_replicas_ack"):
         if getattr(s, name) < 0:
             raise ConfigError(f"setting {name!r} must not be negative, got {getattr(s, name)}")
     if not s.cells:

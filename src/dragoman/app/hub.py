@@ -167,7 +167,7 @@ class Hub:
             except Exception as exc:
                 failures += 1
                 self.redis_ok = not isinstance(exc, DependencyDown)
-                pause = min(10.0, 0.2 * 2 ** min(failures, 6)) * (0.5 + random.random())
+                pause = min(2.0, 0.1 * 2 ** min(failures, 5)) * (0.5 + random.random())
                 log.warning("upkeep failed", loop=name, error=str(exc), retry_in_s=round(pause, 2))
             await asyncio.sleep(every if pause is None else pause)
 
@@ -201,6 +201,8 @@ class Hub:
         if self.primary and primary != self.primary:
             log.warning("Redis primary changed (failover)", was=self.primary, now=primary)
             self.metrics.failovers.inc()
+            # replication is asynchronous: the new primary may lack the old one's last writes
+            self._lost("the Redis primary changed (a failover may have lost the last writes)", "*")
         self.primary = primary
         return None
 

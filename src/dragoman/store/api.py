@@ -33,8 +33,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from dragoman.config import Settings
-from dragoman.errors import DependencyDown, ScriptError
-from dragoman.store.connect import current_primary, make_client
+from dragoman.errors import ConfigError, DependencyDown, ScriptError
+from dragoman.store.connect import current_primary, make_client, parse_redis_url
 from dragoman.store.keys import (
     CellKeys,
     cell_of_job,
@@ -130,6 +130,8 @@ class Store:
         ``store/connect.py``. Socket timeouts sit above the inbox's 1 s blocking read: a stalled
         Redis becomes a retried call, then DependencyDown, never a hang."""
         client, described = make_client(url, cluster=cluster)
+        if settings.redis_min_replicas_ack and parse_redis_url(url, cluster=cluster).kind == "cluster":
+            raise ConfigError("redis_min_replicas_ack is for one server or a Sentinel set, not a Cluster")
         store = cls(client, settings, proc, test_clock=test_clock)
         store.target = described
         return store
@@ -166,7 +168,8 @@ class Store:
     async def _call(self, name: str, ck: CellKeys, keys: list[str], args: list[Any], kind: type[R],
                     own_payload: str | None = None, own_result: Any = None) -> R:
         try:
-            raw = await self.retrying(name, lambda: self.scripts.call(name, keys, args))
+            raw = await self.retrying(name, lambda: self.scripts.call(
+                name, keys, args, self.client, self.settings.redis_min_replicas_ack, self.settings.redis_replica_wait_ms))
         except ResponseError as exc:
             raise ScriptError(f"{name}: {exc}") from exc
         payloads = [_text(p) for p in raw[2:]]

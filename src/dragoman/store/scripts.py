@@ -17,6 +17,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+from redis.exceptions import ConnectionError as RedisConnectionError
+
 from dragoman.errors import ScriptError
 
 LUA_DIR = Path(__file__).parent / "lua"
@@ -27,6 +29,10 @@ _DEFINE = re.compile(r"\{\{(\w+)\}\}")
 
 class ScriptLoadError(ScriptError):
     pass
+
+
+class ReplicasBehind(RedisConnectionError):
+    """Fewer replicas than required acknowledged a transition (``redis_min_replicas_ack``)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,11 +97,25 @@ class Scripts:
         self.specs = discover(root, defines)
         self._registered = {name: client.register_script(spec.source) for name, spec in self.specs.items()}
 
-    async def call(self, name: str, keys: list[str], args: list[Any]) -> Any:
+    async def call(self, name: str, keys: list[str], args: list[Any], client: Any = None,
+                   replicas: int = 0, replica_wait_ms: int = 1000) -> Any:
+        """Run a script. With ``replicas`` > 0 it is followed, on the same connection, by ``WAIT``:
+        the call only returns once that many replicas have the script's writes, and raises
+        ``ReplicasBehind`` (a connection error: the caller's retry makes it again, retry-safe)
+        when they do not within ``replica_wait_ms``."""
         spec = self.specs[name]
         if len(keys) != spec.num_keys:
             raise ScriptError(f"{name} takes {spec.num_keys} keys, got {len(keys)}")
-        return await self._registered[name](keys=keys, args=args)
+        script = self._registered[name]
+        if replicas <= 0:
+            return await script(keys=keys, args=args)
+        pipe = client.pipeline(transaction=False)
+        await script(keys=keys, args=args, client=pipe)
+        pipe.execute_command("WAIT", replicas, replica_wait_ms)
+        reply, acked = await pipe.execute()
+        if int(acked) < replicas:
+            raise ReplicasBehind(f"{name}: {acked} of {replicas} replicas acknowledged within {replica_wait_ms} ms")
+        return reply
 
     async def load_all(self, client: Any) -> None:
         """Load every script now (readiness checks; first calls skip the NOSCRIPT round trip)."""
