@@ -39,6 +39,9 @@ class Metrics:
         self.jobs_total = Gauge("dragoman_jobs", "Cluster-wide job counters from Redis", ["counter"], registry=r)
         self.failovers = Counter("dragoman_redis_failovers", "Times this process saw the Redis primary change",
                                  registry=r)
+        self.session_events = Counter("dragoman_session_events", "Notable events of this process's sessions "
+                                      "(lost_job_rerun: Redis lost a job, run again from the session's audio)",
+                                      ["event"], registry=r)
         self.redis_resets = Counter("dragoman_redis_data_lost", "Times this process saw Redis lose its data "
                                     "and registered its nodes and sessions again", registry=r)
 
@@ -49,6 +52,10 @@ class Metrics:
     def observe(self, name: str, seconds: float) -> None:
         """A session's measurement (``dragoman.types.Observer``)."""
         (self.dispatch_latency if name == "dispatch" else self.e2e_latency).observe(seconds)
+
+    def count(self, name: str) -> None:
+        """A session's notable event (``dragoman.types.Observer``)."""
+        self.session_events.labels(name).inc()
 
     def reaped_reply(self, reply: ReapReply) -> None:
         for kind, n in (("dead_nodes", reply.dead_nodes), ("expired_leases", reply.expired_leases),

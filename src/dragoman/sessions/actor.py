@@ -30,6 +30,7 @@ from .protocol import (
     CancelJob,
     CheckJobs,
     CloseSocket,
+    Count,
     Detach,
     Dispatch,
     DispatchResult,
@@ -185,6 +186,9 @@ class SessionActor:
             elif isinstance(action, Observe):
                 if self.observer is not None:
                     self.observer.observe(action.name, action.seconds)
+            elif isinstance(action, Count):
+                if self.observer is not None:
+                    self.observer.count(action.name)
             elif isinstance(action, Settled):
                 if self.observer is not None:
                     self.observer.settled(action.state, action.code)
