@@ -42,6 +42,10 @@ class Metrics:
         self.session_events = Counter("dragoman_session_events", "Notable events of this process's sessions "
                                       "(lost_job_rerun: Redis lost a job, run again from the session's audio)",
                                       ["event"], registry=r)
+        self.pipeline_writes = Gauge("dragoman_redis_pipeline_writes", "Writes of the auto-pipeline to Redis "
+                                     "(script calls / writes = calls sent per write)", registry=r)
+        self.pipeline_commands = Gauge("dragoman_redis_pipeline_commands", "Commands sent by the auto-pipeline",
+                                       registry=r)
         self.redis_resets = Counter("dragoman_redis_data_lost", "Times this process saw Redis lose its data "
                                     "and registered its nodes and sessions again", registry=r)
 
@@ -80,6 +84,9 @@ class Metrics:
         self.slots_total.set(total)
         for pool in await store.pools():
             self.queue_depth.labels(pool["pool"]).set(pool["queue_depth"])
+        if store.pipeline is not None:
+            self.pipeline_writes.set(store.pipeline.writes)
+            self.pipeline_commands.set(store.pipeline.commands)
         for key, value in (await store.stats()).items():
             self.jobs_total.labels(key).set(value)
 
