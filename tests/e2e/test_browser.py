@@ -36,6 +36,22 @@ async def browser():
         await b.close()
 
 
+async def start_session(page, src: str, tgt: str) -> None:
+    """Pick the languages from what the page says the network serves, and start."""
+    # The page re-reads /api/v1/languages every 2 s while nothing is served (the node may still be starting).
+    await page.wait_for_selector(f'#src option[value="{src}"]', state="attached", timeout=20000)
+    await page.select_option("#src", src)
+    await page.wait_for_selector(f'#tgts input[value="{tgt}"]', timeout=10000)
+    for box in await page.query_selector_all("#tgts input:checked"):
+        if await box.get_attribute("value") != tgt:
+            await box.uncheck()
+    await page.check(f'#tgts input[value="{tgt}"]')
+    await page.wait_for_function("!document.querySelector('#start').disabled", timeout=10000)
+    await page.click("#start")
+    await page.wait_for_function("document.querySelector('#session-id').textContent.trim().length > 8",
+                                 timeout=15000)
+
+
 async def test_dashboard_shows_a_node_appear_and_jobs_count_up(scheduler, browser) -> None:
     base = scheduler()
     page = await browser.new_page(viewport={"width": 1280, "height": 800})
@@ -73,11 +89,7 @@ async def test_client_page_streams_fake_microphone_and_shows_translation(schedul
     errors: list[str] = []
     page.on("pageerror", lambda e: errors.append(str(e)))
     await page.goto(base + "/client")
-    await page.fill("#tgts", "en")
-    await page.fill("#src", "zh")
-    await page.click("#start")
-    await page.wait_for_function("document.querySelector('#session-id').textContent.trim().length > 8",
-                                 timeout=15000)
+    await start_session(page, "zh", "en")
     # let the fake microphone talk until a couple of seconds of audio went out (about 200 ms a chunk)
     await page.wait_for_function("parseInt(document.querySelector('#chunks-sent').textContent) >= 12",
                                  timeout=20000)
@@ -86,5 +98,35 @@ async def test_client_page_streams_fake_microphone_and_shows_translation(schedul
     assert await row.get_attribute("data-tgt") == "en"
     text = await page.inner_text(".result .translated")
     assert "[sim zh->en]" in text
+    assert (await page.inner_text(".result .speaker")).strip() == "you"
     await page.screenshot(path=str(ARTIFACTS / "client.png"), full_page=True)
     assert errors == []
+
+
+async def test_client_page_offers_only_the_languages_the_pools_serve(scheduler, spawn, browser) -> None:
+    base = scheduler()
+    page = await browser.new_page(viewport={"width": 1280, "height": 800})
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    await page.goto(base + "/client")
+    # no node yet: nothing to choose, Start disabled and the page says why
+    await page.wait_for_function("document.querySelector('#langs-note').dataset.state === 'blocked'", timeout=10000)
+    assert await page.is_disabled("#start")
+    assert "no language" in await page.inner_text("#langs-note")
+    spawn("node", "--scheduler", ws(base) + "/ws/node", "--pairs", "zh:en,zh:ja,en:zh", "--slots", "2",
+          "--sim-speed", "20", name="langs-node")
+    await page.wait_for_selector('#src option[value="zh"]', state="attached", timeout=20000)
+    assert await page.eval_on_selector_all("#src option", "os => os.map(o => o.value)") == ["auto", "en", "zh"]
+    await page.select_option("#src", "zh")
+    assert await page.eval_on_selector_all("#tgts input", "xs => xs.map(x => x.value)") == ["en", "ja"]
+    await page.select_option("#src", "en")
+    assert await page.eval_on_selector_all("#tgts input", "xs => xs.map(x => x.value)") == ["zh"]
+    await page.select_option("#src", "auto")  # two-way: A/B from the pairs served both ways
+    assert await page.is_visible("#lang-a") and not await page.is_visible("#tgts")
+    assert await page.eval_on_selector_all("#lang-a option", "os => os.map(o => o.value)") == ["en", "zh"]
+    assert await page.eval_on_selector_all("#preferred-lang option", "os => os.map(o => o.value)") == [
+        "", "en", "ja", "zh"]
+    assert not await page.is_disabled("#start")
+    assert await page.is_disabled("#room-create")  # rooms need a connected session
+    assert errors == []
+
