@@ -130,3 +130,79 @@ async def test_client_page_offers_only_the_languages_the_pools_serve(scheduler, 
     assert await page.is_disabled("#room-create")  # rooms need a connected session
     assert errors == []
 
+
+async def wait_members(page, count: int) -> None:
+    await page.wait_for_function(f"document.querySelectorAll('#room-members li').length === {count}", timeout=15000)
+
+
+async def test_two_client_pages_share_a_room_and_see_who_said_what(scheduler, spawn, browser) -> None:
+    """Alice speaks Chinese and hears Chinese; Bob speaks English and hears English. Both fake
+    microphones play the same recording: each page shows the other's speech, named."""
+    base = scheduler()
+    spawn("node", "--scheduler", ws(base) + "/ws/node", "--pairs", "zh:en,en:zh", "--slots", "4", "--sim-speed", "20",
+          name="room-node")
+    errors: list[str] = []
+    pages = {}
+    for who in ("a", "b"):
+        page = await browser.new_page(viewport={"width": 1280, "height": 900})
+        page.on("pageerror", lambda e, who=who: errors.append(f"{who}: {e}"))
+        await page.goto(base + "/client")
+        pages[who] = page
+    a, b = pages["a"], pages["b"]
+
+    await start_session(a, "zh", "en")
+    await a.wait_for_function("!document.querySelector('#room-create').disabled", timeout=15000)
+    await a.fill("#display-name", "Alice")
+    await a.select_option("#preferred-lang", "zh")
+    await a.click("#room-create")
+    await a.wait_for_function("document.querySelector('#room-code').dataset.state === 'in'", timeout=15000)
+    code = (await a.inner_text("#room-code")).strip()
+    assert code.isdigit() and len(code) == 6
+    await wait_members(a, 1)
+
+    await start_session(b, "en", "zh")
+    await b.wait_for_function("!document.querySelector('#room-join').disabled", timeout=15000)
+    await b.fill("#display-name", "Bob")
+    await b.select_option("#preferred-lang", "en")
+    await b.fill("#room-code-input", code)
+    await b.click("#room-join")
+    for page in (a, b):
+        await wait_members(page, 2)
+        assert (await page.inner_text("#room-code")).strip() == code
+        names = await page.eval_on_selector_all("#room-members li .name", "xs => xs.map(x => x.textContent)")
+        assert names == ["Alice", "Bob"]
+    assert await a.inner_text("#room-members li.self .name") == "Alice"
+    assert await b.inner_text("#room-members li.self .name") == "Bob"
+    assert "en" in await b.inner_text("#room-members li.self .lang")
+
+    # who said what: Alice's speech reaches Bob in English, named; Bob's reaches Alice in Chinese
+    heard = """([name, text]) => [...document.querySelectorAll('#results-body tr.result')].some(tr =>
+        tr.querySelector('.speaker').textContent === name && tr.querySelector('.translated').textContent.includes(text))"""
+    await b.wait_for_function(heard, arg=["Alice", "[sim zh->en]"], timeout=40000)
+    await a.wait_for_function(heard, arg=["Bob", "[sim en->zh]"], timeout=40000)
+    alice_rows = await b.eval_on_selector_all(
+        "#results-body tr.result", "rows => rows.filter(r => r.querySelector('.speaker').textContent === 'Alice')"
+        ".map(r => [r.dataset.speaker, r.dataset.tgt])")
+    alice_sid = (await a.inner_text("#session-id")).strip()
+    assert alice_rows and all(row == [alice_sid, "en"] for row in alice_rows)
+
+    dash = await browser.new_page(viewport={"width": 1280, "height": 1000})
+    dash.on("pageerror", lambda e: errors.append(f"dashboard: {e}"))
+    await dash.goto(base + "/")
+    row = f'tr[data-room-code="{code}"]'
+    await dash.wait_for_function(f"(document.querySelector('{row} td.member-count') || {{}}).textContent === '2'",
+                                 timeout=15000)
+    chips = await dash.eval_on_selector_all(f"{row} td.members .chip", "xs => xs.map(x => x.textContent)")
+    assert chips == ["Alice · zh", "Bob · en"]
+
+    for name, page in (("a", a), ("b", b)):
+        await page.screenshot(path=str(ARTIFACTS / f"rooms-client-{name}.png"), full_page=True)
+    await dash.screenshot(path=str(ARTIFACTS / "rooms-dashboard.png"), full_page=True)
+
+    # Bob leaves: Alice sees one member, so does the dashboard
+    await b.click("#room-leave")
+    await b.wait_for_function("document.querySelector('#room-code').dataset.state === 'none'", timeout=5000)
+    await wait_members(a, 1)
+    await dash.wait_for_function(f"(document.querySelector('{row} td.member-count') || {{}}).textContent === '1'",
+                                 timeout=15000)
+    assert errors == []
