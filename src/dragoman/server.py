@@ -9,6 +9,7 @@ import structlog
 import uvicorn
 
 from dragoman.app.factory import create_app
+from dragoman.app.sockets import FrameWriterProtocol
 from dragoman.config import Settings
 from dragoman.embedded import EmbeddedServer
 from dragoman.eventloop import run
@@ -32,6 +33,7 @@ def build_server(settings: Settings, store: Store) -> uvicorn.Server:
     app = create_app(settings, store)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, ws_max_size=settings.max_frame_bytes,
                             log_level="warning", lifespan="on", ws_per_message_deflate=settings.ws_deflate,
+                            ws=FrameWriterProtocol,  # Link writes frames to it in place (app/sockets.py)
                             # a peer that stops answering pings is gone within interval + timeout
                             ws_ping_interval=settings.ws_ping_interval_ms / 1000,
                             ws_ping_timeout=settings.ws_ping_timeout_ms / 1000,

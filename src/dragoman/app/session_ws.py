@@ -4,7 +4,6 @@ later frame goes to the session's actor, which owns everything else."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import secrets
 from typing import TYPE_CHECKING
 
@@ -19,14 +18,12 @@ from dragoman.sessions.spec import SessionConfig, SessionSpec, key_digest
 from dragoman.store.replies import Status
 from dragoman.wire import ErrorCode, SessionInit, decode_session, error_frame
 
-from .sockets import MAX_STRIKES, Link, bearer, receive_text
+from .sockets import MAX_STRIKES, STOPPED, Interruptible, Link, bearer, receive_text
 
 if TYPE_CHECKING:
     from .hub import Hub
 
 log = structlog.get_logger(__name__)
-
-
 async def session_endpoint(ws: WebSocket) -> None:
     hub: Hub = ws.app.state.hub
     keys = hub.settings.api_keys
@@ -39,22 +36,15 @@ async def session_endpoint(ws: WebSocket) -> None:
     link.start()
     hub.metrics.open_sockets.labels("session").inc()
     actor: SessionActor | None = None
-    task: asyncio.Task[None] | None = None
     strikes = 0
+    reads = Interruptible()  # the actor's end (closed and flushed, or taken over) interrupts a read
     try:
         while not link.closed.is_set():
-            receive = asyncio.ensure_future(receive_text(ws))
-            waiters: set[asyncio.Future[object]] = {receive}  # type: ignore[arg-type]
-            if task is not None:
-                waiters.add(task)  # type: ignore[arg-type]
-            done, _ = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-            if receive not in done:  # the actor finished (session closed and flushed, or taken over)
-                receive.cancel()
-                with contextlib.suppress(asyncio.CancelledError, WebSocketDisconnect, RuntimeError):
-                    await receive
+            text = await reads.wait(receive_text(ws))
+            if text is STOPPED:
                 break
             try:
-                msg = decode_session(receive.result())
+                msg = decode_session(text)
                 if actor is None:
                     if not isinstance(msg, SessionInit):
                         raise ProtocolError("send session_init first", code=ErrorCode.INVALID_SESSION)
@@ -63,8 +53,10 @@ async def session_endpoint(ws: WebSocket) -> None:
                     actor, resumed = await open_or_resume(hub, msg, key, link)
                     task = asyncio.create_task(actor.run(open_record=not resumed),
                                                name=f"session:{actor.session_id[:8]}")
+                    task.add_done_callback(reads.stop)
                 else:
-                    await actor.frame_slots.acquire()
+                    if await reads.wait(actor.frame_slots.acquire()) is STOPPED:
+                        break
                     actor.post_frame(msg)
                 strikes = 0
             except ProtocolError as exc:

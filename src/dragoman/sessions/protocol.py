@@ -43,6 +43,7 @@ from dragoman.core.ratelimit import TokenBucket
 from dragoman.core.segmentation import CutReason, Segmenter, SegmenterConfig
 from dragoman.core.segmentation import Utterance as Cut
 from dragoman.errors import ProtocolError
+from dragoman.ids import new_id
 from dragoman.store.replies import JobState, JobStatus, RoomMemberRecord, Status
 from dragoman.wire import (
     EMPTY_RESULT_REASONS,
@@ -492,7 +493,7 @@ class SessionProtocol:
             commit = None
             if i == len(tgts) - 1:  # once every target of the cut is a job, the cut is committed
                 commit = (cut.index + 1, cut.next_seq, cut.next_skip, -1)
-            requests.append(JobRequest(lane, cut.index, tgt, self.spec.pool_for(tgt), body, uuid.uuid4().hex,
+            requests.append(JobRequest(lane, cut.index, tgt, self.spec.pool_for(tgt), body, new_id(),
                                        commit=commit))
         self._enqueue(requests, front)
 
@@ -518,7 +519,7 @@ class SessionProtocol:
         for i, lang in enumerate(langs):
             commit = (cut.index + 1, cut.next_seq, cut.next_skip, -1) if i == len(langs) - 1 else None
             requests.append(JobRequest((me, lang), cut.index, lang, self.spec.pool_for(lang),
-                                       self._body(cut, lang, fanout.audio), uuid.uuid4().hex, commit=commit,
+                                       self._body(cut, lang, fanout.audio), new_id(), commit=commit,
                                        listeners=tuple(by_lang[lang])))
         self._enqueue(requests, front=True)
 
@@ -832,7 +833,7 @@ class SessionProtocol:
                 self._by_job.pop(job_id, None)
                 slot.job_id = ""
                 self._queue.appendleft(JobRequest(slot.lane, slot.utt, slot.tgt, self.spec.pool_for(slot.tgt),
-                                                  slot.body, uuid.uuid4().hex))
+                                                  slot.body, new_id()))
             else:
                 out.append(Count("lost_job_failed"))
                 self._settle(slot, self._failure(slot, ErrorCode.JOB_TIMEOUT,

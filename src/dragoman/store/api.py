@@ -35,6 +35,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from dragoman.config import Settings
 from dragoman.errors import ConfigError, DependencyDown, ScriptError
+from dragoman.ids import new_id
 from dragoman.store.connect import PRIMARY_CHECK_INTERVAL, current_primary, make_client, parse_redis_url
 from dragoman.store.keys import (
     CellKeys,
@@ -98,7 +99,7 @@ class JobSpec:
     utterance_index: int
     tgt_lang: str
     body: str  # the encoded JobAssignBody (job_assign without its ids), kept for reassignment
-    unique: str = dataclasses.field(default_factory=lambda: uuid.uuid4().hex)
+    unique: str = dataclasses.field(default_factory=new_id)
     avoid: tuple[str, ...] = ()
     session_proc: str | None = None
     epoch: int = 1
@@ -213,7 +214,7 @@ class Store:
 
     @staticmethod
     def call_id() -> str:
-        return uuid.uuid4().hex
+        return new_id()
 
     async def primary(self) -> str:
         """The server this Store writes to ("host:port"; for a cluster, its primaries)."""
