@@ -1,0 +1,30 @@
+"""``python -m bench.idle [--quick] [--json OUT] [--markdown OUT]``: see ``bench/idle/__init__.py``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from bench.idle.report import markdown, summary
+from bench.idle.runner import run
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.idle", description="One scheduler holding many idle sockets.")
+    ap.add_argument("--quick", action="store_true", help="1,000 node + 100 session sockets")
+    ap.add_argument("--json", type=Path)
+    ap.add_argument("--markdown", type=Path)
+    args = ap.parse_args(argv)
+    res = run("quick" if args.quick else "full")
+    print(summary(res))
+    if args.json:
+        args.json.write_text(json.dumps(res, indent=1, default=str))
+    if args.markdown:
+        args.markdown.write_text(markdown(res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
