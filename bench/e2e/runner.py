@@ -256,7 +256,16 @@ def run_comparison(profile: Profile | str = "full", logdir: Path | None = None, 
         Proc.kill_all_now()
 
 
+KEEP_LOGS = 30  # run log folders kept under BENCH_HOME/logs (the oldest are removed)
+
+
 def new_logdir(tag: str = "") -> Path:
-    d = peer_install.BENCH_HOME / "logs" / (time.strftime("%Y%m%d-%H%M%S") + (f"-{tag}" if tag else ""))
+    """A fresh folder for one run's logs (child processes' output), the oldest beyond KEEP_LOGS removed."""
+    import shutil
+
+    root = peer_install.BENCH_HOME / "logs"
+    d = root / (time.strftime("%Y%m%d-%H%M%S") + (f"-{tag}" if tag else ""))
     d.mkdir(parents=True, exist_ok=True)
+    for old in sorted(p for p in root.iterdir() if p.is_dir())[:-KEEP_LOGS]:
+        shutil.rmtree(old, ignore_errors=True)
     return d

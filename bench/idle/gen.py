@@ -67,6 +67,7 @@ class Gen:
         self.rtts: list[float] = []
         self.first_error = ""
         self.stopping = False
+        self.readers: list[asyncio.Task[None]] = []
         self.running = asyncio.Event()  # cleared while the heartbeats are paused
         self.running.set()
         self.paused_at = 0.0
@@ -93,6 +94,7 @@ class Gen:
                 if msg.type == "error":
                     raise RuntimeError(f"{a.kind} {i} refused: {msg.code}: {msg.message}")
         self.socks[i] = ws
+        self.readers.append(asyncio.create_task(self.read(i)))
 
     async def read(self, i: int) -> None:
         ws = self.socks[i]
@@ -125,7 +127,7 @@ class Gen:
 
     async def beat(self, i: int) -> None:
         ws = self.socks[i]
-        if ws is None:
+        if ws is None:  # not registered yet (its next slot comes within a period), or closed
             return
         t0 = time.perf_counter()
         try:
@@ -143,12 +145,7 @@ class Gen:
 
     async def heartbeats(self, start: float) -> None:
         period, n = self.args.heartbeat_s, self.args.count
-        now = time.perf_counter()
-        for i in range(n):
-            t = start + period * i / n
-            while t < now:
-                t += period
-            self.due.append((t, i))
+        self.due = [(start + period * i / n, i) for i in range(n)]
         heapq.heapify(self.due)
         while True:
             if not self.running.is_set():
@@ -200,20 +197,20 @@ async def main_async(args: argparse.Namespace) -> None:
     loop.add_signal_handler(signal.SIGUSR2, gen.toggle)
     start = time.perf_counter()
     gate = asyncio.Semaphore(args.concurrency)
+    # from the start: a socket's first heartbeat is its first slot after its registration (<= 15 s)
+    beats = asyncio.create_task(gen.heartbeats(start))
     opened = await asyncio.gather(*(gen.open_one(i, gate) for i in range(args.count)), return_exceptions=True)
     failed = [r for r in opened if isinstance(r, BaseException)]
-    readers = [asyncio.create_task(gen.read(i)) for i in range(args.count) if gen.socks[i] is not None]
     emit("ready", kind=args.kind, count=args.count - len(failed), failed=len(failed),
          first_failure=repr(failed[0])[:300] if failed else "", open_s=time.perf_counter() - start,
          pid=os.getpid(), nofile=raise_nofile()[0])
-    beats = asyncio.create_task(gen.heartbeats(start))
     await stop.wait()
     gen.stopping = True
     beats.cancel()
     socks = [s for s in gen.socks if s is not None]
     with contextlib.suppress(Exception):
         await asyncio.wait_for(asyncio.gather(*(s.close() for s in socks), return_exceptions=True), 60)
-    for r in readers:
+    for r in gen.readers:
         r.cancel()
     emit("summary", kind=args.kind, sent=gen.sent, answered=gen.answered, closed=gen.closed, errors=gen.errors,
          first_error=gen.first_error, cpu_s=_cpu_s())

@@ -18,6 +18,16 @@ def _verdict(ok: bool) -> str:
     return "PASS" if ok else "MISS"
 
 
+def _metrics(res: dict[str, Any]) -> str:
+    m = res.get("metrics_after") or {}
+    if not m:
+        return "GET /metrics not tried"
+    if not m.get("ok"):
+        return f"GET /metrics after the sockets left failed or timed out ({m['seconds']:.0f} s)"
+    return (f"GET /metrics after the sockets left took {m['seconds']:.1f} s (it lists every node from Redis): "
+            + ", ".join(f"{k} {v:g}" for k, v in m.items() if k not in ("seconds", "ok")))
+
+
 def summary(res: dict[str, Any]) -> str:
     a, p = res["analysis"], res["profile"]
     nr, sr = a["node_reply_ms"], a["session_reply_ms"]
@@ -39,8 +49,9 @@ def summary(res: dict[str, Any]) -> str:
         f"  heartbeat replies: node p50 {_ms(nr, 'p50')} / p99 {_ms(nr, 'p99')} / max {_ms(nr, 'max')} ms; session "
         f"p50 {_ms(sr, 'p50')} / p99 {_ms(sr, 'p99')} ms; unanswered {a['unanswered']}, sockets closed by the "
         f"scheduler {a['closed_by_scheduler']}",
-        f"  nodes registered in {res['nodes_register_s']:.1f} s; /metrics with every socket open: "
-        + ", ".join(f"{k} {v:g}" for k, v in res["metrics_open"].items()),
+        f"  nodes registered in {res['nodes_register_s']:.1f} s; scheduler fds open {res['fds_open']:,}; "
+        f"{_metrics(res)}",
+        "  scheduler log: " + (", ".join(f"{k} x{v}" for k, v in res.get("scheduler_log", {}).items()) or "clean"),
         f"  generators: {', '.join(f'{k} {v:.2f} cores' for k, v in a['generator_cores'].items())}; other CPU "
         f"{a['other_cores_steady']:.2f} cores; open files (soft/hard): runner {res['nofile_runner']}, scheduler "
         f"{res['nofile_scheduler']}",
@@ -90,6 +101,7 @@ def markdown(res: dict[str, Any]) -> str:
          f"| nodes registered (all {p['nodes']:,}) in | {res['nodes_register_s']:.1f} s | |",
          f"| load generators' CPU (steady) | {', '.join(f'{k} {v:.2f}' for k, v in a['generator_cores'].items())} "
          "cores | |", "",
-         "/metrics with every socket open: " + ", ".join(f"`{k}` {v:g}" for k, v in res["metrics_open"].items()) + ".",
-         ""]
+         _metrics(res) + ".", "", "What the scheduler logged during the run (warnings, errors, Redis calls retried, nodes registered "
+         "again after being reaped): " + (", ".join(f"{k} x{v:,}" for k, v in res.get("scheduler_log", {}).items())
+                                          or "nothing") + ".", ""]
     return "\n".join(L)

@@ -15,9 +15,12 @@ Steps (the scheduler on its own fresh embedded Valkey, default settings but for
    stats): the idle CPU;
 5. CPU per heartbeat = (steady CPU - quiet cores x steady seconds) / heartbeats; the gross figure
    (all steady CPU / heartbeats) beside it;
-6. /metrics: live nodes, open sockets, nodes reaped (heartbeats that came too late);
-7. every socket closed (SIGTERM to the generators); once /metrics counts no open socket: RSS again
-   (what the process keeps after the sockets left).
+6. whether heartbeats kept being answered: replies missing, sockets the scheduler closed, and what
+   it logged (Redis calls retried, nodes registered again after being reaped: a late heartbeat);
+7. every socket closed (SIGTERM to the generators); once the scheduler has closed its side of every
+   one (/proc/net/tcp): RSS again (what the process keeps after the sockets left);
+8. last, one timed GET /metrics (it lists every node from Redis; not done earlier because with
+   10,000 nodes it starves the heartbeats of Redis connections).
 
 Memory per socket = RSS growth / sockets (sessions and nodes apart). The open-files limit: every
 child process raises its soft RLIMIT_NOFILE to the hard limit (``bench.e2e.procs.raise_nofile``);
@@ -65,10 +68,42 @@ QUICK = Profile("quick", nodes=1_000, sessions=100, node_procs=1, empty_s=3, ste
 PROFILES = {"full": FULL, "quick": QUICK}
 
 
-def scrape(port: int) -> dict[str, float]:
-    """The scheduler's /metrics as {'name{labels}': value}."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=60) as r:  # noqa: S310 - loopback
-        text = r.read().decode()
+def server_sockets(port: int) -> int:
+    """TCP sockets on the scheduler's side of ``port`` still ESTABLISHED (01) or in CLOSE_WAIT (08)."""
+    n = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                rows = f.readlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            parts = row.split()
+            if len(parts) > 3 and parts[3] in ("01", "08") and int(parts[1].rsplit(":", 1)[1], 16) == port:
+                n += 1
+    return n
+
+
+def fd_count(pid: int) -> int:
+    try:
+        return len(os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        return -1
+
+
+def scrape(port: int, tries: int = 3, timeout: float = 60) -> dict[str, float]:
+    """The scheduler's /metrics as {'name{labels}': value}; {} when it keeps failing (reported)."""
+    text = ""
+    for attempt in range(tries):
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=timeout) as r:  # noqa: S310
+                text = r.read().decode()
+            break
+        except OSError as exc:  # HTTP 500 included: e.g. its Redis pool exhausted under load
+            log(f"  /metrics failed ({exc}); attempt {attempt + 1} of {tries}")
+            time.sleep(1)
+    else:
+        return {}
     out = {}
     for line in text.splitlines():
         if line and not line.startswith("#"):
@@ -78,6 +113,23 @@ def scrape(port: int) -> dict[str, float]:
             except ValueError:
                 pass
     return out
+
+
+def log_findings(path: Path) -> dict[str, int]:
+    """What the scheduler logged that says it struggled: warnings/errors, Redis calls retried, nodes
+    registered again (reaped while their heartbeats were late), by message."""
+    found: dict[str, int] = {}
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return found
+    for line in lines:
+        if "[warning" in line or "[error" in line or "retrying" in line or "reconnected=True" in line:
+            msg = line.split("]", 1)[-1].strip().split("  ", 1)[0][:80]
+            if "reconnected=True" in line:
+                msg = "node registered again (reconnected=True)"
+            found[msg] = found.get(msg, 0) + 1
+    return found
 
 
 def nofile_of(pid: int) -> str:
@@ -188,9 +240,8 @@ class Run:
         res["quiet"] = self._window(delta(a, b), q0, q1)
         log(f"  quiet: scheduler {res['quiet']['cpu']['scheduler']['cores']:.3f} cores")
 
-        m = await asyncio.to_thread(scrape, port)
-        res["metrics_open"] = {k: v for k, v in m.items()
-                               if k.startswith(("dragoman_nodes{", "dragoman_open_sockets{", "dragoman_reaped{"))}
+        res["fds_open"] = fd_count(sched)
+        res["scheduler_log"] = log_findings(self.logdir / "idle-scheduler.log")
         # every socket closed: what the process keeps
         t0 = time.perf_counter()
         for g in self.gens:
@@ -198,24 +249,28 @@ class Run:
         res["generator_summaries"] = [await g.next_event(("summary",), 120) for g in self.gens]
         for g in self.gens:
             await g.wait(30)
-        left = await self._until_no_sockets(port, 120)
+        res["sockets_left_after_close"] = await self._until_closed(port, 120)
         res["close_s"] = time.perf_counter() - t0
-        res["sockets_left_after_close"] = left
         rss["after_close"] = rss_kb(sched)
         res["rss_kb"] = rss
         res["analysis"] = analyse(res)
+        # Last, as it perturbs what it measures: one GET /metrics, which lists every node the cluster
+        # knows (all offline now) from Redis.
+        t0 = time.perf_counter()
+        m = await asyncio.to_thread(scrape, port, 1, 120)
+        res["metrics_after"] = {"seconds": time.perf_counter() - t0, "ok": bool(m),
+                                **{k: v for k, v in m.items() if k.startswith(("dragoman_nodes{",
+                                                                             "dragoman_reaped_total{"))}}
 
-    async def _until_no_sockets(self, port: int, timeout: float) -> float:
-        """Polls /metrics until the scheduler counts no open socket (its own cleanup is done)."""
+    async def _until_closed(self, port: int, timeout: float) -> int:
+        """Until the scheduler has closed its side of every socket on ``port``: none left ESTABLISHED
+        or CLOSE_WAIT (the peer gone, the scheduler not done yet)."""
         deadline = time.monotonic() + timeout
-        left = float("nan")
-        while time.monotonic() < deadline:
-            m = await asyncio.to_thread(scrape, port)
-            left = sum(v for k, v in m.items() if k.startswith("dragoman_open_sockets{"))
-            if left == 0:
-                break
-            await asyncio.sleep(0.5)
-        return left
+        n = server_sockets(port)
+        while n and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+            n = server_sockets(port)
+        return n
 
     def _window(self, win: dict[str, Any], s0: list[dict[str, Any]], s1: list[dict[str, Any]]) -> dict[str, Any]:
         by_kind: dict[str, dict[str, Any]] = {}
