@@ -163,7 +163,8 @@ class _Recorder:
     def __init__(self) -> None:
         self.calls: list[tuple[str, list[str], list[Any]]] = []
 
-    async def call(self, name: str, keys: list[str], args: list[Any]) -> list[bytes]:
+    async def call(self, name: str, keys: list[str], args: list[Any], *_client_and_wait: Any, **_kw: Any
+                   ) -> list[bytes]:
         self.calls.append((name, list(keys), list(args)))
         return self._CANNED[name]
 
