@@ -49,6 +49,10 @@ def summary(res: dict[str, Any]) -> str:
         f"  heartbeat replies: node p50 {_ms(nr, 'p50')} / p99 {_ms(nr, 'p99')} / max {_ms(nr, 'max')} ms; session "
         f"p50 {_ms(sr, 'p50')} / p99 {_ms(sr, 'p99')} ms; unanswered {a['unanswered']}, sockets closed by the "
         f"scheduler {a['closed_by_scheduler']}",
+        f"  sockets open in the steady window {a['sockets_open_steady']:,} of {p['nodes'] + p['sessions']:,}; whole run: "
+        f"registrations refused {a['registrations_failed']}, sockets closed by the scheduler "
+        f"{a['closed_by_scheduler_whole_run']}, error frames {a['error_frames_whole_run']}"
+        + (f" (first: {a['first_error']})" if a["first_error"] else ""),
         f"  nodes registered in {res['nodes_register_s']:.1f} s; scheduler fds open {res['fds_open']:,}; "
         f"{_metrics(res)}",
         "  scheduler log: " + (", ".join(f"{k} x{v}" for k, v in res.get("scheduler_log", {}).items()) or "clean"),
@@ -99,6 +103,10 @@ def markdown(res: dict[str, Any]) -> str:
          f"| session heartbeat reply p50 / p99 / max | {_ms(sr, 'p50')} / {_ms(sr, 'p99')} / {_ms(sr, 'max')} ms | |",
          f"| heartbeats unanswered; sockets closed by the scheduler | {a['unanswered']}; {a['closed_by_scheduler']} | 0 |",
          f"| nodes registered (all {p['nodes']:,}) in | {res['nodes_register_s']:.1f} s | |",
+         f"| sockets open in the steady window | {a['sockets_open_steady']:,} of {p['nodes'] + p['sessions']:,} | all |",
+         f"| whole run: registrations refused; sockets closed by the scheduler; error frames | "
+         f"{a['registrations_failed']}; {a['closed_by_scheduler_whole_run']}; {a['error_frames_whole_run']} | 0 |"
+         + (f"\n| first error frame | {a['first_error']} | |" if a["first_error"] else ""),
          f"| load generators' CPU (steady) | {', '.join(f'{k} {v:.2f}' for k, v in a['generator_cores'].items())} "
          "cores | |", "",
          _metrics(res) + ".", "", "What the scheduler logged during the run (warnings, errors, Redis calls retried, nodes registered "

@@ -281,6 +281,7 @@ class Run:
             k["replies"] += b["replies_ms"]
         for k in by_kind.values():
             k["reply_ms"] = summarize_ms([x / 1000 for x in k.pop("replies")])
+        win["open"] = sum(b["open"] for b in s1)
         beats = sum(k["sent"] for k in by_kind.values())
         win["by_kind"] = by_kind
         win["heartbeats"] = beats
@@ -321,6 +322,11 @@ def analyse(res: dict[str, Any]) -> dict[str, Any]:
         "closed_by_scheduler": sum(k["closed"] for k in st["by_kind"].values())
         + sum(k["closed"] for k in q["by_kind"].values()),
         "generator_cores": gens,
+        "sockets_open_steady": st["open"],
+        "registrations_failed": sum(r["failed"] for r in res["ready"]),
+        "closed_by_scheduler_whole_run": sum(g["closed"] for g in res["generator_summaries"]),
+        "error_frames_whole_run": sum(g["errors"] for g in res["generator_summaries"]),
+        "first_error": next((g["first_error"] for g in res["generator_summaries"] if g["first_error"]), ""),
         "other_cores_steady": st["other_cores"],
     }
 
