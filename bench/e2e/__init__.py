@@ -22,7 +22,7 @@ Modules: ``runner`` (profiles, systems, alternating rounds, targets), ``systems`
 Dragoman or of a peer), ``meter`` (CPU, Redis commandstats, per-job figures, medians, the limit),
 ``procs`` (child processes, /proc readings), ``pyspy`` (the scheduler's profile), ``facts``
 (machine, versions, commit), ``report`` (text and Markdown), ``nodes`` / ``sessions`` (Dragoman's
-load generators).
+load generators), ``durability`` (the same closed loop on a Sentinel set, WAIT for 0 vs 1 replica).
 
 What one run does: starts one embedded Valkey (``dragoman.embedded.EmbeddedServer``); installs
 the peers if missing into bench-only folders (``.bench/venv-{arq,celery,saq}``, ``.bench/node``;
