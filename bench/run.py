@@ -41,6 +41,7 @@ from typing import Any
 import redis
 import redis.asyncio as aioredis
 
+from bench.e2e.facts import cpu_model
 from dragoman.config import Settings
 from dragoman.embedded import EmbeddedServer, find_server_binary
 from dragoman.store.api import JobSpec, Store
@@ -131,17 +132,6 @@ def loadavg() -> str:
         return " ".join(f"{x:.2f}" for x in os.getloadavg())
     except OSError:
         return "?"
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def git_commit() -> str:

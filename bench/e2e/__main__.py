@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
+from bench import cli
 from bench.e2e.report import markdown, summary
 from bench.e2e.runner import ALL_SYSTEMS, EXPERIMENTS, KNOWN_SYSTEMS, PROFILES, SCALING, run_comparison
 
@@ -43,13 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.profile:
         overrides["profile_scheduler"] = True
     res = run_comparison(PROFILES["quick" if args.quick else "full"], **overrides)
-    print(summary(res))
-    print(f"  (run took {res['elapsed_s']:.0f} s)")
-    if args.json:
-        args.json.write_text(json.dumps(res, indent=1, default=str))
-    if args.markdown:
-        args.markdown.write_text(markdown(res))
-    return 0
+    return cli.report(res, summary, markdown, args.json, args.markdown)
 
 
 if __name__ == "__main__":

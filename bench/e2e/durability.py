@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-import json
 import sys
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import Any
 
 import redis
 
+from bench import cli
 from bench.e2e.meter import aggregate
 from bench.e2e.procs import Proc, loadavg
 from bench.e2e.runner import FULL, QUICK, Profile, alternate, new_logdir
@@ -140,12 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--markdown", type=Path)
     args = ap.parse_args(argv)
     res = run(args.quick, **({"rounds": args.rounds} if args.rounds else {}))
-    print(summary(res))
-    if args.json:
-        args.json.write_text(json.dumps(res, indent=1, default=str))
-    if args.markdown:
-        args.markdown.write_text(markdown(res))
-    return 0
+    return cli.report(res, summary, markdown, args.json, args.markdown)
 
 
 if __name__ == "__main__":

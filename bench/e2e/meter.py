@@ -209,8 +209,10 @@ def limit(a: dict[str, Any], server: str, cpu_count: int | None) -> dict[str, An
     busy = a.get("busy_cores", float("nan"))
     gens = {k: v for k, v in cores.items() if k not in (server, "redis", "replica")}
     found = []
+    other = a.get("other_cores", float("nan"))
     if busy >= 0.9 * ncpu:
-        found.append(f"the machine's {ncpu} cores ({busy:.2f} busy)")
+        found.append(f"the machine's {ncpu} cores ({busy:.2f} busy"
+                     + (f", {other:.2f} of them by other processes)" if other >= 0.1 else ")"))
     if cores.get("redis", 0.0) >= SATURATED:
         found.append(f"Redis's one core ({cores['redis']:.2f})")
     if maxp.get(server, 0.0) >= SATURATED:
@@ -221,6 +223,7 @@ def limit(a: dict[str, Any], server: str, cpu_count: int | None) -> dict[str, An
         if maxp.get(role, c) >= SATURATED:
             found.append(f"the load generator ({role}: {c:.2f} cores)")
     figures = (f"busy {busy:.2f}/{ncpu} cores: {server} {cores.get(server, 0.0):.2f}, Redis "
-               f"{cores.get('redis', 0.0):.2f}, load generators {sum(gens.values()):.2f}")
+               f"{cores.get('redis', 0.0):.2f}, load generators {sum(gens.values()):.2f}, other processes "
+               f"{other:.2f}")
     return {"saturated": found, "figures": figures,
             "text": ("; ".join(found) if found else "nothing saturated (bound by round trips)") + f" [{figures}]"}

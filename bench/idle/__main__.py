@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
+from bench import cli
 from bench.idle.report import markdown, summary
 from bench.idle.runner import run
 
@@ -18,12 +18,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--markdown", type=Path)
     args = ap.parse_args(argv)
     res = run("quick" if args.quick else "full")
-    print(summary(res))
-    if args.json:
-        args.json.write_text(json.dumps(res, indent=1, default=str))
-    if args.markdown:
-        args.markdown.write_text(markdown(res))
-    return 0
+    return cli.report(res, summary, markdown, args.json, args.markdown)
 
 
 if __name__ == "__main__":
