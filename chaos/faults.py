@@ -5,13 +5,20 @@ goes on around it. ``Ctx.notes`` collects what the injector saw, for the report.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import os
+import re
 import signal
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+import redis.asyncio as aioredis
+
+from dragoman.embedded import _info
+from dragoman.store.keys import CellKeys
 
 from .forge import Forger
 from .fuzz import Attacker, AttackStats, Targets
@@ -53,7 +60,8 @@ async def busiest_node(ctx: Ctx) -> str:
     for tag, proc in ctx.topo.nodes.items():
         if not proc.alive():
             continue
-        held = int(await ctx.topo.rc.scard(f"dragoman:{{c0}}:node:{ctx.topo.node_id(tag)}:jobs"))
+        nid = ctx.topo.node_id(tag)
+        held = int(await ctx.topo.rc.scard(ctx.topo.node_cell(nid).node_jobs(nid)))
         if held > most:
             best, most = tag, held
     ctx.notes["target node"] = f"{ctx.topo.node_id(best)} (holding {most} jobs)"
@@ -156,6 +164,94 @@ async def redis_stall(ctx: Ctx) -> None:
         os.kill(pid, signal.SIGCONT)
 
 
+# ---------------------------------------------------------------------- redis high availability
+async def first_dispatch_on(port: int, ck: CellKeys, since_ms: int, timeout: float = 30.0) -> float | None:
+    """Seconds from ``since_ms`` (wall clock, ms) to the earliest job of the cell the server on
+    ``port`` (the new primary) assigned after it: the ``assigned_at`` Redis wrote, from its own clock.
+    Polled: an assigned job stays in Redis until its outcome is acknowledged (100 ms at least here)."""
+    direct = aioredis.Redis(port=port, socket_timeout=1)
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            with contextlib.suppress(Exception):  # still promoting, loading
+                keys = [k async for k in direct.scan_iter(match=ck.job("*"), count=1000)]
+                times = [int(t) for t in [await direct.hget(k, "assigned_at") for k in keys] if t]
+                after = [t for t in times if t >= since_ms]
+                if after:
+                    return (min(after) - since_ms) / 1000
+            await asyncio.sleep(0.05)  # polling a state that has no event to await
+        return None
+    finally:
+        await direct.aclose()
+
+
+def _lag(primary: int) -> int:
+    """Bytes of replication stream the (paused) replica has not acknowledged, as the primary sees it."""
+    info = _info(primary, "replication")
+    sent = int(info["master_repl_offset"])
+    acked = [int(m.group(1)) for k, v in info.items()  # "slave0": "ip=..,offset=N,.." (or its dict form)
+             if k.startswith("slave") and (m := re.search(r"offset\W{1,4}(\d+)", v))]
+    return max(0, sent - min(acked, default=sent))
+
+
+def sentinel_failover(lagging: bool) -> Callable[[Ctx], Awaitable[None]]:
+    async def inject(ctx: Ctx) -> None:
+        await _sentinel_failover(ctx, lagging)
+
+    return inject
+
+
+async def _sentinel_failover(ctx: Ctx, lagging: bool) -> None:
+    ha = ctx.topo.ha
+    assert ha is not None
+    old, replica = ha.primary, ha.replica
+    if lagging:  # the replica falls behind: what the scheduler writes from here on is lost at the kill
+        ha.pause(replica)
+        filler = aioredis.Redis(port=old.port)
+        try:
+            blob = b"x" * (1 << 20)
+            for i in range(24):  # more than the replication buffers pass on while it is paused
+                await filler.set(f"chaos-filler-{i}", blob)
+        finally:
+            await filler.aclose()
+        await asyncio.sleep(1.0)  # the scheduler's writes of this second are the ones lost
+        ctx.notes["replica behind at the kill"] = f"{_lag(old.port) / 2**20:.1f} MiB (paused 1 s)"
+    since = int(time.time() * 1000)
+    t0 = time.monotonic()
+    old.kill()
+    if lagging:
+        ha.resume(replica)
+    ctx.killed.add("redis-primary")
+    _, port = await asyncio.to_thread(ha.wait_for_failover, old.port, 30.0)
+    ctx.notes["primary killed -> replica promoted (Sentinels agree)"] = f"{time.monotonic() - t0:.2f} s"
+    first = await first_dispatch_on(port, ctx.topo.cell_keys("c0"), since)
+    ctx.notes["primary killed -> first job dispatched on the new primary"] = (
+        f"{first:.2f} s" if first is not None else "none within 30 s")
+
+
+async def cluster_failover(ctx: Ctx) -> None:
+    cluster = ctx.topo.cluster
+    assert cluster is not None
+    ck = ctx.topo.cell_keys("c0")
+    since = int(time.time() * 1000)
+    t0 = time.monotonic()
+    old = cluster.kill_primary_of(ck.nodes)
+    ctx.killed.add("redis-primary")
+    _, port = await asyncio.to_thread(cluster.wait_for_promotion, ck.nodes, old.port, 30.0)
+    ctx.notes["cell c0's primary killed -> its replica serves the slot"] = f"{time.monotonic() - t0:.2f} s"
+    first = await first_dispatch_on(port, ck, since)
+    ctx.notes["primary killed -> first job of cell c0 dispatched on the new primary"] = (
+        f"{first:.2f} s" if first is not None else "none within 30 s")
+
+
+def sentinel_shape(shape: Shape) -> None:
+    shape.redis_kind = "sentinel"
+
+
+def cluster_shape(shape: Shape) -> None:
+    shape.redis_kind = "cluster"
+
+
 async def script_flush(ctx: Ctx) -> None:
     for _ in range(5):
         await ctx.topo.rc.script_flush()
@@ -253,6 +349,21 @@ FAULTS: dict[str, Fault] = {f.name: f for f in [
     Fault("redis-stall", "Redis stalled 5 s",
           "SIGSTOP to valkey-server for 5 s, then SIGCONT: connections stay open, nothing answers.",
           redis_stall, _const(5.0)),
+    Fault("sentinel-failover", "Sentinel failover: primary SIGKILL",
+          "Redis is a Sentinel set (primary, replica, three Sentinels; down-after 1 s). SIGKILL to the "
+          "primary; the Sentinels promote the replica and the schedulers follow. The dead server stays dead.",
+          sentinel_failover(lagging=False), _const(5.0), shape=sentinel_shape),
+    Fault("sentinel-failover-lagging", "Sentinel failover with a lagging replica: writes lost",
+          "As sentinel-failover, but first the replica is SIGSTOPped and 24 MiB written to the primary "
+          "behind the schedulers' writes, so the replica lacks the last second of transitions (jobs, "
+          "results, registrations); SIGKILL to the primary, SIGCONT to the replica, which is promoted "
+          "without them.",
+          sentinel_failover(lagging=True), _const(5.0), shape=sentinel_shape),
+    Fault("cluster-failover", "Cluster primary SIGKILL (replica promoted)",
+          "Redis is a Cluster of 3 primaries with one replica each (cluster-node-timeout 1 s), the "
+          "schedulers on cells c0,c1,c2. SIGKILL to the primary serving cell c0; the Cluster promotes its "
+          "replica.",
+          cluster_failover, _const(5.0), shape=cluster_shape),
     Fault("script-flush", "SCRIPT FLUSH",
           "SCRIPT FLUSH on the server, 5 times 0.5 s apart, while the load runs.",
           script_flush, _const(2.5)),

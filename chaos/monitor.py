@@ -27,13 +27,17 @@ class Monitor:
     samples: list[Sample] = field(default_factory=list)
 
     async def run(self) -> None:
-        rc, base = self.topo.rc, "dragoman:{c0}:"
+        rc = self.topo.rc
         ids = [self.topo.node_id(t) for t in self.topo.nodes]
+        cells = [self.topo.cell_keys(c) for c in self.topo.shape.cells]
         while True:
             with contextlib.suppress(Exception):  # Redis down or stalled: no sample
-                scores = await asyncio.wait_for(rc.zmscore(base + f"pool:{POOL}", ids), self.every)
-                queued = await asyncio.wait_for(rc.llen(base + f"queue:{POOL}"), self.every)
-                self.samples.append(Sample(time.monotonic(), sum(s is not None for s in scores), int(queued)))
+                in_pool = queued = 0
+                for ck in cells:
+                    scores = await asyncio.wait_for(rc.zmscore(ck.pool(POOL), ids), self.every)
+                    in_pool += sum(s is not None for s in scores)
+                    queued += int(await asyncio.wait_for(rc.llen(ck.queue(POOL)), self.every))
+                self.samples.append(Sample(time.monotonic(), in_pool, queued))
             await asyncio.sleep(self.every)  # a sampling period, not synchronisation
 
     def summary(self, t_fault: float) -> dict[str, str]:

@@ -18,6 +18,7 @@ import random
 import shutil
 import statistics
 import time
+import traceback
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -197,6 +198,11 @@ async def run_fault(name: str, *, quick: bool = False, workdir: Path, load: Load
                  + s.setting_ms("node_ttl_ms")) / 1000
         audit, waited = await quiesce(topo.rc, bound)
         log(f"  [{name}] quiescent check after {waited:.1f}s")
+        seen = await topo.counters(("dragoman_redis_failovers_total", "dragoman_redis_data_lost_total",
+                                    "dragoman_session_events_total"))
+        if any(seen.values()):
+            result.notes["what the schedulers saw (their /metrics, summed)"] = {
+                k.removeprefix("dragoman_"): int(v) for k, v in seen.items() if v}
         _fill(result, ledger, audit)
         margin = min(1.0, load.warmup / 4)
         base = baseline(ledger, t_load + margin, t_fault - margin, t_fault)
@@ -214,6 +220,8 @@ async def run_fault(name: str, *, quick: bool = False, workdir: Path, load: Load
                                                                   topo.session_proxy.failovers)
     except Exception as exc:  # report it as the fault's result rather than stopping the suite
         result.error = f"{type(exc).__name__}: {exc}"
+        (run_dir / "harness-error.txt").write_text(traceback.format_exc())
+        log(f"  [{name}] harness error: {result.error} (traceback in {run_dir / 'harness-error.txt'})")
         _fill(result, ledger, Audit(error="not audited"))
     finally:
         for sp in speakers:

@@ -33,7 +33,9 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
 from dragoman.config import Settings
-from dragoman.embedded import EmbeddedServer, free_port
+from dragoman.embedded import EmbeddedCluster, EmbeddedSentinelSet, EmbeddedServer, free_port
+from dragoman.store.connect import make_client
+from dragoman.store.keys import CellKeys, cell_of_node
 
 from .proxy import Proxy
 
@@ -105,9 +107,14 @@ class Shape:
     slots: int = 6
     scheduler_env: dict[str, str] = field(default_factory=dict)  # on top of SCHEDULER_ENV
     redis_args: tuple[str, ...] = ()
+    redis_kind: str = "single"  # "single" | "sentinel" (primary, replica, 3 Sentinels) | "cluster" (3+3)
+
+    @property
+    def cells(self) -> tuple[str, ...]:
+        return ("c0", "c1", "c2") if self.redis_kind == "cluster" else ("c0",)
 
     def env(self) -> dict[str, str]:
-        return SCHEDULER_ENV | self.scheduler_env
+        return SCHEDULER_ENV | {"DRAGOMAN_CELLS": ",".join(self.cells)} | self.scheduler_env
 
     def setting_ms(self, name: str) -> int:
         """A setting of the schedulers: from their environment, else the shipped default."""
@@ -125,6 +132,8 @@ class Topology:
         self.redis_dir.mkdir(exist_ok=True)
         self.redis_port = free_port()
         self.redis: EmbeddedServer | None = None
+        self.ha: EmbeddedSentinelSet | None = None  # redis_kind "sentinel"
+        self.cluster: EmbeddedCluster | None = None  # redis_kind "cluster"
         self.redis_restarts = 0
         self.schedulers: dict[str, Proc] = {}
         self.ports: dict[str, int] = {}
@@ -136,7 +145,17 @@ class Topology:
     # ------------------------------------------------------------------ addresses
     @property
     def redis_url(self) -> str:
+        if self.ha is not None:
+            return self.ha.url
+        if self.cluster is not None:
+            return "redis+cluster://" + ",".join(f"{h}:{p}" for h, p in self.cluster.startup_nodes)
         return f"redis://127.0.0.1:{self.redis_port}/0"
+
+    def cell_keys(self, cell: str = "c0") -> CellKeys:
+        return CellKeys("dragoman", cell)
+
+    def node_cell(self, node_id: str) -> CellKeys:
+        return self.cell_keys(cell_of_node(node_id, self.shape.cells))
 
     def http(self, name: str) -> str:
         return f"http://127.0.0.1:{self.ports[name]}"
@@ -155,7 +174,9 @@ class Topology:
 
     @property
     def rc(self) -> aioredis.Redis:
-        """The harness's own Redis client (audits and Redis-side faults)."""
+        """The harness's own Redis client (audits and Redis-side faults); it follows a failover."""
+        if self._redis_client is None and self.shape.redis_kind != "single":
+            self._redis_client = make_client(self.redis_url)[0]
         if self._redis_client is None:
             self._redis_client = aioredis.Redis.from_url(
                 self.redis_url, socket_timeout=2, socket_connect_timeout=2,
@@ -178,6 +199,12 @@ class Topology:
         await self.wait_nodes_ready(timeout=30)
 
     def start_redis(self) -> None:
+        if self.shape.redis_kind == "sentinel":
+            self.ha = EmbeddedSentinelSet().start()
+            return
+        if self.shape.redis_kind == "cluster":
+            self.cluster = EmbeddedCluster(size=3, replicas=1, node_timeout_ms=1000).start()
+            return
         self.redis = EmbeddedServer(port=self.redis_port, workdir=str(self.redis_dir),
                                     extra_args=self.shape.redis_args)
         self.redis.start()
@@ -214,6 +241,22 @@ class Topology:
                 await asyncio.sleep(0.05)
         raise RuntimeError(f"scheduler {name} not ready within {timeout}s; see {self.schedulers[name].log}")
 
+    async def counters(self, prefixes: tuple[str, ...]) -> dict[str, float]:
+        """Prometheus counters of the live schedulers whose sample names start with ``prefixes``,
+        summed over the processes (labels kept in the name)."""
+        out: dict[str, float] = {}
+        async with httpx.AsyncClient() as client:
+            for name, proc in self.schedulers.items():
+                if not proc.alive():
+                    continue
+                with contextlib.suppress(httpx.HTTPError):
+                    text = (await client.get(self.http(name) + "/metrics", timeout=5)).text
+                    for line in text.splitlines():
+                        if line.startswith(prefixes) and not line.startswith("#"):
+                            sample, _, value = line.rpartition(" ")
+                            out[sample] = out.get(sample, 0.0) + float(value)
+        return out
+
     def node_id(self, tag: str) -> str:
         return f"chaos-{tag}"
 
@@ -231,7 +274,7 @@ class Topology:
         while time.monotonic() < deadline:
             ready = set()
             for nid in want:
-                state = await self.rc.hget(f"dragoman:{{c0}}:node:{nid}", "state")
+                state = await self.rc.hget(self.node_cell(nid).node(nid), "state")
                 if state == b"ready":
                     ready.add(nid)
             if ready == want:
@@ -255,6 +298,9 @@ class Topology:
             with contextlib.suppress(Exception):
                 await self._redis_client.aclose()
             self._redis_client = None
+        for ha in (self.ha, self.cluster):
+            if ha is not None:
+                ha.stop()
         if self.redis is not None:
             if self.redis.proc is not None and self.redis.proc.poll() is None:
                 with contextlib.suppress(ProcessLookupError):

@@ -26,12 +26,16 @@ class Settings:
     redis_retry_ms: int = 15_000  # a transition is retried this long while Redis is unreachable
     redis_min_replicas_ack: int = 0  # >0: a transition returns only once this many replicas have it (WAIT)
     redis_replica_wait_ms: int = 1_000  # how long one WAIT waits (then the transition is retried)
+    redis_auto_pipeline: bool = True  # a loop turn's script calls share one write (not for a Cluster)
     inbox_max_len: int = 10_000  # unread effects a process's inbox holds before effects for it move on
     warmup_ms: int = 5_000  # after Redis lost its data or a pool its last node, jobs for it wait this long
 
     # HTTP / WebSocket server
     host: str = "127.0.0.1"
     port: int = 8700
+    workers: int = 1  # scheduler processes behind the one port (SO_REUSEPORT); see `dragoman serve --workers`
+    event_loop: str = "uvloop"  # or "asyncio" (the standard library's selector loop)
+    ws_deflate: bool = False  # permessage-deflate on the WebSockets (base64 audio does not compress)
 
     # Node plane
     heartbeat_interval_ms: int = 15_000
@@ -145,6 +149,10 @@ def _validate(s: Settings) -> None:
     for name in ("session_grace_ms", "warmup_ms", "redis_min_replicas_ack"):
         if getattr(s, name) < 0:
             raise ConfigError(f"setting {name!r} must not be negative, got {getattr(s, name)}")
+    if s.event_loop not in ("uvloop", "asyncio"):
+        raise ConfigError(f"setting 'event_loop' must be 'uvloop' or 'asyncio', got {s.event_loop!r}")
+    if s.workers < 1:
+        raise ConfigError(f"setting 'workers' must be at least 1, got {s.workers}")
     if not s.cells:
         raise ConfigError("setting 'cells' needs at least one cell name")
     for cell in s.cells:

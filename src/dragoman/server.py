@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from collections.abc import Iterator
 
@@ -12,6 +11,7 @@ import uvicorn
 from dragoman.app.factory import create_app
 from dragoman.config import Settings
 from dragoman.embedded import EmbeddedServer
+from dragoman.eventloop import run
 from dragoman.store.api import Store
 
 log = structlog.get_logger(__name__)
@@ -31,7 +31,7 @@ def redis_for(settings: Settings) -> Iterator[str]:
 def build_server(settings: Settings, store: Store) -> uvicorn.Server:
     app = create_app(settings, store)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, ws_max_size=settings.max_frame_bytes,
-                            log_level="warning", lifespan="on",
+                            log_level="warning", lifespan="on", ws_per_message_deflate=settings.ws_deflate,
                             # a peer that stops answering pings is gone within interval + timeout
                             ws_ping_interval=settings.ws_ping_interval_ms / 1000,
                             ws_ping_timeout=settings.ws_ping_timeout_ms / 1000,
@@ -43,4 +43,5 @@ def serve(settings: Settings, cluster: bool = False) -> None:
     with redis_for(settings) as url:
         server = build_server(settings, Store.from_url(url, settings, cluster=cluster))
         log.info("scheduler listening", url=f"http://{settings.host}:{settings.port}/", redis=url)
-        asyncio.run(server.serve())
+        run(server.serve(), settings.event_loop)
+

@@ -366,6 +366,7 @@ class NodeAgent:
             self._url,
             additional_headers=headers,
             max_size=MAX_FRAME_BYTES,
+            compression=None,  # base64 audio does not compress; deflate would only cost CPU
             open_timeout=self._open_timeout_s,
         ) as ws:
             ack = await asyncio.wait_for(self._register(ws), self._register_timeout_s)

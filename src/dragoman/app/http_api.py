@@ -197,7 +197,7 @@ async def snapshot(hub: Hub) -> dict[str, Any]:
     lat = hub.metrics.snapshot()
     return {
         "ts": wall_ms(), "nodes": nodes, "pools": await hub.store.pools(),
-        "sessions": hub.session_rows(), "stats": await hub.store.stats(),
+        "sessions": hub.session_rows(), "rooms": await hub.store.rooms(), "stats": await hub.store.stats(),
         "latency_histogram": lat["e2e"], "rates": {
             "dispatch_p50_ms": lat["dispatch"]["p50_ms"], "dispatch_p95_ms": lat["dispatch"]["p95_ms"],
             "e2e_p50_ms": lat["e2e"]["p50_ms"], "e2e_p95_ms": lat["e2e"]["p95_ms"], "e2e_p99_ms": lat["e2e"]["p99_ms"]},

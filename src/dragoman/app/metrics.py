@@ -39,6 +39,13 @@ class Metrics:
         self.jobs_total = Gauge("dragoman_jobs", "Cluster-wide job counters from Redis", ["counter"], registry=r)
         self.failovers = Counter("dragoman_redis_failovers", "Times this process saw the Redis primary change",
                                  registry=r)
+        self.session_events = Counter("dragoman_session_events", "Notable events of this process's sessions "
+                                      "(lost_job_rerun: Redis lost a job, run again from the session's audio)",
+                                      ["event"], registry=r)
+        self.pipeline_writes = Gauge("dragoman_redis_pipeline_writes", "Writes of the auto-pipeline to Redis "
+                                     "(script calls / writes = calls sent per write)", registry=r)
+        self.pipeline_commands = Gauge("dragoman_redis_pipeline_commands", "Commands sent by the auto-pipeline",
+                                       registry=r)
         self.redis_resets = Counter("dragoman_redis_data_lost", "Times this process saw Redis lose its data "
                                     "and registered its nodes and sessions again", registry=r)
 
@@ -49,6 +56,10 @@ class Metrics:
     def observe(self, name: str, seconds: float) -> None:
         """A session's measurement (``dragoman.types.Observer``)."""
         (self.dispatch_latency if name == "dispatch" else self.e2e_latency).observe(seconds)
+
+    def count(self, name: str) -> None:
+        """A session's notable event (``dragoman.types.Observer``)."""
+        self.session_events.labels(name).inc()
 
     def reaped_reply(self, reply: ReapReply) -> None:
         for kind, n in (("dead_nodes", reply.dead_nodes), ("expired_leases", reply.expired_leases),
@@ -73,6 +84,9 @@ class Metrics:
         self.slots_total.set(total)
         for pool in await store.pools():
             self.queue_depth.labels(pool["pool"]).set(pool["queue_depth"])
+        if store.pipeline is not None:
+            self.pipeline_writes.set(store.pipeline.writes)
+            self.pipeline_commands.set(store.pipeline.commands)
         for key, value in (await store.stats()).items():
             self.jobs_total.labels(key).set(value)
 

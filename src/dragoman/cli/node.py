@@ -146,7 +146,9 @@ def node_command(
     except ConfigError as exc:
         asyncio.run(built.aclose())
         raise typer.BadParameter(str(exc)) from None
-    asyncio.run(_serve(agent, built))
+    from dragoman.eventloop import run
+
+    run(_serve(agent, built))
 
 
 async def _serve(agent: NodeAgent, engine: Engine) -> None:

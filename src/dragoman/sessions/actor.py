@@ -30,6 +30,7 @@ from .protocol import (
     CancelJob,
     CheckJobs,
     CloseSocket,
+    Count,
     Detach,
     Dispatch,
     DispatchResult,
@@ -59,7 +60,8 @@ class SessionActor:
         self.grace_ms = grace_ms
         self.api_key = api_key
         self.cells: set[str] = set(cells or ())  # cells where the session has records
-        self.inbox: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        self.inbox: deque[tuple[str, Any]] = deque()  # what the session's loop has yet to take
+        self._inbox_ready = asyncio.Event()
         # Client frames waiting in the inbox are bounded: the socket reader takes a slot before
         # posting one, so a client that sends faster than we dispatch is slowed down by TCP.
         self.frame_slots = asyncio.Semaphore(64)
@@ -72,30 +74,34 @@ class SessionActor:
         return self.proto.session_id
 
     # ------------------------------------------------------------------ inbox
+    def _post(self, kind: str, item: Any) -> None:
+        self.inbox.append((kind, item))
+        self._inbox_ready.set()
+
     def post_frame(self, msg: Message) -> None:
         """Post a client frame (the caller holds one of ``frame_slots``; it is released when handled)."""
-        self.inbox.put_nowait(("frame", msg))
+        self._post("frame", msg)
 
     def post_outcome(self, effect: Effect) -> None:
-        self.inbox.put_nowait(("outcome", effect))
+        self._post("outcome", effect)
 
     def post_partial(self, frame: str) -> None:
-        self.inbox.put_nowait(("partial", frame))
+        self._post("partial", frame)
 
     def post_expect(self, effect: Effect) -> None:
-        self.inbox.put_nowait(("expect", effect))
+        self._post("expect", effect)
 
     def post_room(self, effect: Effect) -> None:
-        self.inbox.put_nowait(("room", effect))
+        self._post("room", effect)
 
     def post_gone(self) -> None:
-        self.inbox.put_nowait(("gone", None))
+        self._post("gone", None)
 
     def post_superseded(self) -> None:
-        self.inbox.put_nowait(("superseded", None))
+        self._post("superseded", None)
 
     def post_reset(self) -> None:
-        self.inbox.put_nowait(("reset", None))
+        self._post("reset", None)
 
     # ------------------------------------------------------------------ the loop
     async def run(self, *, open_record: bool = True) -> None:
@@ -109,11 +115,16 @@ class SessionActor:
             while not proto.finished:
                 deadline = proto.next_deadline()
                 timeout = None if deadline is None else max(0.0, (deadline - monotonic_ms()) / 1000)
-                try:
-                    kind, item = await asyncio.wait_for(self.inbox.get(), timeout)
-                except TimeoutError:
-                    await self.perform(proto.tick(monotonic_ms()))
-                    continue
+                if not self.inbox:  # (a queued item is taken without a timer or a wait)
+                    try:
+                        async with asyncio.timeout(timeout):
+                            await self._inbox_ready.wait()
+                    except TimeoutError:
+                        await self.perform(proto.tick(monotonic_ms()))
+                        continue
+                kind, item = self.inbox.popleft()
+                if not self.inbox:
+                    self._inbox_ready.clear()
                 await self.perform(self._handle(kind, item))
         except asyncio.CancelledError:
             raise
@@ -185,6 +196,9 @@ class SessionActor:
             elif isinstance(action, Observe):
                 if self.observer is not None:
                     self.observer.observe(action.name, action.seconds)
+            elif isinstance(action, Count):
+                if self.observer is not None:
+                    self.observer.count(action.name)
             elif isinstance(action, Settled):
                 if self.observer is not None:
                     self.observer.settled(action.state, action.code)

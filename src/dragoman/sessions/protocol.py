@@ -172,6 +172,13 @@ class Observe:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class Count:
+    """Something worth counting happened (for the metrics), e.g. ``lost_job_rerun``."""
+
+    name: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class Settled:
     """A job's one outcome was taken (for the metrics: counted once, whatever repeats arrive)."""
 
@@ -180,7 +187,7 @@ class Settled:
 
 
 Action: TypeAlias = (Send | Dispatch | CheckJobs | Ack | CancelJob | RoomCall | Reopen | Detach | End | CloseSocket
-                     | Observe | Settled)
+                     | Observe | Count | Settled)
 
 
 # ----------------------------------------------------------------------------------------- inputs
@@ -821,11 +828,13 @@ class SessionProtocol:
                 # it again, once, from the audio kept here, under a new id (a late result for the
                 # lost one is then unknown to Redis, never delivered twice).
                 slot.redispatched = True
+                out.append(Count("lost_job_rerun"))
                 self._by_job.pop(job_id, None)
                 slot.job_id = ""
                 self._queue.appendleft(JobRequest(slot.lane, slot.utt, slot.tgt, self.spec.pool_for(slot.tgt),
                                                   slot.body, uuid.uuid4().hex))
             else:
+                out.append(Count("lost_job_failed"))
                 self._settle(slot, self._failure(slot, ErrorCode.JOB_TIMEOUT,
                                                  "the job was lost by the scheduler's store", job_id), now, out)
         self._pump(now, out)

@@ -28,13 +28,14 @@ from typing import Any, TypeVar
 
 import msgspec
 import structlog
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import BusyLoadingError, ReadOnlyError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from dragoman.config import Settings
 from dragoman.errors import ConfigError, DependencyDown, ScriptError
-from dragoman.store.connect import current_primary, make_client, parse_redis_url
+from dragoman.store.connect import PRIMARY_CHECK_INTERVAL, current_primary, make_client, parse_redis_url
 from dragoman.store.keys import (
     CellKeys,
     cell_of_job,
@@ -45,6 +46,7 @@ from dragoman.store.keys import (
     job_id_for,
     room_cell,
 )
+from dragoman.store.pipeline import AutoPipeline
 from dragoman.store.replies import (
     AckReply,
     CancelReply,
@@ -116,7 +118,12 @@ class Store:
         self.proc = proc or uuid.uuid4().hex[:12]
         self.cells = {c: CellKeys(settings.key_prefix, c) for c in settings.cells}
         self.cell_names = tuple(settings.cells)
-        self.scripts = Scripts(client, defines={"test_clock": test_clock, "inbox_max_len": settings.inbox_max_len})
+        self.pipeline = (AutoPipeline(client.connection_pool, replicas=settings.redis_min_replicas_ack,
+                                      replica_wait_ms=settings.redis_replica_wait_ms, recheck_s=PRIMARY_CHECK_INTERVAL)
+                         if settings.redis_auto_pipeline and not isinstance(client, RedisCluster) else None)
+        self.scripts = Scripts(client, defines={"test_clock": test_clock, "inbox_max_len": settings.inbox_max_len},
+                               pipeline=self.pipeline, replicas=settings.redis_min_replicas_ack,
+                               replica_wait_ms=settings.redis_replica_wait_ms)
         self.sink: Sink | None = None
         self.target = "redis"
         self.undecodable_effects = 0
@@ -137,6 +144,8 @@ class Store:
         return store
 
     async def aclose(self) -> None:
+        if self.pipeline is not None:
+            await self.pipeline.aclose()
         await self.client.aclose()
 
     # ---------------------------------------------------------------- plumbing
@@ -168,8 +177,7 @@ class Store:
     async def _call(self, name: str, ck: CellKeys, keys: list[str], args: list[Any], kind: type[R],
                     own_payload: str | None = None, own_result: Any = None) -> R:
         try:
-            raw = await self.retrying(name, lambda: self.scripts.call(
-                name, keys, args, self.client, self.settings.redis_min_replicas_ack, self.settings.redis_replica_wait_ms))
+            raw = await self.retrying(name, lambda: self.scripts.call(name, keys, args))
         except ResponseError as exc:
             raise ScriptError(f"{name}: {exc}") from exc
         payloads = [_text(p) for p in raw[2:]]

@@ -17,9 +17,10 @@ import re
 from pathlib import Path
 from typing import Any
 
-from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError
 
 from dragoman.errors import ScriptError
+from dragoman.store.pipeline import AutoPipeline, ReplicasBehind
 
 LUA_DIR = Path(__file__).parent / "lua"
 _INCLUDE = re.compile(r'^--- @include "([^"]+)"\s*$', re.MULTILINE)
@@ -29,10 +30,6 @@ _DEFINE = re.compile(r"\{\{(\w+)\}\}")
 
 class ScriptLoadError(ScriptError):
     pass
-
-
-class ReplicasBehind(RedisConnectionError):
-    """Fewer replicas than required acknowledged a transition (``redis_min_replicas_ack``)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,30 +88,44 @@ def discover(root: Path = LUA_DIR, defines: dict[str, Any] | None = None) -> dic
 
 
 class Scripts:
-    """The registered scripts of one client. ``await scripts.call(name, keys, args)``."""
+    """The registered scripts of one client. ``await scripts.call(name, keys, args)``.
 
-    def __init__(self, client: Any, root: Path = LUA_DIR, defines: dict[str, Any] | None = None) -> None:
+    With a ``pipeline`` (``store/pipeline.py``) calls go through it: the calls of one loop turn share
+    a write, and it adds the WAIT for ``replicas``. Without one (a Cluster client) each call is its
+    own EVALSHA; ``replicas`` then adds a WAIT to each call."""
+
+    def __init__(self, client: Any, root: Path = LUA_DIR, defines: dict[str, Any] | None = None, *,
+                 pipeline: AutoPipeline | None = None, replicas: int = 0, replica_wait_ms: int = 1000) -> None:
         self.specs = discover(root, defines)
+        self.client = client
+        self.pipeline = pipeline
+        self.replicas = replicas
+        self.replica_wait_ms = replica_wait_ms
         self._registered = {name: client.register_script(spec.source) for name, spec in self.specs.items()}
 
-    async def call(self, name: str, keys: list[str], args: list[Any], client: Any = None,
-                   replicas: int = 0, replica_wait_ms: int = 1000) -> Any:
-        """Run a script. With ``replicas`` > 0 it is followed, on the same connection, by ``WAIT``:
-        the call only returns once that many replicas have the script's writes, and raises
-        ``ReplicasBehind`` (a connection error: the caller's retry makes it again, retry-safe)
-        when they do not within ``replica_wait_ms``."""
+    async def call(self, name: str, keys: list[str], args: list[Any]) -> Any:
+        """Run a script. With replicas required, the call returns only once that many replicas have
+        its writes, and raises ``ReplicasBehind`` (a connection error: the caller's retry makes it
+        again, retry-safe) when they do not within ``replica_wait_ms``."""
         spec = self.specs[name]
         if len(keys) != spec.num_keys:
             raise ScriptError(f"{name} takes {spec.num_keys} keys, got {len(keys)}")
         script = self._registered[name]
-        if replicas <= 0:
+        if self.pipeline is not None:
+            try:
+                return await self.pipeline.execute("EVALSHA", script.sha, len(keys), *keys, *args)
+            except NoScriptError:  # a new or flushed server: load it, once, and call again
+                script.sha = await self.client.script_load(spec.source)
+                return await self.pipeline.execute("EVALSHA", script.sha, len(keys), *keys, *args)
+        if self.replicas <= 0:
             return await script(keys=keys, args=args)
-        pipe = client.pipeline(transaction=False)
+        pipe = self.client.pipeline(transaction=False)
         await script(keys=keys, args=args, client=pipe)
-        pipe.execute_command("WAIT", replicas, replica_wait_ms)
+        pipe.execute_command("WAIT", self.replicas, self.replica_wait_ms)
         reply, acked = await pipe.execute()
-        if int(acked) < replicas:
-            raise ReplicasBehind(f"{name}: {acked} of {replicas} replicas acknowledged within {replica_wait_ms} ms")
+        if int(acked) < self.replicas:
+            raise ReplicasBehind(f"{name}: {acked} of {self.replicas} replicas acknowledged within "
+                                 f"{self.replica_wait_ms} ms")
         return reply
 
     async def load_all(self, client: Any) -> None:

@@ -19,7 +19,7 @@ caller) and checks Redis against it:
       offline / cancel / start changes nothing (a repeat may carry the local effect again: the same
       assignment, the same outcome, for a caller whose first reply was lost)
 plus the indexes the scripts select with: pool sorted sets hold exactly the ready nodes scored by
-free slots, the node registry holds the non-offline nodes scored by deadline, leases / pending hold
+free slots (exactly for a node in one pool; for a node in several, at least 1 while it has one), the node registry holds the non-offline nodes scored by deadline, leases / pending hold
 exactly the assigned / queued jobs, and no job waits in a queue while a live node of its pool has a
 free slot.
 
@@ -34,6 +34,7 @@ import asyncio
 import dataclasses
 import itertools
 import json
+import os
 from typing import Any
 
 import pytest
@@ -668,7 +669,10 @@ class StoreMachine(RuleBasedStateMachine):
                 assert n is not None and n["state"] == "ready" and pid in n["pools"].split(), (
                     f"pool {pid} lists {nid}, which is {n}")
                 free = max(0, int(n["max"]) - len(jobsets[nid]))
-                assert score == free, f"pool {pid} scores {nid} at {score}, it has {free} free slots ({n})"
+                if len(n["pools"].split()) == 1:  # one pool: exact
+                    assert score == free, f"pool {pid} scores {nid} at {score}, it has {free} free slots ({n})"
+                else:  # several: may over-state, never hides a free slot
+                    assert score >= min(free, 1), f"pool {pid} scores {nid} at {score}, it has {free} free ({n})"
             assert len([j for j in queued_ids if jobs[j]["pool"] == pid]) <= STORE_SETTINGS.queue_max
         for nid, n in nodes.items():
             live = n["state"] == "ready" and int(n["deadline"]) >= now
@@ -687,10 +691,13 @@ def server_url(redis_server: EmbeddedServer) -> str:
     return redis_server.url
 
 
+EXAMPLES = int(os.environ.get("DRAGOMAN_STATEFUL_EXAMPLES", "100"))  # more for a thorough run
+
+
 @pytest.mark.timeout(900)
 def test_store_state_machine(server_url: str) -> None:
     run_state_machine_as_test(
         lambda: StoreMachine(server_url),
-        settings=settings(max_examples=100, stateful_step_count=40, deadline=None, database=None,
+        settings=settings(max_examples=EXAMPLES, stateful_step_count=40, deadline=None, database=None,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much]),
     )

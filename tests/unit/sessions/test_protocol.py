@@ -16,6 +16,7 @@ from dragoman.sessions.protocol import (
     CancelJob,
     CheckJobs,
     CloseSocket,
+    Count,
     Detach,
     Dispatch,
     DispatchResult,
@@ -215,12 +216,16 @@ class TestDeadlines:
         [r] = dispatches(p.receive(chunk(0), 0))
         assigned(p, r, "c0.a", 0)
         p.tick(5_000)
-        [again] = dispatches(p.checked({"c0.a": JobStatus(job="c0.a", state=JobState.MISSING)}, 5_001))
+        actions = p.checked({"c0.a": JobStatus(job="c0.a", state=JobState.MISSING)}, 5_001)
+        [again] = dispatches(actions)
+        assert Count("lost_job_rerun") in actions
         assert (again.utt, again.tgt, again.body) == (0, "en", r.body) and again.unique != r.unique
         assigned(p, again, "c0.b", 5_002)
         p.tick(10_002)
-        [err, _] = sent(p.checked({"c0.b": JobStatus(job="c0.b", state=JobState.MISSING)}, 10_003))
+        actions = p.checked({"c0.b": JobStatus(job="c0.b", state=JobState.MISSING)}, 10_003)
+        [err, _] = sent(actions)
         assert isinstance(err, ErrorMessage) and err.code == "JOB_TIMEOUT" and "lost" in err.message
+        assert Count("lost_job_failed") in actions
         assert p.owed() == 0
 
     def test_past_its_bound_a_job_is_answered_and_cancelled(self) -> None:

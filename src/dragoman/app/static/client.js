@@ -1,5 +1,10 @@
 // Dragoman web client: microphone -> 16 kHz mono pcm16 -> /ws/session, results in a table.
 //
+// The language choices come from /api/v1/languages (what the node pools serve now), refreshed
+// every few seconds and whenever a language control gets focus. A connected session can create
+// or join a room: each member hears the others in its own language, and every result row names
+// its speaker (results of other members carry the speaker's session_id).
+//
 // Flow: Start opens the microphone first (so the permission prompt comes before the session),
 // buffers audio while the WebSocket connects, sends session_init, and on session_init_ack
 // streams audio_chunk messages every ~200 ms. Stop flushes what is buffered, sends an empty
@@ -15,6 +20,10 @@ const ACK_TIMEOUT_MS = 15000;
 const CLOSE_ACK_TIMEOUT_MS = 60000;
 const HEARTBEAT_MS = 15000;
 const MAX_WS_BUFFERED = 1 << 20;
+const LANGS_REFRESH_MS = 10000;
+const LANGS_RETRY_MS = 2000; // while nothing is served yet, or the last fetch failed
+const LANGS_MIN_GAP_MS = 1000; // focus-triggered refreshes at most this often
+const ROOM_CODE_RE = /^\d{6}$/;
 
 const $ = (sel) => document.querySelector(sel);
 
@@ -34,13 +43,9 @@ function el(tag, props = {}, ...children) {
   return node;
 }
 
-function parseLangs(text) {
-  const out = [];
-  for (const part of String(text).split(/[\s,;]+/)) {
-    const lang = part.trim();
-    if (lang && !out.includes(lang)) out.push(lang);
-  }
-  return out;
+function shortId(id) {
+  const s = String(id ?? "");
+  return s.length > 8 ? s.slice(0, 8) : s;
 }
 
 function int16ToBase64(samples) {
@@ -281,7 +286,16 @@ const S = {
   closeTimer: null,
   chunksSent: 0,
   acceptAudio: false, // true from Start until Stop has flushed the capture
+  room: null, // the code of the room this session is in
+  roomPending: null, // "create" | "join" while the scheduler has not answered
+  roomCodeWanted: null, // the code asked for by the pending join
+  members: [], // the room's members, from the latest room_members
 };
+
+// Display names of room members by session id. Kept after they leave, so their late results
+// still show who spoke.
+const speakerNames = new Map();
+let controlsLocked = false; // a run is under way: the language controls are frozen
 
 function setStatus(phase, detail = "") {
   S.phase = phase;
@@ -289,6 +303,7 @@ function setStatus(phase, detail = "") {
   status.textContent = phase;
   status.dataset.state = phase;
   $("#status-detail").textContent = detail;
+  renderRoom();
 }
 
 function setConn(connected) {
@@ -297,9 +312,12 @@ function setConn(connected) {
 }
 
 function setButtons(running) {
-  $("#start").disabled = running;
+  controlsLocked = running;
   $("#stop").disabled = !running;
-  for (const id of ["#src", "#tgts", "#lang-a", "#lang-b"]) $(id).disabled = running;
+  for (const id of ["#src", "#lang-a", "#lang-b"]) $(id).disabled = running;
+  for (const box of document.querySelectorAll("#tgts input")) box.disabled = running;
+  updateStartButton();
+  renderRoom();
 }
 
 function send(msg) {
@@ -385,27 +403,300 @@ function flushAudio() {
   }
 }
 
+// ---------------------------------------------------------------- served languages
+
+const LANG_NAMES = {
+  zh: "Chinese", en: "English", ja: "Japanese", ko: "Korean", es: "Spanish", fr: "French", de: "German",
+  ru: "Russian", pt: "Portuguese", it: "Italian", ar: "Arabic", vi: "Vietnamese", th: "Thai",
+};
+
+function langLabel(code) {
+  const name = LANG_NAMES[code];
+  return name ? `${code} · ${name}` : code;
+}
+
+const L = {
+  served: null, // {pairs, twoWay, sources, targets} from /api/v1/languages; null until the first answer
+  key: "", // the last answer, to rebuild the controls only when it changed
+  error: "", // why the last fetch failed
+  fetching: null,
+  lastFetch: 0,
+  timer: null,
+  chosenTargets: new Set(), // the targets ticked by the user (kept across refreshes)
+  defaultsFor: null, // the source whose default target was ticked
+};
+
+function languagesUrl() {
+  return apiKey ? `/api/v1/languages?api_key=${encodeURIComponent(apiKey)}` : "/api/v1/languages";
+}
+
+function pairList(v) {
+  if (!Array.isArray(v)) return [];
+  return v
+    .filter((p) => Array.isArray(p) && p.length === 2 && p.every((x) => typeof x === "string" && x))
+    .map(([a, b]) => [a, b]);
+}
+
+function normalizeServed(data) {
+  const pairs = [];
+  const twoWay = pairList(data && data.two_way);
+  for (const [src, tgt] of pairList(data && data.pairs)) {
+    // Some schedulers split the two-way pool id "a<>b" at ">" and list it as the pair
+    // ["a<", "b"]: that is the two-way pair a/b, not a language.
+    if (src.endsWith("<")) twoWay.push([src.slice(0, -1), tgt]);
+    else pairs.push([src, tgt]);
+  }
+  const uniq = (xs) => [...new Set(xs)].sort();
+  const uniqPairs = (ps) => uniq(ps.map((p) => p.join(" "))).map((k) => k.split(" "));
+  return {
+    pairs: uniqPairs(pairs),
+    twoWay: uniqPairs(twoWay),
+    sources: uniq(pairs.map(([s]) => s)),
+    targets: uniq(pairs.map(([, t]) => t)),
+    twoWayLangs: uniq(twoWay.flat()),
+  };
+}
+
+function servedTargetsFor(src) {
+  if (!L.served) return [];
+  return [...new Set(L.served.pairs.filter(([s]) => s === src).map(([, t]) => t))].sort();
+}
+
+function twoWayPartners(a) {
+  if (!L.served) return [];
+  const out = new Set();
+  for (const [x, y] of L.served.twoWay) {
+    if (x === a) out.add(y);
+    if (y === a) out.add(x);
+  }
+  return [...out].sort();
+}
+
+function refreshLanguages(force = false) {
+  if (L.fetching) return L.fetching;
+  if (!force && Date.now() - L.lastFetch < LANGS_MIN_GAP_MS) return Promise.resolve();
+  L.lastFetch = Date.now();
+  L.fetching = (async () => {
+    try {
+      const res = await fetch(languagesUrl(), { headers: { Accept: "application/json" }, cache: "no-store" });
+      if (!res.ok) {
+        let why = `HTTP ${res.status}`;
+        const body = await res.json().catch(() => null);
+        if (body && body.error && body.error.message) why += `: ${body.error.message}`;
+        throw new Error(why);
+      }
+      const served = normalizeServed(await res.json());
+      L.error = "";
+      const key = JSON.stringify(served);
+      if (key !== L.key) {
+        L.key = key;
+        L.served = served;
+        renderLanguageControls();
+      }
+    } catch (err) {
+      L.error = err && err.message ? err.message : String(err);
+    } finally {
+      L.fetching = null;
+      updateStartButton();
+      scheduleLanguages();
+    }
+  })();
+  return L.fetching;
+}
+
+function scheduleLanguages() {
+  if (L.timer) clearTimeout(L.timer);
+  const nothing = !L.served || (!L.served.pairs.length && !L.served.twoWay.length);
+  L.timer = setTimeout(() => {
+    if (document.hidden) scheduleLanguages();
+    else refreshLanguages(true);
+  }, L.error || nothing ? LANGS_RETRY_MS : LANGS_REFRESH_MS);
+}
+
+// Fills a select with `values`, keeping its current choice: a choice the network no longer
+// serves stays, marked, so nothing changes behind the user's back (Start explains the problem).
+// With no current choice it takes the first of `prefer` that is offered, else the first value.
+function fillSelect(select, values, { prefer = [], extra = [], label = langLabel, keepStale = true } = {}) {
+  const current = select.value;
+  const options = [...extra.map(([value, text]) => ({ value, text })), ...values.map((v) => ({ value: v, text: label(v) }))];
+  if (keepStale && current && !options.some((o) => o.value === current)) {
+    options.push({ value: current, text: `${label(current)} (not served now)`, stale: true });
+  }
+  const key = JSON.stringify(options);
+  if (select.dataset.v !== key) {
+    select.dataset.v = key;
+    select.replaceChildren(
+      ...options.map((o) => el("option", { value: o.value, text: o.text, ...(o.stale ? { "data-stale": "" } : {}) })),
+    );
+  }
+  if (current && options.some((o) => o.value === current)) {
+    select.value = current;
+  } else {
+    const pick = prefer.find((v) => options.some((o) => o.value === v)) ?? (options[0] && options[0].value);
+    if (pick !== undefined) select.value = pick;
+  }
+}
+
+function renderLanguageControls() {
+  const served = L.served || normalizeServed({});
+  // "auto" is listed first but only taken by hand, unless it is all there is.
+  fillSelect($("#src"), served.sources, {
+    extra: served.twoWay.length ? [["auto", "auto (two-way)"]] : [],
+    prefer: served.sources.length ? served.sources : ["auto"],
+  });
+  const a = $("#lang-a");
+  fillSelect(a, served.twoWayLangs);
+  fillSelect($("#lang-b"), twoWayPartners(a.value));
+  renderTargets();
+  syncTwoWay();
+}
+
+// The user picked another source: keep only the ticked targets it serves.
+function onSourceChange() {
+  const served = servedTargetsFor($("#src").value);
+  for (const t of [...L.chosenTargets]) if (!served.includes(t)) L.chosenTargets.delete(t);
+  renderTargets();
+  syncTwoWay();
+}
+
+// The user picked another language A: B must be one of its partners.
+function onLangAChange() {
+  fillSelect($("#lang-b"), twoWayPartners($("#lang-a").value), { keepStale: false });
+  renderPreferred();
+  updateStartButton();
+}
+
+function onTargetToggle(ev) {
+  const box = ev.target;
+  if (!box || box.name !== "tgt") return;
+  if (box.checked) L.chosenTargets.add(box.value);
+  else L.chosenTargets.delete(box.value);
+  renderTargets();
+  updateStartButton();
+}
+
+// Target checkboxes: the targets served for the chosen source (plus ticked ones that are not).
+function renderTargets() {
+  const src = $("#src").value;
+  const served = servedTargetsFor(src);
+  const chosen = L.chosenTargets;
+  if (served.length && L.defaultsFor !== src && ![...chosen].some((t) => served.includes(t))) {
+    // Nothing usable ticked for a source seen for the first time: tick its first translation
+    // (once: a user who unticks everything is not overruled).
+    chosen.clear();
+    chosen.add(served.find((t) => t !== src) ?? served[0]);
+    L.defaultsFor = src;
+  }
+  const shown = [...served, ...[...chosen].filter((t) => !served.includes(t)).sort()];
+  const box = $("#tgts");
+  const key = JSON.stringify([src, shown, served]);
+  if (box.dataset.v !== key) {
+    box.dataset.v = key;
+    box.replaceChildren(
+      ...shown.map((t) => {
+        const stale = !served.includes(t);
+        return el(
+          "label",
+          { class: stale ? "check stale" : "check", title: stale ? "not served for this source now" : langLabel(t) },
+          el("input", { type: "checkbox", name: "tgt", value: t }),
+          stale ? `${t} (not served)` : t,
+        );
+      }),
+    );
+    if (!shown.length) {
+      box.append(el("span", { class: "none", text: src && src !== "auto" ? `none for ${src}` : "none" }));
+    }
+  }
+  for (const input of box.querySelectorAll("input")) {
+    input.checked = chosen.has(input.value);
+    input.disabled = controlsLocked;
+  }
+  renderPreferred();
+}
+
+function checkedTargets() {
+  return [...document.querySelectorAll("#tgts input:checked")].map((i) => i.value);
+}
+
+// The room's "you hear others in" choice: served targets; empty means the session's first target.
+function renderPreferred() {
+  const first = firstTarget();
+  fillSelect($("#preferred-lang"), L.served ? L.served.targets : [], {
+    extra: [["", first ? `my target (${first})` : "my target"]],
+    prefer: [""],
+  });
+}
+
+function firstTarget() {
+  if (S.targets.length && controlsLocked) return S.targets[0];
+  if ($("#src").value === "auto") return $("#lang-b").value;
+  return checkedTargets()[0] || "";
+}
+
+// What Start would send, or why it cannot start.
+function sessionChoice() {
+  if (!L.served) {
+    return { why: L.error ? `cannot load the languages the network serves (${L.error})` : "loading the languages the network serves…" };
+  }
+  const { pairs, twoWay } = L.served;
+  if (!pairs.length && !twoWay.length) {
+    return { why: "the network serves no language yet: no node is connected. Start waits for one (checked every 2 s)." };
+  }
+  const src = $("#src").value;
+  if (src === "auto") {
+    const a = $("#lang-a").value;
+    const b = $("#lang-b").value;
+    if (!a || !b) return { why: "two-way mode needs language A and language B" };
+    if (!twoWayPartners(a).includes(b)) return { why: `two-way ${a} ⇄ ${b} is not served now` };
+    return { src, auto: true, langA: a, langB: b, targets: [b] };
+  }
+  if (!src) return { why: "choose a source language" };
+  const served = servedTargetsFor(src);
+  if (!served.length) return { why: `nothing is served from ${src} now` };
+  const targets = checkedTargets();
+  if (!targets.length) return { why: "tick at least one target language" };
+  const unserved = targets.filter((t) => !served.includes(t));
+  if (unserved.length) return { why: `${unserved.map((t) => `${src} → ${t}`).join(", ")} not served now` };
+  return { src, auto: false, targets };
+}
+
+function updateStartButton() {
+  const choice = sessionChoice();
+  $("#start").disabled = controlsLocked || Boolean(choice.why);
+  const note = $("#langs-note");
+  let text;
+  let state;
+  if (choice.why) {
+    text = choice.why;
+    state = L.served ? "blocked" : L.error ? "error" : "loading";
+  } else {
+    const { pairs, twoWay } = L.served;
+    const parts = [];
+    if (pairs.length) parts.push(pairs.map(([s, t]) => `${s}→${t}`).join(", "));
+    if (twoWay.length) parts.push(`two-way ${twoWay.map(([a, b]) => `${a}⇄${b}`).join(", ")}`);
+    text = `served now: ${parts.join(" · ")}`;
+    state = "ok";
+  }
+  if (L.served && L.error) text += ` (last refresh failed: ${L.error})`;
+  setTextIfChanged(note, text);
+  note.dataset.state = state;
+}
+
+function setTextIfChanged(node, text) {
+  if (node.textContent !== text) node.textContent = text;
+}
+
 // ---------------------------------------------------------------- start / stop
 
 async function start() {
   if (S.phase === "connecting" || S.phase === "streaming" || S.phase === "closing") return;
 
-  const src = $("#src").value.trim() || "zh";
-  const auto = src === "auto";
-  const langA = $("#lang-a").value.trim();
-  const langB = $("#lang-b").value.trim();
-  let targets = parseLangs($("#tgts").value);
-  if (auto) {
-    if (!langA || !langB) {
-      setStatus("error", "two-way mode needs language A and language B");
-      return;
-    }
-    if (!targets.length) targets = [langB];
-  }
-  if (!targets.length) {
-    setStatus("error", "enter at least one target language");
+  const choice = sessionChoice();
+  if (choice.why) {
+    setStatus("error", choice.why);
     return;
   }
+  const { src, auto, langA, langB, targets } = choice;
 
   const run = ++S.run;
   clearTimers();
@@ -418,6 +709,10 @@ async function start() {
     pendingSamples: 0,
     chunksSent: 0,
     acceptAudio: true,
+    room: null,
+    roomPending: null,
+    roomCodeWanted: null,
+    members: [],
   });
   $("#session-id").textContent = "–";
   $("#chunks-sent").textContent = "0";
@@ -551,6 +846,11 @@ async function teardown(phase, detail) {
   S.acceptAudio = false;
   S.pending = [];
   S.pendingSamples = 0;
+  if (S.room || S.roomPending) {
+    // The scheduler takes a closed session out of its room.
+    setRoomInfoNote(S.room ? `left room ${S.room}: the session ended` : "");
+    setRoomState(null);
+  }
   setButtons(false);
   if (capture) await capture.stop();
 }
@@ -585,6 +885,23 @@ function handleMessage(msg) {
       break;
     case "session_close_ack":
       if (!msg.session_id || msg.session_id === S.sessionId) teardown("closed", "");
+      break;
+    case "room_create_ack":
+      onRoomCreated(msg);
+      break;
+    case "room_members":
+      onRoomMembers(msg);
+      break;
+    case "room_error":
+      onRoomError(msg);
+      break;
+    case "room_expired":
+      onRoomExpired(msg);
+      break;
+    case "webrtc_offer":
+    case "webrtc_answer":
+    case "webrtc_ice":
+      // Other members' raw voice over WebRTC: this page plays translations only.
       break;
     default:
       // Unknown types are ignored, per protocol.
@@ -625,6 +942,23 @@ function appendRow(tr) {
   $("#results-count").textContent = String(resultsBody().querySelectorAll("tr.result").length);
 }
 
+// One row per (speaker, utterance, target): each outcome has its own row, so two speakers'
+// utterance 0 both show; an outcome for a key already shown replaces that row.
+function putRow(tr, speaker, utt, tgt) {
+  tr.dataset.speaker = speaker;
+  if (utt !== "") {
+    const key = `${speaker}|${utt}|${tgt}`;
+    tr.dataset.key = key;
+    const old = [...resultsBody().children].find((row) => row.dataset.key === key);
+    if (old) {
+      old.replaceWith(tr);
+      $("#results-count").textContent = String(resultsBody().querySelectorAll("tr.result").length);
+      return;
+    }
+  }
+  appendRow(tr);
+}
+
 function tgtOf(msg) {
   if (msg.tgt_lang) return String(msg.tgt_lang);
   const d = msg.details;
@@ -633,8 +967,10 @@ function tgtOf(msg) {
 }
 
 function addResult(msg) {
-  const utt = msg.utterance_index ?? "";
+  const utt = String(msg.utterance_index ?? "");
   const tgt = tgtOf(msg);
+  const speaker = speakerOf(msg);
+  const own = speaker === S.sessionId;
   const meta = [];
   if (msg.tts_audio) meta.push(`tts ${msg.tts_format || "?"}`);
   const t = msg.service_timings || (msg.extra && msg.extra.service_timings);
@@ -644,17 +980,18 @@ function addResult(msg) {
   }
   const tr = el(
     "tr",
-    { class: "result", "data-utt": String(utt), "data-tgt": tgt },
-    el("td", { class: "num utt", text: String(utt) }),
+    { class: "result", "data-utt": utt, "data-tgt": tgt },
+    el("td", { class: "num utt", text: utt }),
+    speakerCell(speaker),
     el("td", { class: "tgt", text: tgt }),
     el("td", { class: "asr", text: msg.text_asr ?? "" }),
     el("td", { class: "translated", text: msg.text_translated ?? "" }),
     el("td", { class: "meta", text: meta.join(" · ") }),
   );
   if (msg.job_id) tr.dataset.jobId = String(msg.job_id);
-  appendRow(tr);
+  putRow(tr, speaker, utt, tgt);
   const partial = $("#partial");
-  if (partial.dataset.utt === String(utt)) {
+  if (own && partial.dataset.utt === utt) {
     partial.textContent = "";
     delete partial.dataset.utt;
   }
@@ -663,43 +1000,51 @@ function addResult(msg) {
       b64: msg.tts_audio,
       format: msg.tts_format || "wav",
       sampleRate: msg.tts_sample_rate,
-      sessionId: msg.session_id || S.sessionId,
-      traceId: msg.trace_id || S.traceId || "",
-      groupId: String(utt),
+      // Playback is reported for this session (it pauses our own segmenter), whoever spoke.
+      sessionId: S.sessionId,
+      traceId: S.traceId || msg.trace_id || "",
+      groupId: own ? utt : `${speaker}:${utt}`,
     });
   }
 }
 
 function addMissing(msg) {
-  const utt = msg.utterance_index ?? "";
+  const utt = String(msg.utterance_index ?? "");
   const tgt = tgtOf(msg);
+  const speaker = speakerOf(msg);
   const tr = el(
     "tr",
-    { class: "missing-row", "data-utt": String(utt), "data-tgt": tgt, "data-reason": String(msg.reason ?? "") },
-    el("td", { class: "num utt", text: String(utt) }),
+    { class: "missing-row", "data-utt": utt, "data-tgt": tgt, "data-reason": String(msg.reason ?? "") },
+    el("td", { class: "num utt", text: utt }),
+    speakerCell(speaker),
     el("td", { class: "tgt", text: tgt }),
     el("td", { class: "reason", colspan: "2", text: `no result: ${msg.reason ?? "unknown"}` }),
     el("td", { class: "meta", text: msg.created_at_ms ? fmtTime(Number(msg.created_at_ms)) : "" }),
   );
-  appendRow(tr);
+  putRow(tr, speaker, utt, tgt);
 }
 
 function addError(msg) {
   const d = msg.details && typeof msg.details === "object" ? msg.details : {};
-  const utt = d.utterance_index ?? "";
-  const tgt = d.tgt_lang ?? "";
+  const utt = String(d.utterance_index ?? "");
+  const tgt = String(d.tgt_lang ?? "");
+  const speaker = utt === "" ? S.sessionId || "" : speakerOf(msg);
   const tr = el(
     "tr",
-    { class: "error-row", "data-code": String(msg.code ?? ""), "data-utt": String(utt), "data-tgt": String(tgt) },
-    el("td", { class: "num utt", text: String(utt) }),
-    el("td", { class: "tgt", text: String(tgt) }),
+    { class: "error-row", "data-code": String(msg.code ?? ""), "data-utt": utt, "data-tgt": tgt },
+    el("td", { class: "num utt", text: utt }),
+    speakerCell(speaker),
+    el("td", { class: "tgt", text: tgt }),
     el("td", { class: "code", text: String(msg.code ?? "ERROR") }),
     el("td", { class: "message", text: String(msg.message ?? "") }),
     el("td", { class: "meta", text: d.job_id ? `job ${d.job_id}` : "" }),
   );
-  appendRow(tr);
+  putRow(tr, speaker, utt, tgt);
   // An error before the ack means the session was refused (bad init, auth, ...).
   if (S.phase === "connecting" && S.ws) teardown("error", `${msg.code ?? "ERROR"}: ${msg.message ?? ""}`);
+  // An error about no utterance while a room request is pending is that request refused
+  // (e.g. a preferred language that cannot be translated into).
+  if (utt === "" && S.roomPending) onRoomError(msg);
 }
 
 function showPartial(msg) {
@@ -741,6 +1086,239 @@ function showUiEvent(msg) {
 function showLevel(rms) {
   const pct = Math.min(100, Math.round(Math.sqrt(rms) * 140));
   $("#level").style.width = `${pct}%`;
+}
+
+// ---------------------------------------------------------------- rooms
+
+let roomNote = ""; // shown while not in a room: why the last room ended
+let copyTimer = null;
+
+function inSession() {
+  return S.phase === "streaming" && Boolean(S.sessionId);
+}
+
+function roomIdentity() {
+  const out = {};
+  const name = $("#display-name").value.trim().slice(0, 64);
+  const lang = $("#preferred-lang").value;
+  if (name) out.display_name = name;
+  if (lang) out.preferred_lang = lang; // none: the scheduler uses the session's first target
+  return out;
+}
+
+function createRoom() {
+  if (!inSession() || S.room || S.roomPending) return;
+  hideRoomError();
+  if (!send({ type: "room_create", client_ts: Date.now(), ...roomIdentity() })) return;
+  S.roomPending = "create";
+  renderRoom();
+}
+
+function joinRoom() {
+  if (!inSession() || S.room || S.roomPending) return;
+  const code = $("#room-code-input").value.replace(/\s+/g, "");
+  if (!ROOM_CODE_RE.test(code)) {
+    showRoomError("INVALID_ROOM_CODE", "a room code is 6 digits");
+    return;
+  }
+  hideRoomError();
+  if (!send({ type: "room_join", room_code: code, ...roomIdentity() })) return;
+  S.roomPending = "join";
+  S.roomCodeWanted = code;
+  renderRoom();
+}
+
+function leaveRoom() {
+  if (!S.room) return;
+  const code = S.room;
+  send({ type: "room_leave", room_code: code });
+  hideRoomError();
+  setRoomInfoNote(`left room ${code}`);
+  setRoomState(null);
+}
+
+function setRoomState(code, members = []) {
+  S.room = code;
+  S.roomPending = null;
+  S.roomCodeWanted = null;
+  S.members = code ? members : [];
+  renderRoom();
+}
+
+function setRoomInfoNote(text) {
+  roomNote = text;
+}
+
+function onRoomCreated(msg) {
+  if (S.roomPending !== "create" || !msg.room_code) return;
+  setRoomInfoNote("");
+  setRoomState(String(msg.room_code), S.members);
+}
+
+function onRoomMembers(msg) {
+  const code = String(msg.room_code ?? "");
+  // A join is answered by the room's first room_members (a create by its ack, then this).
+  const mine =
+    (S.room && S.room === code) ||
+    (S.roomPending === "join" && S.roomCodeWanted === code) ||
+    S.roomPending === "create";
+  if (!mine) return;
+  const members = (Array.isArray(msg.members) ? msg.members : []).filter(
+    (m) => m && typeof m === "object" && m.session_id,
+  );
+  for (const m of members) if (m.display_name) speakerNames.set(String(m.session_id), String(m.display_name));
+  setRoomInfoNote("");
+  hideRoomError();
+  setRoomState(code, members);
+  relabelSpeakers();
+}
+
+function onRoomError(msg) {
+  S.roomPending = null;
+  S.roomCodeWanted = null;
+  showRoomError(String(msg.code ?? "ROOM_ERROR"), msg.message ? String(msg.message) : "");
+  renderRoom();
+}
+
+function onRoomExpired(msg) {
+  const code = String(msg.room_code ?? "");
+  if (S.room && code && code !== S.room) return;
+  showRoomError("ROOM_EXPIRED", `room ${code || S.room || "?"}: ${msg.message ?? "expired"}`);
+  setRoomInfoNote(`room ${code || S.room || "?"} expired`);
+  setRoomState(null);
+}
+
+function showRoomError(code, message) {
+  const box = $("#room-error");
+  box.dataset.code = code;
+  box.textContent = message ? `${code}: ${message}` : code;
+  box.hidden = false;
+}
+
+function hideRoomError() {
+  const box = $("#room-error");
+  box.hidden = true;
+  box.textContent = "";
+  delete box.dataset.code;
+}
+
+function memberLang(m, self) {
+  if (m.preferred_lang) return String(m.preferred_lang);
+  if (self && S.targets.length) return S.targets[0];
+  return "";
+}
+
+function renderRoom() {
+  const live = inSession();
+  const busy = Boolean(S.room || S.roomPending);
+  $("#room-create").disabled = !live || busy;
+  $("#room-join").disabled = !live || busy;
+  $("#room-leave").disabled = !live || !S.room;
+  for (const id of ["#display-name", "#preferred-lang", "#room-code-input"]) $(id).disabled = busy;
+
+  const codeBox = $("#room-code");
+  setTextIfChanged(codeBox, S.room || (S.roomPending === "join" ? S.roomCodeWanted : "") || "–");
+  codeBox.dataset.state = S.room ? "in" : S.roomPending ? "pending" : "none";
+  $("#room-copy").hidden = !S.room;
+
+  let info;
+  if (S.room) {
+    const n = S.members.length;
+    info = `${n} member${n === 1 ? "" : "s"} · others join with this code, and each hears the others in their own language`;
+  } else if (S.roomPending === "create") {
+    info = "creating a room…";
+  } else if (S.roomPending === "join") {
+    info = `joining room ${S.roomCodeWanted}…`;
+  } else if (live) {
+    info = roomNote ? `${roomNote} · create a room, or join one with its code` : "not in a room: create one, or join one with its code";
+  } else if (S.phase === "connecting") {
+    info = "waiting for the session…";
+  } else {
+    info = roomNote ? `${roomNote} · start a session to create or join a room` : "start a session to create or join a room";
+  }
+  setTextIfChanged($("#room-info"), info);
+
+  const list = $("#room-members");
+  const key = JSON.stringify([S.sessionId, S.targets, S.members]);
+  if (list.dataset.v === key) return;
+  list.dataset.v = key;
+  list.replaceChildren(
+    ...S.members.map((m) => {
+      const sid = String(m.session_id);
+      const self = sid === S.sessionId;
+      const lang = memberLang(m, self);
+      return el(
+        "li",
+        { class: self ? "member self" : "member", "data-session-id": sid },
+        el("span", { class: "name", text: m.display_name ? String(m.display_name) : shortId(sid) }),
+        self ? el("span", { class: "you", text: "you" }) : null,
+        el("span", {
+          class: "chip lang",
+          text: lang || "own target",
+          title: lang ? `hears the others in ${langLabel(lang)}` : "hears the others in its session's first target",
+        }),
+        el("code", { class: "sid", text: shortId(sid), title: sid }),
+      );
+    }),
+  );
+}
+
+async function copyRoomCode() {
+  const code = S.room;
+  if (!code) return;
+  const button = $("#room-copy");
+  let done = "Copied";
+  try {
+    await navigator.clipboard.writeText(code);
+  } catch {
+    // No clipboard access (insecure context, permission): select the code for Ctrl+C.
+    const range = document.createRange();
+    range.selectNodeContents($("#room-code"));
+    const sel = window.getSelection();
+    sel.removeAllRanges();
+    sel.addRange(range);
+    done = "Selected";
+  }
+  button.textContent = done;
+  if (copyTimer) clearTimeout(copyTimer);
+  copyTimer = setTimeout(() => {
+    button.textContent = "Copy";
+  }, 1500);
+}
+
+// ---------------------------------------------------------------- who said what
+
+// Whose utterance a message is about. In a room, other members' results keep the speaker's
+// session_id. An `error` frame has no session_id field: it may name one in its details; when it
+// does not, it is ours outside a room and unknown inside one.
+function speakerOf(msg) {
+  const d = msg.details && typeof msg.details === "object" ? msg.details : {};
+  const sid = msg.session_id ?? d.session_id;
+  if (sid != null && sid !== "") return String(sid);
+  return S.room ? "" : S.sessionId || "";
+}
+
+function speakerLabel(sid) {
+  if (!sid) return "?";
+  if (sid === S.sessionId) return "you";
+  return speakerNames.get(sid) || shortId(sid);
+}
+
+function speakerCell(sid) {
+  const self = Boolean(sid) && sid === S.sessionId;
+  return el("td", {
+    class: self ? "speaker self" : "speaker",
+    text: speakerLabel(sid),
+    title: sid ? `session ${sid}` : "the scheduler did not say whose utterance this was",
+  });
+}
+
+// Rows of members whose name was not known yet when their results came.
+function relabelSpeakers() {
+  for (const td of resultsBody().querySelectorAll("td.speaker:not(.self)")) {
+    const sid = td.parentElement.dataset.speaker;
+    if (sid && speakerNames.has(sid)) setTextIfChanged(td, speakerNames.get(sid));
+  }
 }
 
 // ---------------------------------------------------------------- TTS playback
@@ -838,8 +1416,11 @@ function playNextTts() {
 // ---------------------------------------------------------------- wiring
 
 function syncTwoWay() {
-  const auto = $("#src").value.trim() === "auto";
-  for (const label of document.querySelectorAll(".two-way")) label.hidden = !auto;
+  const auto = $("#src").value === "auto";
+  for (const node of document.querySelectorAll(".two-way")) node.hidden = !auto;
+  for (const node of document.querySelectorAll(".one-way")) node.hidden = auto;
+  renderPreferred();
+  updateStartButton();
 }
 
 function boot() {
@@ -854,11 +1435,34 @@ function boot() {
     $("#results-count").textContent = "0";
     $("#partial").textContent = "";
   });
-  $("#src").addEventListener("input", syncTwoWay);
-  $("#src").addEventListener("change", syncTwoWay);
-  syncTwoWay();
+
+  $("#src").addEventListener("change", onSourceChange);
+  $("#lang-a").addEventListener("change", onLangAChange);
+  $("#lang-b").addEventListener("change", () => {
+    renderPreferred();
+    updateStartButton();
+  });
+  $("#tgts").addEventListener("change", onTargetToggle);
+  // Opening a language control re-reads what the network serves (at most once a second).
+  for (const id of ["#src", "#lang-a", "#lang-b", "#tgts", "#preferred-lang"]) {
+    for (const type of ["focusin", "pointerdown"]) $(id).addEventListener(type, () => refreshLanguages());
+  }
+  document.addEventListener("visibilitychange", () => {
+    if (!document.hidden) refreshLanguages();
+  });
+
+  $("#room-create").addEventListener("click", createRoom);
+  $("#room-join").addEventListener("click", joinRoom);
+  $("#room-leave").addEventListener("click", leaveRoom);
+  $("#room-copy").addEventListener("click", () => copyRoomCode());
+  $("#room-code-input").addEventListener("keydown", (ev) => {
+    if (ev.key === "Enter") joinRoom();
+  });
+
+  renderLanguageControls();
   setButtons(false);
   setStatus("idle");
+  refreshLanguages(true);
   window.addEventListener("pagehide", () => {
     if (S.sessionId && (S.phase === "streaming" || S.phase === "closing")) {
       send({ type: "session_close", session_id: S.sessionId, reason: "page_closed" });

@@ -415,6 +415,84 @@ function renderSessions(snap) {
   syncRows($("#sessions-body"), sessions, (s) => s.session_id, createSessionRow, updateSessionRow, "no open sessions", 5);
 }
 
+// ---------------------------------------------------------------- rooms
+
+function fmtTimeOfDay(ms) {
+  const n = Number(ms);
+  if (!Number.isFinite(n) || n <= 0) return "–";
+  const d = new Date(n);
+  const pad = (x) => String(x).padStart(2, "0");
+  return `${pad(d.getHours())}:${pad(d.getMinutes())}:${pad(d.getSeconds())}`;
+}
+
+function createRoomRow(room) {
+  return el(
+    "tr",
+    { "data-room-code": String(room.room_code), "data-cell": String(room.cell ?? "") },
+    el("td", { class: "room-code mono" }),
+    el("td", { class: "num member-count" }),
+    el("td", { class: "members" }),
+    el("td", { class: "created" }),
+    el("td", { class: "expires" }),
+    el("td", { class: "cell" }),
+  );
+}
+
+function memberChip(m) {
+  const sid = String(m.session_id ?? "");
+  const name = m.display_name ? String(m.display_name) : shortId(sid);
+  const lang = m.preferred_lang || m.lang || "";
+  return el(
+    "span",
+    {
+      class: "chip member",
+      "data-session-id": sid,
+      text: lang ? `${name} · ${lang}` : name,
+      title: `session ${sid}${lang ? `, hears the others in ${lang}` : ""}${
+        m.joined_at ? `, joined ${fmtTimeOfDay(m.joined_at)}` : ""}`,
+    },
+  );
+}
+
+function updateRoomRow(tr, room) {
+  const c = tr.children;
+  const members = Array.isArray(room.members) ? room.members : [];
+  setText(c[0], room.room_code);
+  c[0].title = room.room_id ? `room id ${room.room_id}` : "";
+  setText(c[1], members.length);
+  const key = JSON.stringify(members);
+  if (c[2].dataset.v !== key) {
+    c[2].dataset.v = key;
+    c[2].replaceChildren(...members.map(memberChip));
+  }
+  c[3].dataset.at = String(room.created_ms ?? "");
+  c[4].dataset.at = String(room.expires_ms ?? "");
+  renderRoomTimes(tr);
+  setText(c[5], room.cell ?? "");
+}
+
+function renderRoomTimes(tr) {
+  const created = tr.querySelector("td.created");
+  const expires = tr.querySelector("td.expires");
+  const at = Number(created.dataset.at);
+  setText(created, at > 0 ? `${fmtTimeOfDay(at)} (${fmtAge(serverNow() - at)} ago)` : "–");
+  const until = Number(expires.dataset.at);
+  if (!(until > 0)) {
+    setText(expires, "–");
+    return;
+  }
+  const left = until - serverNow();
+  setText(expires, left > 0 ? `${fmtTimeOfDay(until)} (in ${fmtAge(left)})` : `${fmtTimeOfDay(until)} (due)`);
+  expires.title = "a room with no speech for the expiry time is closed; each utterance extends it";
+}
+
+function renderRooms(snap) {
+  const rooms = (Array.isArray(snap.rooms) ? snap.rooms : []).slice();
+  rooms.sort((a, b) => num(a.created_ms) - num(b.created_ms) || String(a.room_code).localeCompare(String(b.room_code)));
+  setText($("#rooms-total"), rooms.length);
+  syncRows($("#rooms-body"), rooms, (r) => `${r.cell ?? ""}|${r.room_code}`, createRoomRow, updateRoomRow, "no rooms", 6);
+}
+
 // ---------------------------------------------------------------- latency + stats
 
 const SVG_NS = "http://www.w3.org/2000/svg";
@@ -565,7 +643,8 @@ function render(snap) {
   lastSnapshot = snap;
   snapshotLocalAt = Date.now();
   // Each panel renders independently: one malformed section must not freeze the rest.
-  for (const part of [renderTotals, renderNodes, renderPools, renderSessions, renderHistogram, renderStats, renderEvents]) {
+  for (const part of [renderTotals, renderNodes, renderPools, renderSessions, renderRooms, renderHistogram, renderStats,
+    renderEvents]) {
     try {
       part(snap);
     } catch (err) {
@@ -582,6 +661,7 @@ function tick() {
     renderHeartbeat(td, tr ? tr.dataset.state : "");
   }
   for (const td of document.querySelectorAll("#sessions-body td.age")) renderSessionAge(td);
+  for (const tr of document.querySelectorAll("#rooms-body tr[data-key]")) renderRoomTimes(tr);
   const lu = $("#last-update");
   if (lastSnapshot) setText(lu, `updated ${fmtAge(Date.now() - snapshotLocalAt)} ago`);
 }
@@ -713,7 +793,7 @@ function setupCancelForm() {
 
 function boot() {
   setupCancelForm();
-  render({ ts: Date.now(), nodes: [], pools: [], sessions: [], stats: {}, rates: {}, events: [] });
+  render({ ts: Date.now(), nodes: [], pools: [], sessions: [], rooms: [], stats: {}, rates: {}, events: [] });
   lastSnapshot = null;
   setText($("#last-update"), "");
   setInterval(tick, 1000);

@@ -32,7 +32,7 @@ if j.state == 'queued' then
 elseif holder ~= '' then
   local n = node_fields(ctx, holder)
   emit(ctx, n and n.proc or '', { kind = 'cancel', job = jid, node = holder, attempt = j.attempt, reason = 'cancelled' })
-  release_slot(ctx, holder, jid)
+  release_slot(ctx, holder, jid, j.pool)
 end
 finish_job(ctx, jid, j, 'failed', ARGV[3] ~= '' and ARGV[3] or 'JOB_CANCELLED')
 if holder ~= '' then fill_from_queues(ctx, holder) end

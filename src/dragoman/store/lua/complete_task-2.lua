@@ -61,7 +61,7 @@ if not ACTIVE[j.state] then
   return reply(ctx, { status = 'rejected', reason = 'not_active', state = j.state })
 end
 
-release_slot(ctx, nid, jid)
+release_slot(ctx, nid, jid, j.pool)
 if outcome == 'refused' then
   count(ctx, 'refused')
   log_event(ctx, 'job_refused', { job = jid, node = nid, code = code })

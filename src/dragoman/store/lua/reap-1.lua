@@ -63,7 +63,7 @@ for _, jid in ipairs(expired) do
     local n = node_fields(ctx, old)
     emit(ctx, n and n.proc or '', { kind = 'cancel', job = jid, node = old, attempt = j.attempt, reason = 'lease_expired' })
     count(ctx, 'lease_expired')
-    release_slot(ctx, old, jid)
+    release_slot(ctx, old, jid, j.pool)
     reassign_or_fail(ctx, jid, j)
     fill_from_queues(ctx, old)
   end

@@ -91,7 +91,7 @@ local function assign_job(ctx, jid, j, n, extra, known_reachable)
     count(ctx, 'unreachable')
     return false
   end
-  take_slot(ctx, n, jid)
+  take_slot(ctx, n, jid, j.pool)
   local attempt = j.attempt + 1
   local lease = ctx.now + j.job_timeout
   local tried = j.tried

@@ -5,9 +5,16 @@
   slot is taken by SADD and given back by SREM, so giving back twice can never free a slot twice.
 
   Pools are sorted sets of ready nodes keyed by free slots (max - used). Selection reads the top of
-  the set, so its cost grows with log(pool size), never with a scan. A slot taken or given back moves
-  the node's score by one in each of its pools (ZADD XX INCR: a node dropped from a pool is not put
-  back by that); registration, heartbeats and undrain set the exact score.
+  the set, so its cost grows with log(pool size), never with a scan. Registration, heartbeats and
+  undrain set the exact score in every pool of the node (ZADD XX everywhere below: a node dropped
+  from a pool is never put back by a slot moving).
+
+  A slot taken or given back re-scores the node in the job's pool only, not in each of its pools: a
+  node serving ten languages is in a hundred pools, and one job must not cost a hundred writes. Its
+  other pools may then over-state its free slots (selection counts the real ones for a node in
+  several pools, and skips a full one), but never hide a free slot: the slot that fills the node
+  scores every pool 0, and the first one given back scores every pool exactly again. So while a node
+  has a free slot, its score is at least 1 in each of its pools. A node in one pool is always exact.
 
   The cell's "pools" hash counts the registered (not offline) nodes of each pool: the operators'
   list of pools, which shrinks when no node serves a pool any more.
@@ -38,10 +45,27 @@ local function score_pools(ctx, n)
   end
 end
 
-local function shift_pools(ctx, n, delta)
+local function in_one_pool(n)
+  return not string.find(n.pools, ' ', 1, true)
+end
+
+local function rescore(ctx, n, pid, free)
+  if free < 0 then free = 0 end
+  rcall('ZADD', k_pool(ctx.base, pid), 'XX', free, n.id)
+end
+
+-- After a slot moved for a job of pool ``pid`` (nil: unknown), with ``used`` slots now in use.
+local function slot_moved(ctx, n, pid, used, delta)
   if n.state ~= 'ready' then return end
-  for _, pid in ipairs(split_words(n.pools)) do
-    rcall('ZADD', k_pool(ctx.base, pid), 'XX', 'INCR', delta, n.id)
+  if in_one_pool(n) then
+    rcall('ZADD', k_pool(ctx.base, n.pools), 'XX', 'INCR', delta, n.id)
+    return
+  end
+  local free = n.max - used
+  if pid and free > 0 and not (delta > 0 and free == 1) then
+    rescore(ctx, n, pid, free)
+  else  -- the node just filled up, or just left full: every pool learns it
+    for _, p in ipairs(split_words(n.pools)) do rescore(ctx, n, p, free) end
   end
 end
 
@@ -66,12 +90,19 @@ local function count_pools(ctx, pools, delta)
   end
 end
 
-local function take_slot(ctx, n, jid)
-  if rcall('SADD', k_node_jobs(ctx.base, n.id), jid) == 1 then shift_pools(ctx, n, -1) end
+-- ``n.used``, when the caller counted it (selection), saves counting again.
+local function take_slot(ctx, n, jid, pid)
+  if rcall('SADD', k_node_jobs(ctx.base, n.id), jid) == 0 then return end
+  local used = nil
+  if not in_one_pool(n) then
+    used = n.used and (n.used + 1) or node_used(ctx, n.id)
+    n.used = used
+  end
+  slot_moved(ctx, n, pid, used, -1)
 end
 
 -- Returns the node's fields (nil when the job was not in its set: nothing changed).
-local function release_slot(ctx, nid, jid)
+local function release_slot(ctx, nid, jid, pid)
   if not nid or nid == '' then return nil end
   if rcall('SREM', k_node_jobs(ctx.base, nid), jid) == 0 then return nil end
   local n = node_fields(ctx, nid)
@@ -82,8 +113,8 @@ local function release_slot(ctx, nid, jid)
     rcall('HSET', k_node(ctx.base, nid), 'max', n.max)
     if n.max == n.max_target then rcall('HDEL', k_node(ctx.base, nid), 'max_target') end
     if n.state == 'ready' then score_pools(ctx, n) end
-  else
-    shift_pools(ctx, n, 1)
+  elseif n.state == 'ready' then
+    slot_moved(ctx, n, pid, (not in_one_pool(n)) and node_used(ctx, nid) or nil, 1)
   end
   return n
 end
@@ -99,13 +130,23 @@ end
 ]]
 local SCAN_LIMIT = 16
 
+-- Has the node a free slot? A node in one pool: its score says so. In several: count (the score may
+-- over-state it), and a full node's score in this pool is corrected on the way.
+local function has_free_slot(ctx, n, pool_key)
+  if in_one_pool(n) then return true end
+  n.used = node_used(ctx, n.id)
+  if n.used < n.max then return true end
+  rcall('ZADD', pool_key, 'XX', 0, n.id)
+  return false
+end
+
 local function pick_node(ctx, pool_key, affinity_nid, avoid, exclude)
   exclude = exclude or {}
   if affinity_nid and not avoid[affinity_nid] and not exclude[affinity_nid] then
     local score = rcall('ZSCORE', pool_key, affinity_nid)
     if score and tonumber(score) >= 1 then
       local n = node_fields(ctx, affinity_nid)
-      if node_is_live(ctx, n) then return n end
+      if node_is_live(ctx, n) and has_free_slot(ctx, n, pool_key) then return n end
     end
   end
   local fallback = nil
@@ -115,6 +156,7 @@ local function pick_node(ctx, pool_key, affinity_nid, avoid, exclude)
       local n = node_fields(ctx, nid)
       if not node_is_live(ctx, n) then
         rcall('ZREM', pool_key, nid)
+      elseif not has_free_slot(ctx, n, pool_key) then  -- luacheck: ignore (skipped: full)
       elseif not avoid[nid] then
         return n
       else

@@ -35,7 +35,7 @@ local function session_abandon(ctx, sid, reason)
           local holder = node_fields(ctx, j.node)
           emit(ctx, holder and holder.proc or '', { kind = 'cancel', job = jid, node = j.node,
             attempt = j.attempt, reason = reason })
-          release_slot(ctx, j.node, jid)
+          release_slot(ctx, j.node, jid, j.pool)
           rcall('ZREM', k_leases(ctx.base), jid)
           freed[j.node] = true
         end
