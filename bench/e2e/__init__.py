@@ -4,7 +4,7 @@ Commands (from the repository root, project venv)::
 
     .venv/bin/python -m bench.e2e                 # full: Dragoman, BullMQ, arq (10 ms and default), Celery, SAQ,
                                                   #   serve --workers 1 and 2, and a py-spy profile round;
-                                                  #   3 alternating rounds, ~8 minutes
+                                                  #   3 alternating rounds, ~7 minutes
     .venv/bin/python -m bench.e2e --quick         # Dragoman, BullMQ, arq 10 ms; 1 round, under a minute once
                                                   #   the peers are installed (first install ~30 s)
     .venv/bin/python -m bench.e2e --json out.json --markdown out.md
