@@ -2,26 +2,35 @@
 
 Commands (from the repository root, project venv)::
 
-    .venv/bin/python -m bench.e2e                 # full: Dragoman, BullMQ, arq (10 ms and default), Celery, SAQ;
-                                                  #   3 alternating rounds, ~5 minutes
+    .venv/bin/python -m bench.e2e                 # full: Dragoman, BullMQ, arq (10 ms and default), Celery, SAQ,
+                                                  #   serve --workers 1 and 2, and a py-spy profile round;
+                                                  #   3 alternating rounds, ~7 minutes
     .venv/bin/python -m bench.e2e --quick         # Dragoman, BullMQ, arq 10 ms; 1 round, under a minute once
                                                   #   the peers are installed (first install ~30 s)
     .venv/bin/python -m bench.e2e --json out.json --markdown out.md
-    .venv/bin/python -m bench.e2e --profile       # + one Dragoman round with py-spy on the scheduler:
-                                                  #   its CPU per job by component, task and function
+    .venv/bin/python -m bench.e2e --profile       # (quick) + one Dragoman round with py-spy on the
+                                                  #   scheduler: its CPU per job by component, task, function
     .venv/bin/python -m bench.e2e --systems dragoman,bullmq --rounds 5 --window 10
     .venv/bin/python -m bench.peers.install [arq celery saq bullmq pyspy]   # only the bench-only installs
 
-(``make bench-quick`` is meant to run the ``--quick`` line; wiring it into the Makefile is left to
-the lead.) From Python: ``run_comparison("full"|"quick", **profile_overrides) -> dict``, then
-``summary(res)`` for the text table or ``markdown(res)`` for a page section.
+``make bench`` and ``make bench-quick`` run this through ``python -m bench`` (``bench/__main__.py``),
+with the other sections of docs/benchmarks.md. From Python: ``run_comparison("full"|"quick",
+**profile_overrides) -> dict``, then ``report.summary(res)`` for the text table or
+``report.markdown(res)`` for the page sections.
+
+Modules: ``runner`` (profiles, systems, alternating rounds, targets), ``systems`` (one round of
+Dragoman or of a peer), ``meter`` (CPU, Redis commandstats, per-job figures, medians, the limit),
+``procs`` (child processes, /proc readings), ``pyspy`` (the scheduler's profile), ``facts``
+(machine, versions, commit), ``report`` (text and Markdown), ``nodes`` / ``sessions`` (Dragoman's
+load generators), ``durability`` (the same closed loop on a Sentinel set, WAIT for 0 vs 1 replica).
 
 What one run does: starts one embedded Valkey (``dragoman.embedded.EmbeddedServer``); installs
 the peers if missing into bench-only folders (``.bench/venv-{arq,celery,saq}``, ``.bench/node``;
 a peer that cannot install is skipped with the reason, never failing the run); then for each
 round, for each system in turn (FLUSHALL before each):
 
-* **Dragoman**: ``dragoman serve --redis-url URL --port P`` as its own process, default settings;
+* **Dragoman**: ``dragoman serve --redis-url URL --port P`` as its own process, default settings
+  (``--workers N`` for the scaling rows: CPU summed over the process group);
   ``bench.e2e.nodes`` (32 node WebSockets shaped like the existing worker, max_concurrency 4,
   answering each ``job_assign`` at once) and ``bench.e2e.sessions`` (100 sessions, one 256 ms Opus
   Plan A ``audio_chunk`` with ``is_final`` per utterance, waiting for the ``translation_result``)
@@ -46,6 +55,7 @@ execution µs. Figures are medians over the rounds; the issue's targets are chec
 (never asserted). Child processes run in their own process groups and are killed as groups.
 """
 
-from bench.e2e.runner import FULL, QUICK, Profile, markdown, run_comparison, summary
+from bench.e2e.report import markdown, summary
+from bench.e2e.runner import FULL, QUICK, Profile, run_comparison
 
 __all__ = ["FULL", "QUICK", "Profile", "markdown", "run_comparison", "summary"]

@@ -3,19 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
-from bench.e2e.runner import (
-    ALL_SYSTEMS,
-    EXPERIMENTS,
-    KNOWN_SYSTEMS,
-    PROFILES,
-    markdown,
-    run_comparison,
-    summary,
-)
+from bench import cli
+from bench.e2e.report import markdown, summary
+from bench.e2e.runner import ALL_SYSTEMS, EXPERIMENTS, KNOWN_SYSTEMS, PROFILES, SCALING, run_comparison
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,7 +18,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, help="write every figure as JSON here")
     ap.add_argument("--markdown", type=Path, help="write a Markdown section here")
     ap.add_argument("--systems", help=f"comma-separated, from {','.join(ALL_SYSTEMS)} (the default) and the "
-                    f"experiment(s) {','.join(EXPERIMENTS)}")
+                    f"{','.join(SCALING)} and the experiment(s) {','.join(EXPERIMENTS)}")
     ap.add_argument("--rounds", type=int)
     ap.add_argument("--warmup", type=float)
     ap.add_argument("--window", type=float)
@@ -35,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--nodes", type=int)
     ap.add_argument("--no-install", action="store_true", help="skip peers that are not installed yet")
     ap.add_argument("--profile", action="store_true",
-                    help="an extra Dragoman round with py-spy on the scheduler: its CPU by component")
+                    help="an extra Dragoman round with py-spy on the scheduler: its CPU by component (full: always)")
     args = ap.parse_args(argv)
     overrides = {k: getattr(args, k) for k in ("rounds", "warmup", "window", "inflight", "rate", "sessions", "nodes")
                  if getattr(args, k) is not None}
@@ -50,13 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.profile:
         overrides["profile_scheduler"] = True
     res = run_comparison(PROFILES["quick" if args.quick else "full"], **overrides)
-    print(summary(res))
-    print(f"  (run took {res['elapsed_s']:.0f} s)")
-    if args.json:
-        args.json.write_text(json.dumps(res, indent=1, default=str))
-    if args.markdown:
-        args.markdown.write_text(markdown(res))
-    return 0
+    return cli.report(res, summary, markdown, args.json, args.markdown)
 
 
 if __name__ == "__main__":

@@ -64,6 +64,15 @@ def register_frame(slots: int, src: list[str], tgt: list[str]) -> str:
     }).decode()
 
 
+def heartbeat_frame(node_id: str) -> str:
+    """A ``node_heartbeat`` as the existing worker sends it every 15 s."""
+    return _encode({
+        "type": "node_heartbeat", "node_id": node_id, "timestamp": int(time.time() * 1000),
+        "resource_usage": {"cpu_percent": 1.0, "mem_percent": 1.0, "running_jobs": 0},
+        "installed_services": [], "capability_by_type": [
+            {"type": k, "ready": True} for k in ("asr", "nmt", "tts", "semantic")]}).decode()
+
+
 class Stats:
     def __init__(self) -> None:
         self.answered = 0
@@ -93,11 +102,7 @@ async def run_node(i: int, args: argparse.Namespace, stats: Stats, registered: a
         async def heartbeat() -> None:
             while True:
                 await asyncio.sleep(HEARTBEAT_S)
-                await ws.send(_encode({
-                    "type": "node_heartbeat", "node_id": node_id, "timestamp": int(time.time() * 1000),
-                    "resource_usage": {"cpu_percent": 1.0, "mem_percent": 1.0, "running_jobs": 0},
-                    "installed_services": [], "capability_by_type": [
-                        {"type": k, "ready": True} for k in ("asr", "nmt", "tts", "semantic")]}).decode())
+                await ws.send(heartbeat_frame(node_id))
 
         hb = asyncio.create_task(heartbeat())
         try:

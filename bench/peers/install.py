@@ -7,7 +7,8 @@
   arq 0.28 wants redis-py < 6, Celery 5.7 (kombu 5.7) wants redis-py >= 6.4;
 * ``.bench/node``: an npm prefix with BullMQ and ioredis.
 
-Both folders are relative to the repository root and ignored by git. Idempotent: each folder has a
+Both folders are under ``.bench/`` at the repository root (ignored by git), or under
+``$DRAGOMAN_BENCH_HOME`` when set. Idempotent: each folder has a
 stamp file holding the pinned requirements; when it matches, nothing is installed again. Every step
 that fails is reported (``InstallResult.error``) and never raises, so a benchmark can skip that peer.
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -24,7 +26,9 @@ import venv
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-BENCH_HOME = ROOT / ".bench"
+# DRAGOMAN_BENCH_HOME moves the installs (and the run logs) elsewhere, e.g. a cache folder that
+# outlives a CI clone.
+BENCH_HOME = Path(os.environ.get("DRAGOMAN_BENCH_HOME") or ROOT / ".bench").resolve()
 NODE_DIR = BENCH_HOME / "node"
 
 # Current releases when this harness was written (`pip index versions NAME`, `npm view NAME version`).
