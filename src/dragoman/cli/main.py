@@ -31,12 +31,15 @@ def serve(
     cluster: bool = typer.Option(False, help="The Redis URL points at a Redis Cluster."),
     config: Path = typer.Option(None, "--config", help="TOML settings file."),
     log_level: str = typer.Option(None, help="debug, info, warning."),
+    workers: int = typer.Option(None, "--workers", min=1, help=(
+        "Scheduler processes behind the one port (SO_REUSEPORT); default 1. Up to one per core.")),
 ) -> None:
     """Run a scheduler process (any number may share one Redis)."""
     from dragoman.server import serve as run
     from dragoman.store.connect import parse_redis_url
 
-    settings = settings_from(config, host=host, port=port, redis_url=redis_url, log_level=log_level)
+    settings = settings_from(config, host=host, port=port, redis_url=redis_url, log_level=log_level,
+                             workers=workers)
     if settings.redis_url:  # from a flag, the environment or the file: a bad URL is refused at once
         try:
             parse_redis_url(settings.redis_url, cluster=cluster)
