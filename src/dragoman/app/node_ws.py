@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import uuid
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 import structlog
@@ -78,6 +78,7 @@ class NodeConnection:
         self.owner = ""
         self.register_msg: NodeRegister | None = None
         self.explicit_pairs = False
+        self.last_capabilities: Any = None
         self.pools: list[str] = []
         self.strikes = 0
         rate = hub.settings.node_msgs_per_s
@@ -226,11 +227,13 @@ class NodeConnection:
     async def heartbeat(self, msg: NodeHeartbeat) -> None:
         node_id = self._require_node(msg.node_id)
         pools = None
-        if msg.language_capabilities is not None and not self.explicit_pairs:
-            new = pools_for_pairs(msg.language_capabilities.default_language_pairs())
+        caps = msg.language_capabilities
+        if caps is not None and not self.explicit_pairs and caps != self.last_capabilities:
+            self.last_capabilities = caps  # (most heartbeats repeat them: the pools are worked out once)
+            new = pools_for_pairs(caps.default_language_pairs())
             if new and new != self.pools:
                 pools = new
-        usage = msgspec.to_builtins(msg.resource_usage) if msg.resource_usage else {}
+        usage = msgspec.json.encode(msg.resource_usage).decode() if msg.resource_usage else "{}"
         try:
             reply = await self.hub.store.heartbeat(node_id, conn=self.conn, draining=msg.draining, pools=pools,
                                                    usage=usage)

@@ -256,15 +256,17 @@ class Store:
             RegisterReply)
 
     async def heartbeat(self, node_id: str, *, conn: str = "", draining: bool | None = None,
-                        pools: Sequence[str] | None = None, usage: dict[str, Any] | None = None,
+                        pools: Sequence[str] | None = None, usage: dict[str, Any] | str | None = None,
                         node_ttl_ms: int | None = None) -> HeartbeatReply:
+        """``usage``: the node's resource usage, kept for operators (a dict, or its JSON already)."""
         check_name("node_id", node_id)
         pools_arg = "" if pools is None else self.check_pools(pools)
         ck = self.keys_for_node(node_id)
         drain_arg = "" if draining is None else ("1" if draining else "0")
         return await self._call("heartbeat", ck, [ck.nodes, ck.node(node_id)], [
             self.proc, node_id, conn, node_ttl_ms or self.settings.node_ttl_ms, drain_arg,
-            "" if pools is None else "1", pools_arg, json.dumps(usage or {}), self.call_id()], HeartbeatReply)
+            "" if pools is None else "1", pools_arg, usage if isinstance(usage, str) else json.dumps(usage or {}),
+            self.call_id()], HeartbeatReply)
 
     async def drain(self, node_id: str, on: bool = True, source: str = "operator") -> DrainReply:
         ck = self.keys_for_node(check_name("node_id", node_id))

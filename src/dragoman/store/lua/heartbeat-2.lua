@@ -1,7 +1,8 @@
 --[[
   A node's heartbeat: extends its liveness deadline, honours its draining flag, re-pools it when
   its languages changed (the pools it left shrink), and sets its exact free capacity in its pools
-  (a dispatch may have dropped it while it was late). A live node's free slots go to waiting jobs.
+  when a dispatch may have dropped it (it was late) and otherwise once a minute (RESCORE_MS). A
+  live node's free slots go to waiting jobs.
   A job's own lease (job_timeout from assignment) is NOT extended: a node that heartbeats but never
   answers still loses the job when the lease runs out.
 
@@ -34,13 +35,18 @@ local ttl = need_number(ARGV[4], 'node_ttl_ms', 1)
 local ctx = new_context(base, ARGV[1])
 local again = replay(ctx, ARGV[9])
 if again then return again end
-local current = rcall('HGET', KEYS[2], 'conn')
-if conn ~= '' and current and current ~= conn then
+local n = node_fields(ctx, nid, { 'conn', 'drain_source', 'scored_at' })
+if n and conn ~= '' and n.more.conn and n.more.conn ~= conn then
   -- checked first: an older socket must not re-register a node that now lives on another one
   return reply(ctx, { status = 'superseded' })
 end
-local n = node_fields(ctx, nid)
 if not n or n.state == 'offline' then return reply(ctx, { status = 'unknown' }) end
+
+-- Live and ready until now: nothing dropped it from its pools, whose scores can only over-state its
+-- free slots (see includes/nodes.lua), so they are set again only now and then (RESCORE_MS).
+local RESCORE_MS = 60000
+local was_live = node_is_live(ctx, n)
+local rescore = not was_live or ctx.now - (tonumber(n.more.scored_at) or 0) >= RESCORE_MS
 
 local deadline = ctx.now + ttl
 rcall('HSET', KEYS[2], 'deadline', deadline, 'last_heartbeat', ctx.now, 'usage', ARGV[8])
@@ -53,21 +59,26 @@ if ARGV[6] == '1' and ARGV[7] ~= n.pools then
   rcall('HSET', KEYS[2], 'pools', ARGV[7])
   count_pools(ctx, ARGV[7], 1)
   n.pools = ARGV[7]
+  rescore = true
   log_event(ctx, 'node_repooled', { node = nid, pools = ARGV[7] })
 end
 
-local source = rcall('HGET', KEYS[2], 'drain_source') or ''
+local source = n.more.drain_source or ''
 if ARGV[5] == '1' and n.state == 'ready' then
   n.state = 'draining'
   rcall('HSET', KEYS[2], 'state', n.state, 'drain_source', 'node')
   log_event(ctx, 'node_draining', { node = nid, source = 'node' })
 elseif ARGV[5] == '0' and n.state == 'draining' and source == 'node' then
   n.state = 'ready'
+  rescore = true
   rcall('HSET', KEYS[2], 'state', n.state, 'drain_source', '')
 end
 
 if n.state == 'ready' then
-  score_pools(ctx, n)
+  if rescore then
+    score_pools(ctx, n)
+    rcall('HSET', KEYS[2], 'scored_at', ctx.now)
+  end
   fill_from_queues(ctx, nid)
 else
   unpool(ctx, nid, n.pools)

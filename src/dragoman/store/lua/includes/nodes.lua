@@ -20,12 +20,17 @@
   list of pools, which shrinks when no node serves a pool any more.
 ]]
 
-local function node_fields(ctx, nid)
-  local f = rcall('HMGET', k_node(ctx.base, nid), 'state', 'max', 'deadline', 'pools', 'proc', 'max_target')
+-- The node's fields, plus ``more`` (a list of field names) read in the same HMGET into n.more.
+local function node_fields(ctx, nid, more)
+  local args = { 'HMGET', k_node(ctx.base, nid), 'state', 'max', 'deadline', 'pools', 'proc', 'max_target' }
+  for _, name in ipairs(more or {}) do table.insert(args, name) end
+  local f = rcall(unpack(args))
   if not f[1] then return nil end
+  local extra = {}
+  for i, name in ipairs(more or {}) do extra[name] = f[6 + i] end
   return {
     id = nid, state = f[1], max = tonumber(f[2]) or 0, deadline = tonumber(f[3]) or 0,
-    pools = f[4] or '', proc = f[5] or '', max_target = tonumber(f[6]),
+    pools = f[4] or '', proc = f[5] or '', max_target = tonumber(f[6]), more = extra,
   }
 end
 
