@@ -188,3 +188,22 @@ async def test_a_room_call_retried_after_a_lost_reply_gets_the_answer_it_lost(st
         assert (room["room_id"], [m["session_id"] for m in room["members"]]) == ("room-1", ["s1", "s3"])
     finally:
         await p2.aclose()
+
+
+async def test_a_listeners_retried_ack_counts_once(store: Store) -> None:
+    """I8: a listener's ack retried after a lost reply (or sent twice) counts once, so the room job
+    is not forgotten before its other listeners have it; an ack from a session that is not one of
+    its listeners does not count."""
+    await store.register_node("n1", conn="c", max_concurrency=2, pools=["zh>en"])
+    d = await store.dispatch(JobSpec(pool="zh>en", session_id="speaker", utterance_index=0, tgt_lang="en",
+                                     body="{}", listeners=("l1@p1", "l2@p1", "l3@p1")))
+    await store.complete(d.job_id, "n1", 1, "completed", payload='{"t":1}')
+    lost = lose_first_replies(store, "ack_outcomes")
+    assert await store.ack("l1", [d.job_id]) == 1
+    assert lost == ["ack_outcomes:l1"]
+    await store.ack("l1", [d.job_id])  # sent again
+    await store.ack("speaker", [d.job_id])  # not a listener of its own job
+    await store.ack("l2", [d.job_id])
+    assert (await store.get_jobs([d.job_id]))[d.job_id].state == JobState.COMPLETED  # l3 still can have it
+    await store.ack("l3", [d.job_id])
+    assert await store.job(d.job_id) is None
