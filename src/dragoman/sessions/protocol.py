@@ -626,7 +626,9 @@ class SessionProtocol:
         return self._failure(slot, code, message, outcome.job, node_code)
 
     def _failure(self, slot: _Slot, code: str, message: str, job_id: str, node_code: str | None = None) -> list[Message]:
-        details: dict[str, Any] = {"utterance_index": slot.utt, "tgt_lang": slot.tgt, "trace_id": self.spec.trace_id}
+        # session_id (ext): whose utterance it was; inside a room, a listener hears of others' failures
+        details: dict[str, Any] = {"session_id": slot.lane[0], "utterance_index": slot.utt, "tgt_lang": slot.tgt,
+                                   "trace_id": self.spec.trace_id}
         if job_id:
             details["job_id"] = job_id
         if node_code and node_code != code:

@@ -126,8 +126,8 @@ class TestDispatch:
         assert [type(m) for m in sent(actions)] == [Backpressure]
         out = sent(p.outcome(Outcome("c0.a", "failed", "NODE_OVERLOADED"), 2))
         assert isinstance(out[0], ErrorMessage) and out[0].code == "NODE_OVERLOADED"
-        assert out[0].details == {"utterance_index": 0, "tgt_lang": "en", "trace_id": p.spec.trace_id,
-                                  "job_id": "c0.a"}
+        assert out[0].details == {"session_id": "s1", "utterance_index": 0, "tgt_lang": "en",
+                                  "trace_id": p.spec.trace_id, "job_id": "c0.a"}
 
     def test_the_store_out_of_reach_answers_that_utterance(self) -> None:
         p = proto()
@@ -415,6 +415,19 @@ class TestRooms:
         [expired] = sent(p.room_news(RoomNews(code, "expired"), 11))
         assert isinstance(expired, RoomExpired) and p.room is None
         assert sent(p.room_news(RoomNews(code, "members", payload=payload), 12)) == []  # not in it any more
+
+    def test_a_listeners_error_names_whose_utterance_failed(self) -> None:
+        p = self.in_room("en")
+        p.expect_room_job("c0.a0", "alice", 0, "en", 5)
+        [err, ui] = sent(p.outcome(Outcome("c0.a0", "failed", "JOB_TIMEOUT"), 6))
+        assert isinstance(err, ErrorMessage) and err.code == "JOB_TIMEOUT"
+        assert (err.details["session_id"], err.details["utterance_index"], err.details["tgt_lang"]) == (
+            "alice", 0, "en")
+        assert isinstance(ui, UiEvent) and ui.session_id == "s1"  # the listener's own ui event
+        [r] = dispatches(p.receive(RoomLeave(room_code=p.room or ""), 7) + p.receive(chunk(0), 8))
+        [own, _] = sent(p.dispatched(r, DispatchResult("failed", "c0.x", code="NO_AVAILABLE_NODE"), 9)
+                        + p.outcome(Outcome("c0.x", "failed", "NO_AVAILABLE_NODE"), 10))
+        assert own.details["session_id"] == "s1"  # its own utterance: its own id
 
     def test_signalling_and_preferences_go_to_the_room(self) -> None:
         p = self.in_room("en")
