@@ -262,6 +262,7 @@ class _Slot:
     body: str
     cut_at: int
     job_id: str = ""
+    pool: str = ""  # another speaker's job (a room listener's slot): that speaker's pool
     check_at: int = 0
     hard_at: int = 0
     redispatched: bool = False
@@ -618,7 +619,8 @@ class SessionProtocol:
             return [MissingResult(session_id=sid, utterance_index=utt, reason=reason, created_at_ms=wall,
                                   trace_id=self.spec.trace_id, tgt_lang=slot.tgt)]
         code = outcome.code or ErrorCode.INTERNAL_ERROR
-        message = _FAILURE_TEXT.get(code, "the job failed").format(pool=self.spec.pool_for(slot.tgt))  # type: ignore[call-overload]
+        pool = slot.pool or self.spec.pool_for(slot.tgt)  # (another speaker's job: that speaker's pool)
+        message = _FAILURE_TEXT.get(code, "the job failed").format(pool=pool)  # type: ignore[call-overload]
         node_code = None
         if result is not None and result.error is not None:
             message = result.error.message or message
@@ -777,9 +779,9 @@ class SessionProtocol:
             out.append(Send(msgspec.structs.replace(signal, to=news.sender)))
         return out
 
-    def expect_room_job(self, job: str, speaker: str, utt: int, tgt: str, now: int) -> list[Action]:
-        """A member of this session's room spoke: the outcome of ``job`` is owed to this session,
-        in that speaker's utterance order."""
+    def expect_room_job(self, job: str, speaker: str, utt: int, tgt: str, now: int, pool: str = "") -> list[Action]:
+        """A member of this session's room spoke: the outcome of ``job`` (in ``pool``: the speaker's
+        languages, not this session's) is owed to this session, in that speaker's utterance order."""
         out: list[Action] = []
         if self.room is None or self.finished:
             return out
@@ -788,7 +790,7 @@ class SessionProtocol:
         if last is not None and utt <= last:
             return out
         self.orderer.expect(lane, utt)
-        self._track(_Slot(lane, utt, tgt, "", now), job, now)
+        self._track(_Slot(lane, utt, tgt, "", now, pool=pool), job, now)
         return out
 
     # ------------------------------------------------------------------ deadlines

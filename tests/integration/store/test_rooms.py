@@ -123,8 +123,8 @@ async def test_a_room_job_is_for_its_listeners_and_outlives_its_speaker(store: S
     await store.open_session("speaker", "{}")
     d = await store.dispatch(JobSpec(pool="zh>en", session_id="speaker", utterance_index=0, tgt_lang="en",
                                      body="{}", listeners=("l1@p1", "l2@p1")))
-    expects = sorted((e.session, e.speaker, e.utt) for e in d.effects if e.kind == EffectKind.EXPECT)
-    assert expects == [("l1", "speaker", 0), ("l2", "speaker", 0)]
+    expects = sorted((e.session, e.speaker, e.utt, e.pool) for e in d.effects if e.kind == EffectKind.EXPECT)
+    assert expects == [("l1", "speaker", 0, "zh>en"), ("l2", "speaker", 0, "zh>en")]  # the speaker's pool
     await store.close_session("speaker", 1, detach=False)  # the speaker leaves at once
     assert (await store.job(d.job_id))["state"] == "assigned"
     done = await store.complete(d.job_id, "n1", 1, "completed", payload='{"t":1}')

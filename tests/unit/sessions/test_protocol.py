@@ -429,6 +429,12 @@ class TestRooms:
                         + p.outcome(Outcome("c0.x", "failed", "NO_AVAILABLE_NODE"), 10))
         assert own.details["session_id"] == "s1"  # its own utterance: its own id
 
+    def test_a_listeners_error_names_the_speakers_pool(self) -> None:
+        p = self.in_room("en")  # the listener speaks zh; the speaker speaks fr
+        p.expect_room_job("c0.a0", "alice", 0, "en", 5, pool="fr>en")
+        [err, _] = sent(p.outcome(Outcome("c0.a0", "failed", "NO_AVAILABLE_NODE"), 6))
+        assert err.message == "no node serves fr>en"
+
     def test_signalling_and_preferences_go_to_the_room(self) -> None:
         p = self.in_room("en")
         code = p.room or ""
