@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+import signal
+from collections.abc import AsyncIterator, Iterator
 
 import httpx
 import pytest
 
 from dragoman.client import SessionClient
+from dragoman.embedded import EmbeddedServer
 from dragoman.wire import (
     ErrorMessage,
     MissingResult,
@@ -146,3 +148,66 @@ async def test_room_errors_and_expiry_across_processes(scheduler) -> None:
         await one.send(RoomLeave(room_code=code))
         assert (await one.wait_for((RoomError,))).code == "NOT_IN_ROOM"
         assert not [m for m in one.all if isinstance(m, ErrorMessage)]
+
+
+async def test_a_member_whose_process_was_declared_dead_joins_its_room_again(scheduler) -> None:
+    """Process b stalls past its registration: a's reaper declares it dead and removes b's member
+    from the room. When b wakes it learns it was declared dead, and its session joins the room
+    again, so it hears the others again (before, it thought it was in the room while Redis did not
+    list it, and the room's speech no longer reached it)."""
+    a, b = scheduler(), scheduler()
+    node = await ScriptedNode.connect(ws(a), node_id="n", slots=2, pairs=(("zh", "en"),))
+    beat = asyncio.create_task(node.keep_alive())
+    async with member(a, "zh") as zh, member(b, "en") as en:
+        await zh.send(RoomCreate(client_ts=1, display_name="Zhang"))
+        code = (await zh.wait_for((RoomCreateAck,))).room_code
+        await en.send(RoomJoin(room_code=code, display_name="Emma"))
+        await members_seen(zh, 2)
+        b.proc.kill(signal.SIGSTOP)
+        try:
+            assert await members_seen(zh, 1) == [zh.session_id]  # b declared dead: its member left
+        finally:
+            b.proc.kill(signal.SIGCONT)
+        assert await members_seen(zh, 2) == [zh.session_id, en.session_id]  # and joined again
+        names = [m.display_name for m in (await en.wait_for((RoomMembers,))).members]
+        assert names == ["Zhang", "Emma"]  # as it was
+        await one_utterance(zh)
+        job = await node.expect("job_assign")
+        assert job["tgt_lang"] == "en"
+        await node.result(job, "again")
+        [heard] = await en.results(1)
+        assert (heard.session_id, heard.text_translated) == (zh.session_id, "en:again")
+        assert not [m for m in en.all if isinstance(m, RoomExpired | RoomError)]
+        for client in (zh, en):
+            await client.close()
+    beat.cancel()
+    assert await slots_used(a) == 0
+
+
+@pytest.fixture
+def own_redis() -> Iterator[EmbeddedServer]:
+    with EmbeddedServer() as server:
+        yield server
+
+
+async def test_a_room_redis_lost_is_over_for_its_members(scheduler, own_redis: EmbeddedServer) -> None:
+    """Redis restarts empty: the room is gone. Each member's session tries to join it again, finds
+    it gone and tells its client (room_expired, which the web client leaves room mode on); the
+    session is out of room mode and may create a room again."""
+    a, b = scheduler(DRAGOMAN_REDIS_URL=own_redis.url), scheduler(DRAGOMAN_REDIS_URL=own_redis.url)
+    async with member(a, "zh") as zh, member(b, "en") as en:
+        await zh.send(RoomCreate(client_ts=1))
+        code = (await zh.wait_for((RoomCreateAck,))).room_code
+        await en.send(RoomJoin(room_code=code))
+        await members_seen(zh, 2)
+        port = own_redis.port
+        own_redis.stop()
+        own_redis.port = port
+        own_redis.start()  # same address, no data
+        for client in (zh, en):
+            expired = await client.wait_for((RoomExpired,), timeout=15)
+            assert expired.room_code == code and "lost" in expired.message
+        await zh.send(RoomCreate(client_ts=2))  # no ALREADY_IN_ROOM: out of room mode
+        assert (await zh.wait_for((RoomCreateAck,))).room_code
+        for client in (zh, en):
+            await client.close()

@@ -85,8 +85,8 @@ async def test_no_node_for_the_pair(scheduler) -> None:
         await one_utterance(client)
         (err,) = await client.results(1)
         assert isinstance(err, ErrorMessage) and err.code == "NO_AVAILABLE_NODE"
-        assert err.details == {"utterance_index": 0, "tgt_lang": "ko", "job_id": err.details["job_id"],
-                               "trace_id": client.trace_id}
+        assert err.details == {"session_id": client.session_id, "utterance_index": 0, "tgt_lang": "ko",
+                               "job_id": err.details["job_id"], "trace_id": client.trace_id}
         ui = await client.wait_for((UiEvent,))
         assert ui.event == "ERROR" and ui.error_code == "NO_AVAILABLE_NODE"
 

@@ -151,7 +151,7 @@ class SessionActor:
             self.transport.send(item)
             return []
         if kind == "expect":
-            return self.proto.expect_room_job(item.job, item.speaker, item.utt, item.tgt, now)
+            return self.proto.expect_room_job(item.job, item.speaker, item.utt, item.tgt, now, pool=item.pool)
         if kind == "room":
             return self.proto.room_news(RoomNews(item.room, item.event, item.sender, item.payload), now)
         if kind == "gone":

@@ -142,6 +142,7 @@ class RoomCall:
     code: str
     arg5: str = ""
     arg6: str = ""
+    rejoin: bool = False  # a join of the room this session is in, after Redis may have lost it
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -263,6 +264,7 @@ class _Slot:
     body: str
     cut_at: int
     job_id: str = ""
+    pool: str = ""  # another speaker's job (a room listener's slot): that speaker's pool
     check_at: int = 0
     hard_at: int = 0
     redispatched: bool = False
@@ -290,6 +292,8 @@ class SessionProtocol:
         self._room_call: RoomCall | None = None  # a create/join/leave waiting for its answer
         self._room_display: tuple[str | None, str | None] = (None, None)
         self._create_tries = 0
+        self._rejoin_at: int | None = None  # when to join self.room again (the store was out of reach)
+        self._rejoin_tries = 0
         self.config = config
         self._wall_offset = wall_offset_ms
         self.resume = resume
@@ -332,7 +336,7 @@ class SessionProtocol:
         return list(self._by_job)
 
     def next_deadline(self) -> int | None:
-        times = [t for t in (self.segmenter.next_deadline_ms(), self._ack_at) if t is not None]
+        times = [t for t in (self.segmenter.next_deadline_ms(), self._ack_at, self._rejoin_at) if t is not None]
         for slot in self._slots.values():
             if slot.job_id and not slot.checking:
                 times.append(slot.check_at)
@@ -619,7 +623,8 @@ class SessionProtocol:
             return [MissingResult(session_id=sid, utterance_index=utt, reason=reason, created_at_ms=wall,
                                   trace_id=self.spec.trace_id, tgt_lang=slot.tgt)]
         code = outcome.code or ErrorCode.INTERNAL_ERROR
-        message = _FAILURE_TEXT.get(code, "the job failed").format(pool=self.spec.pool_for(slot.tgt))  # type: ignore[call-overload]
+        pool = slot.pool or self.spec.pool_for(slot.tgt)  # (another speaker's job: that speaker's pool)
+        message = _FAILURE_TEXT.get(code, "the job failed").format(pool=pool)  # type: ignore[call-overload]
         node_code = None
         if result is not None and result.error is not None:
             message = result.error.message or message
@@ -627,7 +632,9 @@ class SessionProtocol:
         return self._failure(slot, code, message, outcome.job, node_code)
 
     def _failure(self, slot: _Slot, code: str, message: str, job_id: str, node_code: str | None = None) -> list[Message]:
-        details: dict[str, Any] = {"utterance_index": slot.utt, "tgt_lang": slot.tgt, "trace_id": self.spec.trace_id}
+        # session_id (ext): whose utterance it was; inside a room, a listener hears of others' failures
+        details: dict[str, Any] = {"session_id": slot.lane[0], "utterance_index": slot.utt, "tgt_lang": slot.tgt,
+                                   "trace_id": self.spec.trace_id}
         if job_id:
             details["job_id"] = job_id
         if node_code and node_code != code:
@@ -704,11 +711,47 @@ class SessionProtocol:
 
     def _leave_room(self) -> RoomCall:
         """Leave now: what other members say from here on is not owed to this session any more."""
+        return RoomCall("leave", self._drop_room())
+
+    def _drop_room(self) -> str:
+        """Out of room mode (left, expired, or lost): other members' speech is not owed any more."""
         code = self.room or ""
         for lane in [lane for lane in list(self._lanes_heard()) if lane[0] != self.spec.session_id]:
             self._forget_lane(lane)
         self.room = None
-        return RoomCall("leave", code)
+        self._rejoin_at = None
+        return code
+
+    def _rejoin_call(self) -> RoomCall:
+        """Join self.room again, as this session first joined it (name, preferred language)."""
+        self._rejoin_tries += 1
+        self._rejoin_at = None
+        return RoomCall("join", self.room or "", self._member(*self._room_display), str(self.config.room_max_members),
+                        rejoin=True)
+
+    def _rejoined(self, call: RoomCall, answer: RoomAnswer, now: int, out: list[Action]) -> None:
+        """What joining the room again found. The member list itself follows as room news."""
+        if answer.status == Status.JOINED or (answer.status == Status.ERROR
+                                              and answer.code == RoomErrorCode.ALREADY_IN_ROOM):
+            joining = self._room_call is not None and self._room_call.code == call.code
+            if answer.status == Status.JOINED and self.room != call.code and not joining:
+                out.append(RoomCall("leave", call.code))  # the client left meanwhile
+            return
+        if self.room != call.code:
+            return
+        if answer.status == "unreachable":
+            if self._rejoin_tries < _REJOIN_TRIES:
+                self._rejoin_at = now + self.config.outcome_check_ms
+                return
+            why = "the scheduler's store could not be reached to rejoin it"
+        elif answer.code == RoomErrorCode.ROOM_FULL:
+            why = "the scheduler's store lost this session's place in it, and it filled up meanwhile"
+        else:
+            why = "the scheduler's store lost it"
+        self._drop_room()
+        # room_expired, not room_error: the web client leaves room mode on it (room_error is only logged)
+        out.append(Send(RoomExpired(room_code=call.code, message=f"the room is closed for this session: {why}; "
+                                    "create or join a room again")))
 
     def _lanes_heard(self) -> set[Lane]:
         return {slot.lane for slot in self._slots.values()}
@@ -722,6 +765,10 @@ class SessionProtocol:
     def room_answered(self, call: RoomCall, answer: RoomAnswer, now: int) -> list[Action]:
         """What a ``RoomCall`` found."""
         out: list[Action] = []
+        if call.rejoin:
+            self._rejoined(call, answer, now, out)
+            self._pump(now, out)
+            return out
         if answer.status == "unreachable":
             out.append(Send(ErrorMessage(code=ErrorCode.SCHEDULER_DEPENDENCY_DOWN,
                                          message=f"room {call.op} failed: the scheduler's store is unreachable")))
@@ -765,7 +812,7 @@ class SessionProtocol:
                        for m in raw]
             out.append(Send(RoomMembers(room_code=news.room, members=members)))
         elif news.event == "expired":
-            self._leave_room()
+            self._drop_room()
             out.append(Send(RoomExpired(room_code=news.room, message="no one spoke in the room for "
                                         f"{self.config.room_expiry_ms // 60_000} minutes: it is closed")))
         elif news.event == "signal" and news.payload:
@@ -776,9 +823,9 @@ class SessionProtocol:
             out.append(Send(msgspec.structs.replace(signal, to=news.sender)))
         return out
 
-    def expect_room_job(self, job: str, speaker: str, utt: int, tgt: str, now: int) -> list[Action]:
-        """A member of this session's room spoke: the outcome of ``job`` is owed to this session,
-        in that speaker's utterance order."""
+    def expect_room_job(self, job: str, speaker: str, utt: int, tgt: str, now: int, pool: str = "") -> list[Action]:
+        """A member of this session's room spoke: the outcome of ``job`` (in ``pool``: the speaker's
+        languages, not this session's) is owed to this session, in that speaker's utterance order."""
         out: list[Action] = []
         if self.room is None or self.finished:
             return out
@@ -787,7 +834,7 @@ class SessionProtocol:
         if last is not None and utt <= last:
             return out
         self.orderer.expect(lane, utt)
-        self._track(_Slot(lane, utt, tgt, "", now), job, now)
+        self._track(_Slot(lane, utt, tgt, "", now, pool=pool), job, now)
         return out
 
     # ------------------------------------------------------------------ deadlines
@@ -795,6 +842,8 @@ class SessionProtocol:
         out: list[Action] = []
         if not self.segmenter.closed:
             self._cuts(self.segmenter.poll(now), now)
+        if self._rejoin_at is not None and now >= self._rejoin_at and self.room is not None:
+            out.append(self._rejoin_call())
         due = []
         for slot in list(self._slots.values()):
             if slot.hard_at and now >= slot.hard_at:
@@ -874,7 +923,8 @@ class SessionProtocol:
 
     def redis_reset(self, now: int) -> list[Action]:
         """Redis lost its data (or declared this process dead while it stalled): make the session's
-        record live here again and check every job it is owed."""
+        record live here again, check every job it is owed, and join its room again (Redis may have
+        lost the room's member list, or the room; a room it cannot join again is over for the client)."""
         if self.finished:
             return []
         out: list[Action] = [Reopen()]
@@ -885,8 +935,13 @@ class SessionProtocol:
                 due.append(slot.job_id)
         if due:
             out.append(CheckJobs(tuple(due)))
+        if self.room is not None:
+            self._rejoin_tries = 0
+            out.append(self._rejoin_call())
         return out
 
+
+_REJOIN_TRIES = 3  # joining a room again after a reset, while the store is out of reach
 
 _ROOM_ERROR_TEXT = {
     RoomErrorCode.ROOM_NOT_FOUND: "no such room (closed, or never opened)",

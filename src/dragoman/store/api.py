@@ -434,7 +434,7 @@ class Store:
         """One room transition (``store/lua/room-3.lua``): create, join, leave, prefer, speak, signal."""
         ck = self.keys_for_room(code)
         return await self._call("room", ck, [ck.nodes, ck.room(code), ck.room_members(code)], [
-            self.proc, op, code, session_id, arg5, arg6, self.settings.room_expiry_ms], RoomReply)
+            self.proc, op, code, session_id, arg5, arg6, self.settings.room_expiry_ms, self.call_id()], RoomReply)
 
     async def rooms(self) -> list[dict[str, Any]]:
         """Every room and its members (operators' view)."""

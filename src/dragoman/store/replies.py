@@ -73,7 +73,7 @@ class EffectKind(StrEnum):
     OUTCOME = "outcome"  # the job's one outcome, for ``session``
     PARTIAL = "partial"  # an interim transcript for ``session``
     SUPERSEDED = "superseded"  # ``session`` was taken over by a resume elsewhere
-    EXPECT = "expect"  # ``session`` (a room listener) is owed the outcome of ``job`` (``speaker``'s)
+    EXPECT = "expect"  # ``session`` (a room listener) is owed the outcome of ``job`` (``speaker``'s, in ``pool``)
     ROOM = "room"  # a room's news for ``session``: ``event`` members | expired | signal
 
 
@@ -97,6 +97,7 @@ class Effect(msgspec.Struct, kw_only=True):
     room: str = ""
     event: str = ""
     sender: str = ""
+    pool: str = ""
     p: int = 0
     cell: str = ""
     payload: str | None = None

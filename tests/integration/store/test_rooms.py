@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 
+from redis.exceptions import ConnectionError as RedisConnectionError
+
 from dragoman.config import Settings
 from dragoman.store.api import JobSpec, Store
 from dragoman.store.replies import EffectKind, JobState, Status
@@ -121,8 +123,8 @@ async def test_a_room_job_is_for_its_listeners_and_outlives_its_speaker(store: S
     await store.open_session("speaker", "{}")
     d = await store.dispatch(JobSpec(pool="zh>en", session_id="speaker", utterance_index=0, tgt_lang="en",
                                      body="{}", listeners=("l1@p1", "l2@p1")))
-    expects = sorted((e.session, e.speaker, e.utt) for e in d.effects if e.kind == EffectKind.EXPECT)
-    assert expects == [("l1", "speaker", 0), ("l2", "speaker", 0)]
+    expects = sorted((e.session, e.speaker, e.utt, e.pool) for e in d.effects if e.kind == EffectKind.EXPECT)
+    assert expects == [("l1", "speaker", 0, "zh>en"), ("l2", "speaker", 0, "zh>en")]  # the speaker's pool
     await store.close_session("speaker", 1, detach=False)  # the speaker leaves at once
     assert (await store.job(d.job_id))["state"] == "assigned"
     done = await store.complete(d.job_id, "n1", 1, "completed", payload='{"t":1}')
@@ -134,3 +136,74 @@ async def test_a_room_job_is_for_its_listeners_and_outlives_its_speaker(store: S
     await store.ack("l2", [d.job_id])
     assert await store.job(d.job_id) is None
     assert (await store.slot_report())["used"] == 0
+
+
+def lose_first_replies(store: Store, script: str) -> list[str]:
+    """Every call of ``script`` runs on the real server, then its first reply is lost (as if the
+    connection dropped after the script ran); the Store's retry, with the same arguments, gets
+    through. Returns "script:op" of each call whose reply was lost."""
+    real = store.scripts.call
+    lost: list[str] = []
+    last: list = []  # type: ignore[type-arg]
+
+    async def call(name: str, keys: list[str], args: list) -> object:  # type: ignore[type-arg]
+        reply = await real(name, keys, args)
+        if name == script and args != last:  # a new call, not the retry of the one just lost
+            last[:] = args
+            lost.append(f"{name}:{args[1]}")
+            raise RedisConnectionError("reply lost (test)")
+        return reply
+
+    store.scripts.call = call  # type: ignore[method-assign]
+    return lost
+
+
+async def test_a_room_call_retried_after_a_lost_reply_gets_the_answer_it_lost(store: Store, redis_url: str,
+                                                                            settings: Settings) -> None:
+    """I8: a retried create does not answer "collision" (the protocol would make a second room), a
+    retried join does not answer ALREADY_IN_ROOM (the session would think it is not in the room
+    while Redis lists it), a retried leave answers "left", and a retried signal is sent once."""
+    p2 = Store.from_url(redis_url, settings, proc="p2", test_clock=True)
+    try:
+        await p2.touch_proc(ttl_ms=600_000)
+        lost = lose_first_replies(store, "room")
+        made = await store.room("create", CODE, "s1", member("zh", "Ann"), "room-1")
+        assert (made.status, made.room_id) == (Status.CREATED, "room-1")
+        assert [m["session_id"] for m in room_effects(made)["s1"]] == ["s1"]  # the effects it lost
+        joined = await store.room("join", CODE, "s2", member("en", "Bo"), "16")
+        assert (joined.status, joined.room_id) == (Status.JOINED, "room-1")
+        assert set(room_effects(joined)) == {"s1", "s2"}
+        await p2.room("join", CODE, "s3", member("de"), "16")  # a member on another process
+        inbox = p2.cells["c0"].inbox(p2.proc)
+        before = await store.client.xlen(inbox)
+        sent = await store.room("signal", CODE, "s1", "s3", '{"type":"webrtc_offer"}')
+        assert sent.status == Status.OK
+        assert await store.client.xlen(inbox) == before + 1  # relayed once, not once per try
+        left = await store.room("leave", CODE, "s2")
+        assert left.status == Status.LEFT
+        pref = await store.room("prefer", CODE, "s1", "s3", "0")
+        assert pref.status == Status.OK
+        assert lost == ["room:create", "room:join", "room:signal", "room:leave", "room:prefer"]
+        [room] = await store.rooms()
+        assert (room["room_id"], [m["session_id"] for m in room["members"]]) == ("room-1", ["s1", "s3"])
+    finally:
+        await p2.aclose()
+
+
+async def test_a_listeners_retried_ack_counts_once(store: Store) -> None:
+    """I8: a listener's ack retried after a lost reply (or sent twice) counts once, so the room job
+    is not forgotten before its other listeners have it; an ack from a session that is not one of
+    its listeners does not count."""
+    await store.register_node("n1", conn="c", max_concurrency=2, pools=["zh>en"])
+    d = await store.dispatch(JobSpec(pool="zh>en", session_id="speaker", utterance_index=0, tgt_lang="en",
+                                     body="{}", listeners=("l1@p1", "l2@p1", "l3@p1")))
+    await store.complete(d.job_id, "n1", 1, "completed", payload='{"t":1}')
+    lost = lose_first_replies(store, "ack_outcomes")
+    assert await store.ack("l1", [d.job_id]) == 1
+    assert lost == ["ack_outcomes:l1"]
+    await store.ack("l1", [d.job_id])  # sent again
+    await store.ack("speaker", [d.job_id])  # not a listener of its own job
+    await store.ack("l2", [d.job_id])
+    assert (await store.get_jobs([d.job_id]))[d.job_id].state == JobState.COMPLETED  # l3 still can have it
+    await store.ack("l3", [d.job_id])
+    assert await store.job(d.job_id) is None

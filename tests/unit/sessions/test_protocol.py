@@ -126,8 +126,8 @@ class TestDispatch:
         assert [type(m) for m in sent(actions)] == [Backpressure]
         out = sent(p.outcome(Outcome("c0.a", "failed", "NODE_OVERLOADED"), 2))
         assert isinstance(out[0], ErrorMessage) and out[0].code == "NODE_OVERLOADED"
-        assert out[0].details == {"utterance_index": 0, "tgt_lang": "en", "trace_id": p.spec.trace_id,
-                                  "job_id": "c0.a"}
+        assert out[0].details == {"session_id": "s1", "utterance_index": 0, "tgt_lang": "en",
+                                  "trace_id": p.spec.trace_id, "job_id": "c0.a"}
 
     def test_the_store_out_of_reach_answers_that_utterance(self) -> None:
         p = proto()
@@ -416,6 +416,25 @@ class TestRooms:
         assert isinstance(expired, RoomExpired) and p.room is None
         assert sent(p.room_news(RoomNews(code, "members", payload=payload), 12)) == []  # not in it any more
 
+    def test_a_listeners_error_names_whose_utterance_failed(self) -> None:
+        p = self.in_room("en")
+        p.expect_room_job("c0.a0", "alice", 0, "en", 5)
+        [err, ui] = sent(p.outcome(Outcome("c0.a0", "failed", "JOB_TIMEOUT"), 6))
+        assert isinstance(err, ErrorMessage) and err.code == "JOB_TIMEOUT"
+        assert (err.details["session_id"], err.details["utterance_index"], err.details["tgt_lang"]) == (
+            "alice", 0, "en")
+        assert isinstance(ui, UiEvent) and ui.session_id == "s1"  # the listener's own ui event
+        [r] = dispatches(p.receive(RoomLeave(room_code=p.room or ""), 7) + p.receive(chunk(0), 8))
+        [own, _] = sent(p.dispatched(r, DispatchResult("failed", "c0.x", code="NO_AVAILABLE_NODE"), 9)
+                        + p.outcome(Outcome("c0.x", "failed", "NO_AVAILABLE_NODE"), 10))
+        assert own.details["session_id"] == "s1"  # its own utterance: its own id
+
+    def test_a_listeners_error_names_the_speakers_pool(self) -> None:
+        p = self.in_room("en")  # the listener speaks zh; the speaker speaks fr
+        p.expect_room_job("c0.a0", "alice", 0, "en", 5, pool="fr>en")
+        [err, _] = sent(p.outcome(Outcome("c0.a0", "failed", "NO_AVAILABLE_NODE"), 6))
+        assert err.message == "no node serves fr>en"
+
     def test_signalling_and_preferences_go_to_the_room(self) -> None:
         p = self.in_room("en")
         code = p.room or ""
@@ -428,6 +447,83 @@ class TestRooms:
         p = self.in_room("en")
         actions = p.socket_lost(5)
         assert [type(a).__name__ for a in actions] == ["RoomCall", "Detach"] and actions[0].op == "leave"
+
+
+class TestRoomsAfterRedisLostThem:
+    """Redis lost a room or a membership (its data, writes lost in a failover, or this process
+    declared dead during a stall): on the session's redis_reset, a member joins its room again."""
+
+    def in_room(self) -> tuple[SessionProtocol, RoomCall]:
+        p = SessionProtocol(spec(tgt_lang="de"), CONFIG, now=0, rng=random.Random(7))
+        p.start(0)
+        [call] = [a for a in p.receive(RoomCreate(client_ts=1, display_name="Ann", preferred_lang="en"), 0)
+                  if isinstance(a, RoomCall)]
+        p.room_answered(call, RoomAnswer("created", room_id="r1"), 1)
+        return p, call
+
+    def rejoin(self, p: SessionProtocol, now: int = 10) -> RoomCall:
+        [call] = [a for a in p.redis_reset(now) if isinstance(a, RoomCall)]
+        return call
+
+    def test_a_member_joins_its_room_again_as_it_was(self) -> None:
+        p, created = self.in_room()
+        p.expect_room_job("c0.b0", "bob", 0, "en", 5)
+        actions = p.redis_reset(10)
+        assert actions == [Reopen(), CheckJobs(("c0.b0",)), RoomCall("join", created.code, created.arg5, "16",
+                                                                     rejoin=True)]
+        assert json.loads(created.arg5) == {"display_name": "Ann", "preferred_lang": "en", "lang": "en"}
+        assert sent(p.room_answered(actions[-1], RoomAnswer("joined", room_id="r1"), 11)) == []
+        assert p.room == created.code and p.owed() == 1  # still hears bob
+        [err] = sent(p.receive(RoomJoin(room_code="654321"), 12))
+        assert err.code == "ALREADY_IN_ROOM"
+        assert [a.op for a in p.receive(chunk(0), 13) if isinstance(a, RoomCall)] == ["speak"]
+
+    def test_a_member_redis_still_lists_stays(self) -> None:
+        p, created = self.in_room()
+        call = self.rejoin(p)
+        assert sent(p.room_answered(call, RoomAnswer("error", code="ALREADY_IN_ROOM"), 11)) == []
+        assert p.room == created.code
+
+    @pytest.mark.parametrize("code", ["ROOM_NOT_FOUND", "ROOM_FULL"])
+    def test_a_room_that_cannot_be_joined_again_is_over_for_the_client(self, code: str) -> None:
+        p, created = self.in_room()
+        p.expect_room_job("c0.b0", "bob", 0, "en", 5)
+        call = self.rejoin(p)
+        [expired] = sent(p.room_answered(call, RoomAnswer("error", code=code), 11))
+        assert isinstance(expired, RoomExpired) and expired.room_code == created.code  # the web client leaves room mode
+        assert p.room is None and p.owed() == 0
+        assert dispatches(p.receive(chunk(0), 12))[0].listeners == ()  # its own targets again
+        assert [a.op for a in p.receive(RoomCreate(client_ts=2), 13) if isinstance(a, RoomCall)] == ["create"]
+
+    def test_the_store_out_of_reach_is_tried_again_then_given_up(self) -> None:
+        p, created = self.in_room()
+        call = self.rejoin(p, now=10)
+        assert sent(p.room_answered(call, RoomAnswer("unreachable"), 11)) == []
+        assert p.room == created.code and p.next_deadline() == 11 + CONFIG.outcome_check_ms
+        answers = []
+        for _ in range(2):  # the second and third tries
+            now = p.next_deadline() or 0
+            [again] = [a for a in p.tick(now) if isinstance(a, RoomCall)]
+            assert again == call
+            answers.append(sent(p.room_answered(again, RoomAnswer("unreachable"), now + 1)))
+        assert answers[0] == [] and isinstance(answers[1][0], RoomExpired)
+        assert p.room is None and p.next_deadline() is None
+
+    def test_a_member_that_leaves_meanwhile_is_not_joined_again(self) -> None:
+        p, created = self.in_room()
+        call = self.rejoin(p)
+        [leave] = [a for a in p.receive(RoomLeave(room_code=created.code), 11) if isinstance(a, RoomCall)]
+        assert leave == RoomCall("leave", created.code)
+        assert p.room_answered(call, RoomAnswer("joined"), 12) == [RoomCall("leave", created.code)]
+        assert p.room is None
+        assert not [a for a in p.redis_reset(20) if isinstance(a, RoomCall)]  # not in a room: nothing to join
+
+    def test_a_member_that_leaves_while_a_retry_waits_is_not_joined_again(self) -> None:
+        p, created = self.in_room()
+        p.room_answered(self.rejoin(p), RoomAnswer("unreachable"), 11)
+        p.receive(RoomLeave(room_code=created.code), 12)
+        assert p.next_deadline() is None
+        assert not [a for a in p.tick(11 + CONFIG.outcome_check_ms) if isinstance(a, RoomCall)]
 
 
 def member(sid: str, lang: str, proc: str = "p1") -> RoomMemberRecord:

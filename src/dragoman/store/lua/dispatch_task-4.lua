@@ -36,7 +36,8 @@
     ARGV[16] resume point to record in the session, "" for none: "next_utt seq skip cutt"
     ARGV[17] warm-up ms (see above)
     ARGV[18] room listeners, "session@process ...", "" for none: a room job's outcome goes to each
-             listener (each is first told to expect it), not to the speaking session, and it is
+             listener (each is first told to expect it, with the job's pool: the speaker's
+             languages, which the listener does not know), not to the speaking session, and it is
              not the speaker's to keep: it is forgotten once every listener acknowledged it
   Output: [body, effects, payloads...], body {status, state, node, attempt, code, now}
     status "assigned" | "queued" | "failed" (code NO_AVAILABLE_NODE, or NODE_OVERLOADED: queue full)
@@ -129,7 +130,7 @@ local j = {
 }
 -- listeners learn of the job before anything can end it, through the same channel as its outcome
 each_listener(listeners, function(lsid, lproc)
-  emit(ctx, lproc, { kind = 'expect', job = jid, session = lsid, speaker = sid, utt = utt, tgt = ARGV[6] })
+  emit(ctx, lproc, { kind = 'expect', job = jid, session = lsid, speaker = sid, utt = utt, tgt = ARGV[6], pool = pid })
 end)
 local creation = { 'listeners', listeners, 'acks_left', #split_words(listeners), 'id', jid, 'pool', pid, 'session', sid, 'utt', utt, 'tgt', ARGV[6], 'sproc', ARGV[12], 'attempt', 0, 'node', '',
   'max_attempts', max_attempts, 'job_timeout', job_timeout, 'pending_timeout', pending_timeout,

@@ -22,6 +22,10 @@
     ARGV[6] create: the room id; join: room_max_members; prefer: "1" receive, "0" not; signal: the
             message (JSON)
     ARGV[7] room expiry ms (create, speak)
+    ARGV[8] call id: a retry after a lost reply gets the same reply again (I8: a repeated create
+            would otherwise answer "collision", a repeated join ALREADY_IN_ROOM, a repeated leave
+            NOT_IN_ROOM, and a repeated signal would be relayed twice). "speak" keeps no reply: it
+            has no effects and its repeat answers the same (it is on every utterance's path).
   Output: [body, effects, payloads...], body {status, code?, room_id?, members?, now}
     status "created" | "collision" | "joined" | "left" | "ok" | "refused" | "error" (code: a room error code)
 ]]
@@ -38,6 +42,10 @@ end
 if sid == '' then error('ERR dragoman: the session must be named') end
 local ctx = new_context(base, ARGV[1])
 local mk = KEYS[3]
+if op ~= 'speak' then
+  local again = replay(ctx, ARGV[8], true)
+  if again then return again end
+end
 
 local function fail(err) return reply(ctx, { status = 'error', code = err }) end
 

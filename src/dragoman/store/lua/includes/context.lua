@@ -96,7 +96,7 @@ local function reply(ctx, body)
   body.now = ctx.now
   local out = { cjson.encode(body), (#ctx.effects > 0) and cjson.encode(ctx.effects) or '[]' }
   for _, p in ipairs(ctx.payloads) do table.insert(out, p) end
-  if ctx.call_id and ctx.call_id ~= '' and #ctx.effects > 0 then
+  if ctx.call_id and ctx.call_id ~= '' and (#ctx.effects > 0 or ctx.keep_always) then
     rcall('SET', k_reply(ctx.base, ctx.call_id), cjson.encode(out), 'PX', REPLY_KEEP_MS)
   end
   return out
@@ -106,13 +106,16 @@ end
   A lost reply (a timeout or a dropped connection after the script ran) must not lose the effects it
   carried for the caller's own sockets. Scripts whose repeat could not recompute them keep their
   reply (when it carried effects) for a short while under the call's id; the caller's retry, with
-  the same id, gets it again.
+  the same id, gets it again. ``always``: keep it even without effects, for a script whose repeat
+  would answer differently (room-3: a repeated create is a "collision", a repeated join
+  ALREADY_IN_ROOM) or would emit to another process's inbox again.
   (dispatch_task and complete_task need no such copy: a repeat answers "exists"/"duplicate" and
   emits the local effect again.)
 ]]
-local function replay(ctx, call_id)
+local function replay(ctx, call_id, always)
   if call_id == nil or call_id == '' then return nil end
   ctx.call_id = call_id
+  ctx.keep_always = always
   local kept = rcall('GET', k_reply(ctx.base, call_id))
   if kept then return cjson.decode(kept) end
   return nil
