@@ -40,10 +40,10 @@ async def session_endpoint(ws: WebSocket) -> None:
     reads = Interruptible()  # the actor's end (closed and flushed, or taken over) interrupts a read
     try:
         while not link.closed.is_set():
-            text = await reads.wait(receive_text(ws))
-            if text is STOPPED:
-                break
             try:
+                text = await reads.wait(receive_text(ws))
+                if text is STOPPED:
+                    break
                 msg = decode_session(text)
                 if actor is None:
                     if not isinstance(msg, SessionInit):
