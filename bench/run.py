@@ -42,6 +42,7 @@ import redis
 import redis.asyncio as aioredis
 
 from bench.e2e.facts import cpu_model
+from bench.e2e.procs import loadavg, proc_times, system_busy_s
 from dragoman.config import Settings
 from dragoman.embedded import EmbeddedServer, find_server_binary
 from dragoman.store.api import JobSpec, Store
@@ -108,30 +109,7 @@ def median_of(items: list[dict[str, float]], key: str) -> float:
 
 def proc_cpu_s(pid: int) -> float:
     """User+system CPU seconds of a process (Linux /proc), or nan elsewhere."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError, ValueError):
-        return float("nan")
-
-
-def system_busy_s() -> float:
-    """CPU seconds all processes on the machine spent busy (Linux /proc/stat), or nan elsewhere."""
-    try:
-        with open("/proc/stat") as f:
-            vals = [int(v) for v in f.readline().split()[1:]]
-        idle = vals[3] + (vals[4] if len(vals) > 4 else 0)
-        return (sum(vals[:8]) - idle) / os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError, ValueError):
-        return float("nan")
-
-
-def loadavg() -> str:
-    try:
-        return " ".join(f"{x:.2f}" for x in os.getloadavg())
-    except OSError:
-        return "?"
+    return sum(proc_times(pid))
 
 
 def git_commit() -> str:

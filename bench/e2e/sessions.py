@@ -25,6 +25,7 @@ import collections
 import math
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -189,17 +190,11 @@ async def main_async(args: argparse.Namespace) -> None:
         turn[0] = k + 1 if k + 1 < n else 0
         await sessions[k].utter()
 
-    for phase in loadgen.phases(args):
+    def frames() -> Callable[[], dict[str, Any]]:
         before = dict(stats)
-        if phase == "idle":
-            res = await loadgen.idle_phase(args.idle_window)
-        elif phase == "closed":
-            res = await loadgen.closed_loop(one, args.inflight, args.warmup, args.window)
-        else:
-            res = await loadgen.open_loop(one, args.rate, args.warmup, args.window, args.drain)
-        res["frames"] = {k: stats[k] - before[k] for k in stats if k != "first_error"}
-        res["sessions"] = n
-        loadgen.emit("result", **res)
+        return lambda: {"frames": {k: stats[k] - before[k] for k in stats if k != "first_error"}, "sessions": n}
+
+    await loadgen.run_phases(args, one, frames)
     for r in readers:
         r.cancel()
     await asyncio.gather(*(s.ws.close() for s in sessions), return_exceptions=True)

@@ -319,3 +319,21 @@ def add_load_args(ap: Any) -> None:
 
 def phases(args: Any) -> list[str]:
     return [p.strip() for p in args.phases.split(",") if p.strip()]
+
+
+async def run_phases(args: Any, one: Callable[[int], Awaitable[Any]],
+                     extra: Callable[[], dict[str, Any]] | None = None) -> None:
+    """Runs the asked phases in order (closed loop, open loop, idle) with ``one`` as the job and emits
+    each phase's result line. ``extra``, called as a phase starts, returns what adds fields to its
+    result when it ends (e.g. counters taken as differences over the phase)."""
+    for phase in phases(args):
+        finish = extra() if extra is not None else None
+        if phase == "idle":
+            res = await idle_phase(args.idle_window)
+        elif phase == "closed":
+            res = await closed_loop(one, args.inflight, args.warmup, args.window)
+        else:
+            res = await open_loop(one, args.rate, args.warmup, args.window, args.drain)
+        if finish is not None:
+            res.update(finish())
+        emit("result", **res)

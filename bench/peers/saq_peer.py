@@ -40,12 +40,7 @@ async def run_submit(args: argparse.Namespace) -> None:
             raise RuntimeError("wrong result")
 
     loadgen.emit("ready", role="submitter", peer="saq")
-    for phase in loadgen.phases(args):
-        if phase == "closed":
-            res = await loadgen.closed_loop(one, args.inflight, args.warmup, args.window)
-        else:
-            res = await loadgen.open_loop(one, args.rate, args.warmup, args.window, args.drain)
-        loadgen.emit("result", **res)
+    await loadgen.run_phases(args, one)
     await queue.disconnect()
 
 
