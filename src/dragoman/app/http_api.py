@@ -10,7 +10,7 @@ import functools
 import io
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -109,25 +109,35 @@ async def list_rooms(request: Request) -> Response:
 
 
 async def languages(request: Request) -> Response:
-    """What the network can translate now: the language pairs its pools serve (for client pages;
-    needs an API key when API keys are configured)."""
+    """What the network can translate now, from the pools that have a node (for client pages; needs
+    an API key when API keys are configured). A pool ``zh>en`` serves source ``zh``, target ``en``;
+    a two-way pool ``a<>b`` is listed under ``two_way`` only (its nodes also serve both directed
+    pairs, which have pools of their own)."""
     hub = _hub(request)
     keys = hub.settings.api_keys
     if keys and bearer(request, "api_key") not in keys:
         return _error(401, ErrorCode.UNAUTHORIZED, "missing or wrong API key")
+    return JSONResponse(served_languages(p["pool"] for p in await hub.store.pools() if p["nodes"]))
+
+
+def served_languages(pools: Iterable[str]) -> dict[str, Any]:
+    """``pairs`` [src, tgt], ``two_way`` [a, b], ``sources``, ``targets``, and ``by_source``: the
+    targets each source reaches."""
     pairs: set[tuple[str, str]] = set()
     two_way: set[tuple[str, str]] = set()
-    for pool in await hub.store.pools():
-        if not pool["nodes"]:
+    for pool in pools:
+        a, sep, b = pool.partition("<>")  # before ">": "a<>b" also contains ">"
+        if sep:
+            two_way.add((a, b))
             continue
-        src, sep, tgt = pool["pool"].partition(">")
+        src, sep, tgt = pool.partition(">")
         if sep:
             pairs.add((src, tgt))
-        else:
-            a, _, b = pool["pool"].partition("<>")
-            two_way.add((a, b))
-    return JSONResponse({"pairs": sorted(pairs), "two_way": sorted(two_way),
-                         "sources": sorted({s for s, _ in pairs}), "targets": sorted({t for _, t in pairs})})
+    by_source: dict[str, list[str]] = {}
+    for src, tgt in sorted(pairs):
+        by_source.setdefault(src, []).append(tgt)
+    return {"pairs": sorted(pairs), "two_way": sorted(two_way), "sources": sorted(by_source),
+            "targets": sorted({t for _, t in pairs}), "by_source": by_source}
 
 
 @operator

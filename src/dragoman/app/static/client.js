@@ -416,7 +416,7 @@ function langLabel(code) {
 }
 
 const L = {
-  served: null, // {pairs, twoWay, sources, targets} from /api/v1/languages; null until the first answer
+  served: null, // {pairs, twoWay, bySource, sources, targets} from /api/v1/languages; null until the first answer
   key: "", // the last answer, to rebuild the controls only when it changed
   error: "", // why the last fetch failed
   fetching: null,
@@ -438,28 +438,34 @@ function pairList(v) {
 }
 
 function normalizeServed(data) {
-  const pairs = [];
+  // /api/v1/languages: pairs [src, tgt] (a pool "zh>en" is source zh, target en), two_way [a, b]
+  // (pools "a<>b"), and by_source {src: [targets it reaches]}.
+  const pairs = pairList(data && data.pairs);
   const twoWay = pairList(data && data.two_way);
-  for (const [src, tgt] of pairList(data && data.pairs)) {
-    // Some schedulers split the two-way pool id "a<>b" at ">" and list it as the pair
-    // ["a<", "b"]: that is the two-way pair a/b, not a language.
-    if (src.endsWith("<")) twoWay.push([src.slice(0, -1), tgt]);
-    else pairs.push([src, tgt]);
-  }
   const uniq = (xs) => [...new Set(xs)].sort();
   const uniqPairs = (ps) => uniq(ps.map((p) => p.join(" "))).map((k) => k.split(" "));
+  const bySource = Object.create(null);
+  const given = data && data.by_source && typeof data.by_source === "object" ? data.by_source : null;
+  for (const [src, tgt] of pairs) (bySource[src] ||= []).push(tgt);
+  if (given) {
+    for (const [src, tgts] of Object.entries(given)) {
+      if (Array.isArray(tgts)) for (const t of tgts) if (typeof t === "string" && t) (bySource[src] ||= []).push(t);
+    }
+  }
+  for (const src of Object.keys(bySource)) bySource[src] = uniq(bySource[src]);
   return {
     pairs: uniqPairs(pairs),
     twoWay: uniqPairs(twoWay),
-    sources: uniq(pairs.map(([s]) => s)),
-    targets: uniq(pairs.map(([, t]) => t)),
+    bySource,
+    sources: uniq(Object.keys(bySource)),
+    targets: uniq(Object.values(bySource).flat()),
     twoWayLangs: uniq(twoWay.flat()),
   };
 }
 
 function servedTargetsFor(src) {
   if (!L.served) return [];
-  return [...new Set(L.served.pairs.filter(([s]) => s === src).map(([, t]) => t))].sort();
+  return L.served.bySource[src] || [];
 }
 
 function twoWayPartners(a) {
