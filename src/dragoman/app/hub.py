@@ -121,6 +121,12 @@ class Hub:
         self.sessions_per_key[api_key] = self.sessions_per_key.get(api_key, 0) + 1
         return actor
 
+    def session_limit_reached(self, api_key: str) -> bool:
+        """``max_sessions_per_key`` open sessions on this process under this API key. Only when API
+        keys are configured: without them every session is anonymous and none is capped this way."""
+        return bool(self.settings.api_keys) and \
+            self.sessions_per_key.get(api_key, 0) >= self.settings.max_sessions_per_key
+
     def end_session(self, actor: SessionActor) -> None:
         if self.sessions.get(actor.session_id) is actor:
             del self.sessions[actor.session_id]

@@ -48,7 +48,7 @@ async def session_endpoint(ws: WebSocket) -> None:
                 if actor is None:
                     if not isinstance(msg, SessionInit):
                         raise ProtocolError("send session_init first", code=ErrorCode.INVALID_SESSION)
-                    if hub.sessions_per_key.get(key, 0) >= hub.settings.max_sessions_per_key:
+                    if hub.session_limit_reached(key):
                         raise ProtocolError("too many open sessions for this key", code=ErrorCode.RATE_LIMITED)
                     actor, resumed = await open_or_resume(hub, msg, key, link)
                     task = asyncio.create_task(actor.run(open_record=not resumed),

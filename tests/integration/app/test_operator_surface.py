@@ -31,3 +31,27 @@ def test_languages_lists_each_pool_direction_once_and_two_way_pools_apart(redis_
     assert body["sources"] == ["en", "zh"]
     assert body["targets"] == ["en", "ja", "zh"]
     assert body["by_source"] == {"en": ["zh"], "zh": ["en", "ja"]}
+
+
+def open_session(client: TestClient, key: str = ""):  # noqa: ANN201
+    url = f"/ws/session?api_key={key}" if key else "/ws/session"
+    ws = client.websocket_connect(url)
+    sock = ws.__enter__()
+    sock.send_text(json.dumps({"type": "session_init", "src_lang": "zh", "tgt_lang": "en"}))
+    return ws, json.loads(sock.receive_text())
+
+
+def test_max_sessions_per_key_caps_only_sessions_with_api_keys(redis_url: str) -> None:
+    for keys, second in (((), "session_init_ack"), (("k1",), "error")):
+        settings = Settings(warmup_ms=0, max_sessions_per_key=1, api_keys=keys)
+        app = create_app(settings, Store.from_url(redis_url, settings, proc="p1"))
+        key = keys[0] if keys else ""
+        with TestClient(app) as client:
+            ws1, first = open_session(client, key)
+            ws2, answer = open_session(client, key)
+            assert first["type"] == "session_init_ack"
+            assert answer["type"] == second, (keys, answer)
+            if second == "error":
+                assert answer["code"] == "RATE_LIMITED"
+            for ws in (ws2, ws1):
+                ws.__exit__(None, None, None)
