@@ -458,7 +458,8 @@ class Store:
         """``lenient`` right after this process could not reach Redis: see reap-1.lua."""
         ck = self.cells[cell]
         return await self._call("reap", ck, [ck.nodes], [self.proc, batch, self.settings.session_grace_ms,
-                                                         self.call_id(), "1" if lenient else ""], ReapReply)
+                                                         self.call_id(), "1" if lenient else "",
+                                                         self.settings.proc_ttl_ms], ReapReply)
 
     async def reap(self, batch: int = 100, lenient: bool = False) -> list[ReapReply]:
         return [await self.reap_cell(cell, batch, lenient) for cell in self.cell_names]

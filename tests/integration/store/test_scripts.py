@@ -387,3 +387,17 @@ async def test_an_outage_longer_than_the_retry_budget_is_dependency_down(setting
             await register(store, "n1")
     finally:
         await store.aclose()
+
+
+async def test_the_reaper_renews_its_own_lapsed_registration_for_proc_ttl_ms(redis_url: str, settings) -> None:
+    """A reaper that finds its own registration lapsed (Redis stalled it) renews it for the
+    configured proc_ttl_ms, not a fixed 3 s."""
+    s = Store.from_url(redis_url, settings.replace(proc_ttl_ms=60_000), proc="slow", test_clock=True)
+    try:
+        await s.touch_proc(ttl_ms=10)
+        await s.set_clock_offset(1_000)  # its registration has lapsed
+        reply = (await s.reap())[0]
+        deadline = await s.client.zscore(s.cells["c0"].procs, "slow")
+        assert deadline >= await s.server_now_ms() + 1_000 + 50_000, reply
+    finally:
+        await s.aclose()

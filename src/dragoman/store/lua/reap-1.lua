@@ -24,6 +24,7 @@
     ARGV[5] "1" right after the caller could not reach Redis for a while (a stall, a restart): then
             nobody could renew anything, so deadlines that passed meanwhile say nothing of who is
             alive; steps 1 and 4 wait until everyone had a chance to renew
+    ARGV[6] proc_ttl_ms: the caller's own lapsed registration is renewed for this long
   Derived keys (same hash tag): node:*, job:*, pool:*, queue:*, sess:*, proc:*, leases, pending,
     orphans, procs, inbox:*, pools, stats, events, offline, boot
   Output: [body, effects, payloads...], body {status:"ok", dead_nodes, expired_leases, expired_pending,
@@ -40,6 +41,7 @@
 local base = base_of(KEYS[1])
 local batch = need_number(ARGV[2], 'batch', 1)
 local grace = need_number(ARGV[3], 'grace_ms')
+local proc_ttl = need_number(ARGV[6], 'proc_ttl_ms', 1)
 local ctx = new_context(base, ARGV[1])
 local again = replay(ctx, ARGV[4])
 if again then return again end
@@ -86,7 +88,7 @@ if not lenient then procs = rcall('ZRANGE', k_procs(base), '-inf', ctx.now - 1, 
 for _, p in ipairs(procs) do
   if p == ctx.proc then
     -- the caller is running this very script, so it is alive (its renewal was late: Redis stalled)
-    rcall('ZADD', k_procs(base), ctx.now + 3000, p)
+    rcall('ZADD', k_procs(base), ctx.now + proc_ttl, p)
   else
   for _, nid in ipairs(rcall('SPOP', k_proc_nodes(base, p), batch)) do
     local n = node_fields(ctx, nid)
