@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
 
@@ -36,3 +37,16 @@ async def test_status_shows_nodes_and_metrics_move(scheduler) -> None:
     assert "dragoman_slots_total 3.0" in metrics
     assert 'dragoman_open_sockets{endpoint="node"} 1.0' in metrics
     await node.close()
+
+
+async def test_status_takes_an_operator_token(scheduler) -> None:
+    base = scheduler(DRAGOMAN_OPERATOR_TOKENS="op-secret")
+    argv = [sys.executable, "-m", "dragoman.cli.main", "status", "--url", base]
+    refused = await asyncio.to_thread(subprocess.run, argv, capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and "401" in refused.stderr
+    by_flag = await asyncio.to_thread(subprocess.run, [*argv, "--token", "op-secret"], capture_output=True,
+                                      text=True, timeout=60)
+    assert by_flag.returncode == 0, by_flag.stderr
+    by_env = await asyncio.to_thread(subprocess.run, argv, capture_output=True, text=True, timeout=60,
+                                     env=os.environ | {"DRAGOMAN_TOKEN": "op-secret"})
+    assert by_env.returncode == 0, by_env.stderr

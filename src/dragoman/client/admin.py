@@ -9,8 +9,12 @@ import httpx
 
 class AdminClient:
     def __init__(self, base_url: str = "http://127.0.0.1:8700", timeout: float = 5.0,
-                 transport: httpx.AsyncBaseTransport | None = None) -> None:
-        self.http = httpx.AsyncClient(base_url=base_url.rstrip("/"), timeout=timeout, transport=transport)
+                 transport: httpx.AsyncBaseTransport | None = None, token: str | None = None) -> None:
+        """``token``: an operator token, sent as ``Authorization: Bearer`` (needed when the scheduler
+        has ``operator_tokens``)."""
+        headers = {"Authorization": f"Bearer {token}"} if token else None
+        self.http = httpx.AsyncClient(base_url=base_url.rstrip("/"), timeout=timeout, transport=transport,
+                                      headers=headers)
 
     async def aclose(self) -> None:
         await self.http.aclose()
