@@ -7,6 +7,7 @@ overrides (CLI flags). Defaults are those named in PROTOCOL.md. The result is a 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 import re
 import tomllib
@@ -137,6 +138,25 @@ def load_settings(
     settings = Settings(**values)
     _validate(settings)
     return settings
+
+
+# DRAGOMAN_* variables that are not settings but are read elsewhere (the CLI, tests, benchmarks).
+KNOWN_OTHER_ENV = frozenset({"DRAGOMAN_CONFIG", "DRAGOMAN_API_KEY", "DRAGOMAN_TOKEN", "DRAGOMAN_BENCH_HOME",
+                             "DRAGOMAN_SPECS", "DRAGOMAN_STATEFUL_EXAMPLES"})
+
+
+def unknown_env(env: Mapping[str, str] | None = None) -> list[str]:
+    """A warning for each ``DRAGOMAN_*`` variable that names no setting (a misspelt one is otherwise
+    ignored), with the closest setting's variable when one is close."""
+    env = os.environ if env is None else env
+    out = []
+    for var in sorted(env):
+        if not var.startswith("DRAGOMAN_") or var in KNOWN_OTHER_ENV or var[len("DRAGOMAN_"):].lower() in _FIELDS:
+            continue
+        close = difflib.get_close_matches(var[len("DRAGOMAN_"):].lower(), list(_FIELDS), n=1, cutoff=0.75)
+        out.append(f"environment variable {var} names no setting and is ignored"
+                   + (f" (did you mean DRAGOMAN_{close[0].upper()}?)" if close else ""))
+    return out
 
 
 def _validate(s: Settings) -> None:

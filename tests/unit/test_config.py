@@ -58,3 +58,13 @@ def test_unknown_setting_in_a_file(tmp_path: Path) -> None:
     f.write_text("colour = 'blue'\n")
     with pytest.raises(ConfigError, match="unknown setting 'colour'"):
         load_settings(f, env={})
+
+
+def test_an_unknown_dragoman_variable_is_named_with_the_closest_setting() -> None:
+    from dragoman.config import unknown_env
+
+    warnings = unknown_env({"DRAGOMAN_REDIS_ULR": "redis://x", "DRAGOMAN_PORT": "1", "DRAGOMAN_CONFIG": "f",
+                            "DRAGOMAN_TOKEN": "t", "DRAGOMAN_XYZZY": "1", "PATH": "/bin"})
+    assert len(warnings) == 2
+    assert "DRAGOMAN_REDIS_ULR" in warnings[0] and "DRAGOMAN_REDIS_URL" in warnings[0]
+    assert "DRAGOMAN_XYZZY" in warnings[1] and "did you mean" not in warnings[1]

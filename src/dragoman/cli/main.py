@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import structlog
 import typer
 
-from dragoman.config import load_settings
+from dragoman.config import load_settings, unknown_env
 from dragoman.errors import ConfigError
 from dragoman.logging import setup_logging
 
@@ -46,6 +47,8 @@ def serve(
         except ConfigError as exc:
             raise typer.BadParameter(str(exc), param_hint="--redis-url") from None
     setup_logging(settings.log_level)
+    for warning in unknown_env():
+        structlog.get_logger("dragoman.config").warning(warning)
     run(settings, cluster=cluster)
 
 
