@@ -47,6 +47,8 @@ class Settings:
     reaper_interval_ms: int = 1_000
     ws_ping_interval_ms: int = 2_000  # WebSocket pings: a peer that stops answering is gone within
     ws_ping_timeout_ms: int = 2_500  # interval + timeout, and its jobs move on (hung node detection)
+    ws_idle_ping_interval_ms: int = 20_000  # pings to a socket owed nothing: a session, a node holding no
+    # job (a job assigned to it brings its next ping within ws_ping_interval_ms; nothing is waited on)
     node_tokens: tuple[str, ...] = ()
     operator_tokens: tuple[str, ...] = ()  # guard the operator actions (drain, cancel) when set
     max_pools_per_node: int = 256
@@ -163,12 +165,15 @@ def _validate(s: Settings) -> None:
     for name in ("heartbeat_interval_ms", "node_ttl_ms", "job_timeout_ms", "max_attempts",
                  "default_max_concurrency", "reaper_interval_ms", "queue_max", "pending_timeout_ms",
                  "outcome_check_ms", "proc_ttl_ms", "inbox_max_len", "redis_retry_ms", "ws_ping_interval_ms",
-                 "ws_ping_timeout_ms", "stats_flush_ms", "room_max_members", "room_expiry_ms"):
+                 "ws_ping_timeout_ms", "ws_idle_ping_interval_ms", "stats_flush_ms", "room_max_members", "room_expiry_ms"):
         if getattr(s, name) <= 0:
             raise ConfigError(f"setting {name!r} must be positive, got {getattr(s, name)}")
     for name in ("session_grace_ms", "warmup_ms", "redis_min_replicas_ack"):
         if getattr(s, name) < 0:
             raise ConfigError(f"setting {name!r} must not be negative, got {getattr(s, name)}")
+    if s.ws_idle_ping_interval_ms < s.ws_ping_interval_ms:
+        raise ConfigError("setting 'ws_idle_ping_interval_ms' must not be below 'ws_ping_interval_ms' "
+                          f"({s.ws_idle_ping_interval_ms} < {s.ws_ping_interval_ms})")
     if s.event_loop not in ("uvloop", "asyncio"):
         raise ConfigError(f"setting 'event_loop' must be 'uvloop' or 'asyncio', got {s.event_loop!r}")
     if s.workers < 1:

@@ -46,8 +46,9 @@ def build_server(settings: Settings, store: Store) -> uvicorn.Server:
     app = create_app(settings, store)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, ws_max_size=settings.max_frame_bytes,
                             log_level="warning", lifespan="on", ws_per_message_deflate=settings.ws_deflate,
-                            ws=FrameWriterProtocol,  # Link writes frames to it in place (app/sockets.py)
-                            # a peer that stops answering pings is gone within interval + timeout
+                            # Link writes frames to it in place, and pings idle sockets less often (app/sockets.py)
+                            ws=FrameWriterProtocol.with_idle_pings(settings.ws_idle_ping_interval_ms / 1000),
+                            # a watched peer that stops answering pings is gone within interval + timeout
                             ws_ping_interval=settings.ws_ping_interval_ms / 1000,
                             ws_ping_timeout=settings.ws_ping_timeout_ms / 1000,
                             timeout_graceful_shutdown=5)

@@ -300,6 +300,37 @@ async def test_a_live_node_id_cannot_be_taken_over(scheduler) -> None:
     beat.cancel()
 
 
+async def test_a_node_whose_idle_connection_hung_gets_its_id_back_within_seconds(scheduler) -> None:
+    """An idle socket is pinged only every ws_idle_ping_interval_ms (20 s); a node that registers again
+    while its old connection hangs is refused, and that refusal pings the old connection at once: it
+    is gone within the ping timeout, and the node's next try succeeds."""
+    base = scheduler(DRAGOMAN_WS_PING_INTERVAL_MS="2000", DRAGOMAN_WS_PING_TIMEOUT_MS="2500",
+                     DRAGOMAN_WS_IDLE_PING_INTERVAL_MS="60000",  # only the pings can notice it in time:
+                     DRAGOMAN_HEARTBEAT_INTERVAL_MS="20000", DRAGOMAN_NODE_TTL_MS="60000")  # (not its deadline)
+    old = await ScriptedNode.connect(ws(base), node_id="phoenix", slots=1)
+    old.ws.transport.pause_reading()  # hung: it never reads the pings, so never answers them
+    with pytest.raises(AssertionError, match="in use"):
+        await ScriptedNode.connect(ws(base), node_id="phoenix", slots=1)
+    started = asyncio.get_running_loop().time()
+
+    async def registered_again() -> ScriptedNode | None:
+        try:
+            return await ScriptedNode.connect(ws(base), node_id="phoenix", slots=1)
+        except AssertionError:  # still in use
+            return None
+
+    node = await wait_for(registered_again, timeout=15, interval=0.5)
+    assert asyncio.get_running_loop().time() - started < 10  # the ping timeout, not the 60 s idle interval
+    beat = asyncio.create_task(node.keep_alive())
+    async with SessionClient.connect(ws(base) + "/ws/session", src_lang="zh", tgt_langs=["en"]) as client:
+        await one_utterance(client)
+        await node.result(await node.expect("job_assign"), "reborn")
+        [result] = await client.results(1)
+        assert result.text_translated == "en:reborn"
+        await client.close()
+    beat.cancel()
+
+
 async def test_with_credentials_configured_the_operator_surface_needs_one_too(scheduler) -> None:
     base = scheduler(DRAGOMAN_API_KEYS="client-key", DRAGOMAN_NODE_TOKENS="node-token")
     async with httpx.AsyncClient() as c:

@@ -47,6 +47,7 @@ def test_lists_from_the_environment() -> None:
     ({"DRAGOMAN_CELLS": "c.0"}, "cell name"),  # a job id is "<cell>.<unique>"
     ({"DRAGOMAN_INBOX_MAX_LEN": "0"}, "'inbox_max_len' must be positive"),
     ({"DRAGOMAN_SESSION_GRACE_MS": "-1"}, "'session_grace_ms' must not be negative"),
+    ({"DRAGOMAN_WS_IDLE_PING_INTERVAL_MS": "1000"}, "'ws_idle_ping_interval_ms' must not be below"),
 ])
 def test_bad_values_are_refused_with_the_setting_named(env: dict[str, str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):

@@ -75,10 +75,13 @@ class NodeLink:
         self.sent.move_to_end(job_id)
         while len(self.sent) > _SENT_MEMORY:
             self.sent.popitem(last=False)
+        self.link.watch(True)  # it holds a job: if it hangs, the job must move on within seconds
         self.send(assign_frame(body, job_id, attempt))
 
     def forget(self, job_id: str) -> None:
         self.sent.pop(job_id, None)
+        if not self.sent:
+            self.link.watch(False)
 
 
 class Hub:

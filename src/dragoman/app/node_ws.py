@@ -200,6 +200,8 @@ class NodeConnection:
             raise ProtocolError(f"node_id {node_id!r} is registered with another node token", code=ErrorCode.UNAUTHORIZED)
         if reply.status == Status.IN_USE:
             self.hub.detach_node(node_id, self.conn, restore=previous)
+            if previous is not None and reply.proc == self.hub.store.proc:
+                previous.link.probe()  # an idle socket is pinged seldom: ask it now whether it is there
             raise ProtocolError(f"node_id {node_id!r} is in use by a live connection; register again once it "
                                 "is gone (a connection that stops answering pings is gone within seconds)")
         self.node_id, self.register_msg, self.pools = node_id, msg, pools

@@ -76,13 +76,51 @@ class Interruptible:
 class FrameWriterProtocol(WebSocketsSansIOProtocol):
     """uvicorn's sans-I/O WebSocket protocol, named in each connection's ASGI scope (extension
     ``dragoman.frames``) so that ``Link`` can write frames to it in place. The scheduler's server
-    runs with it (``server.py``); under any other server Link goes through the ASGI ``send``."""
+    runs with it (``server.py``); under any other server Link goes through the ASGI ``send``.
+
+    Pings at two rates: uvicorn's ``ws_ping_interval`` while the connection is *watched* (a node
+    holding a job: if it stops answering, its jobs must move on within seconds), and
+    ``idle_ping_interval`` otherwise (a session, an idle node: nothing waits on it, and thousands of
+    such sockets would otherwise cost the process a ping each every couple of seconds). Watching a
+    connection brings its next ping within ``ws_ping_interval``, so a peer that hung while idle is
+    found out as quickly once it is given work."""
+
+    idle_ping_interval: float | None = None  # None: always ws_ping_interval (see ``with_idle_pings``)
+    watched = False
+
+    @classmethod
+    def with_idle_pings(cls, seconds: float) -> type[FrameWriterProtocol]:
+        return type(cls.__name__, (cls,), {"idle_ping_interval": seconds})
 
     def handle_connect(self, event: Any) -> None:
         super().handle_connect(event)
         scope = getattr(self, "scope", None)
         if scope is not None:  # (None: the upgrade was refused)
             scope["extensions"]["dragoman.frames"] = self
+
+    def schedule_ping(self) -> None:
+        assert self.ping_interval is not None
+        interval = self.ping_interval
+        if not self.watched and self.idle_ping_interval is not None:
+            interval = max(interval, self.idle_ping_interval)
+        self.ping_timer = self.loop.call_later(max(0.0, interval - self.last_ping_rtt), self.send_keepalive_ping)
+
+    def watch(self, on: bool) -> None:
+        """Ping at the fast rate (``on``) or the idle one, from the next ping (or sooner: see ``probe``)."""
+        if on == self.watched:
+            return
+        self.watched = on
+        if on and self.ping_interval:
+            self.probe(self.ping_interval)
+
+    def probe(self, within: float = 0.0) -> None:
+        """Bring the next ping forward to ``within`` seconds from now (unless one is due sooner or
+        awaits its pong): a peer that stopped answering is found out ``ws_ping_timeout`` later."""
+        timer = self.ping_timer
+        if timer is None or timer.when() <= self.loop.time() + within:
+            return  # a ping in flight, keepalive off or not started, or the next ping is due sooner
+        timer.cancel()
+        self.ping_timer = self.loop.call_later(within, self.send_keepalive_ping)
 
 
 def _frame_writer(ws: WebSocket) -> Any:
@@ -130,6 +168,16 @@ class Link:
             if self._task is not None:
                 self._task.cancel()
             return False
+
+    def watch(self, on: bool) -> None:
+        """Ping the peer at the fast rate while something waits on it (see ``FrameWriterProtocol``)."""
+        if self._proto is not None:
+            self._proto.watch(on)
+
+    def probe(self) -> None:
+        """Ping the peer now: if it stopped answering, the socket closes within the ping timeout."""
+        if self._proto is not None:
+            self._proto.probe()
 
     def _send_in_place(self, text: str) -> bool:
         p = self._proto
