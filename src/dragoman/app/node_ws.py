@@ -92,10 +92,9 @@ class NodeConnection:
             return
         self.owner = owner_of(token) if tokens else ""
         await self.ws.accept()
-        self.link.start()
         self.hub.metrics.open_sockets.labels("node").inc()
         try:
-            while not self.link.closed.is_set():
+            while not self.link.closed:
                 try:
                     text = await receive_text(self.ws)
                     if not self.limiter.allow(monotonic_ms()):
@@ -219,7 +218,7 @@ class NodeConnection:
         """The live connection Redis names is on this process: is it really still there?"""
         if proc != self.hub.store.proc:
             return False  # another process holds it; its pings take it down if it is gone
-        return previous is None or previous.conn == self.conn or previous.link.closed.is_set()
+        return previous is None or previous.conn == self.conn or previous.link.closed
 
     async def reregister(self) -> None:
         """Redis lost its data: register this node again over the same connection (no new ack)."""

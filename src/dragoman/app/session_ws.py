@@ -33,13 +33,12 @@ async def session_endpoint(ws: WebSocket) -> None:
         return
     await ws.accept()
     link = Link(ws, "session")
-    link.start()
     hub.metrics.open_sockets.labels("session").inc()
     actor: SessionActor | None = None
     strikes = 0
     reads = Interruptible()  # the actor's end (closed and flushed, or taken over) interrupts a read
     try:
-        while not link.closed.is_set():
+        while not link.closed:
             try:
                 text = await reads.wait(receive_text(ws))
                 if text is STOPPED:

@@ -140,31 +140,34 @@ class Link:
     def __init__(self, ws: WebSocket, name: str, max_backlog: int = 1000) -> None:
         self.ws = ws
         self.name = name
-        self._queue: asyncio.Queue[str | None] = asyncio.Queue(max_backlog)
+        self.max_backlog = max_backlog
+        # The queue and its writer task exist only once a frame had to wait (most sockets never
+        # have one): an idle socket costs no task, no queue and no event (bench.idle: memory per socket).
+        self._queue: asyncio.Queue[str | None] | None = None
         self._task: asyncio.Task[None] | None = None
         self._proto = _frame_writer(ws)
         self._out: list[bytes] = []  # frames of this turn, not written yet
         self._writing = False  # the writer task holds a frame it is sending
-        self.closed = asyncio.Event()
+        self.closed = False  # closed, overflowed, or the writer found the socket gone: nothing more is sent
         self.overflowed = False
         self.frames = 0  # sent in place (for tests and benchmarks)
         self.writes = 0
 
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._write(), name=f"writer:{self.name}")
-
     def send(self, text: str) -> bool:
-        if self.closed.is_set():
+        if self.closed:
             return False
         if self._send_in_place(text):
             return True
+        if self._queue is None:
+            self._queue = asyncio.Queue(self.max_backlog)
+            self._task = asyncio.create_task(self._write(self._queue), name=f"writer:{self.name}")
         try:
             self._queue.put_nowait(text)
             return True
         except asyncio.QueueFull:
             log.warning("peer too slow, closing", link=self.name)
             self.overflowed = True
-            self.closed.set()
+            self.closed = True
             if self._task is not None:
                 self._task.cancel()
             return False
@@ -181,7 +184,7 @@ class Link:
 
     def _send_in_place(self, text: str) -> bool:
         p = self._proto
-        if (p is None or self._writing or not self._queue.empty() or not p.writable.is_set()
+        if (p is None or self._writing or (self._queue is not None and not self._queue.empty()) or not p.writable.is_set()
                 or p.close_sent or not p.handshake_complete or p.transport.is_closing()):
             return False
         try:
@@ -200,10 +203,10 @@ class Link:
             self._proto.transport.write(b"".join(out))
             self.writes += 1
 
-    async def _write(self) -> None:
+    async def _write(self, queue: asyncio.Queue[str | None]) -> None:
         try:
             while True:
-                text = await self._queue.get()
+                text = await queue.get()
                 if text is None:
                     self._flush()
                     return
@@ -216,22 +219,22 @@ class Link:
         except Exception as exc:  # the socket went away: the reader side will notice and clean up
             log.debug("writer stopped", link=self.name, error=str(exc))
         finally:
-            self.closed.set()
+            self.closed = True
 
     async def close(self, code: int = 1000, timeout: float = 5.0) -> None:
         """Send what is queued (unless the peer overflowed it), then close the socket. The writer
         task is always gone when this returns."""
-        task = self._task
-        if task is not None and not self.overflowed:
+        task, queue = self._task, self._queue
+        if task is not None and queue is not None and not self.overflowed:
             with contextlib.suppress(asyncio.QueueFull):
-                self._queue.put_nowait(None)
+                queue.put_nowait(None)
             with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
                 await asyncio.wait_for(asyncio.shield(task), timeout)
         if task is not None and not task.done():
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        self.closed.set()
+        self.closed = True
         self._flush()  # frames sent in place go before the close frame
         if self.ws.application_state == WebSocketState.CONNECTED:
             with contextlib.suppress(Exception):

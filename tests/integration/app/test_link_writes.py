@@ -25,11 +25,10 @@ FRAMES = 5
 async def one_turn(ws: WebSocket) -> None:
     await ws.accept()
     link = Link(ws, "test")
-    link.start()
     for i in range(FRAMES):  # no await between them: one turn of the loop
         link.send(json.dumps({"i": i}))
     await asyncio.sleep(0)  # the turn ends: its flush, scheduled first, runs before this resumes
-    link.send(json.dumps({"frames": link.frames, "writes": link.writes}))
+    link.send(json.dumps({"frames": link.frames, "writes": link.writes, "writer_task": link._task is not None}))
     await ws.receive_text()  # the client says it has everything
     await link.close()
 
@@ -39,7 +38,6 @@ async def backed_up(ws: WebSocket) -> None:
     high-water mark: uvicorn's pause_writing), then takes them again."""
     await ws.accept()
     link = Link(ws, "backed-up")
-    link.start()
     transport_signals = ws.scope["extensions"]["dragoman.frames"]
     for i in range(30):
         if i == 10:
@@ -47,7 +45,7 @@ async def backed_up(ws: WebSocket) -> None:
         if i == 20:
             transport_signals.resume_writing()
         link.send(json.dumps({"i": i}))
-    link.send(json.dumps({"in_place": link.frames}))
+    link.send(json.dumps({"in_place": link.frames, "writer_task": link._task is not None}))
     await ws.receive_text()
     await link.close()
 
@@ -74,6 +72,7 @@ async def test_frames_of_one_turn_leave_in_one_write_in_order(server: str) -> No
         await ws.send("done")
     assert [m["i"] for m in got[:FRAMES]] == list(range(FRAMES))
     assert got[-1]["frames"] == FRAMES and got[-1]["writes"] == 1
+    assert not got[-1]["writer_task"]  # nothing had to wait: no queue, no writer task (memory per socket)
 
 
 async def test_frames_wait_in_the_queue_while_the_socket_takes_no_writes_and_keep_their_order(
@@ -83,3 +82,4 @@ async def test_frames_wait_in_the_queue_while_the_socket_takes_no_writes_and_kee
         await ws.send("done")
     assert [m["i"] for m in got[:30]] == list(range(30))
     assert got[-1]["in_place"] == 10  # the first ten; the rest queued (and stay queued behind each other)
+    assert got[-1]["writer_task"]  # made when the first frame had to wait

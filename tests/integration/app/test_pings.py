@@ -37,7 +37,6 @@ async def next_ping_in(ws: WebSocket) -> float:
 async def watched(ws: WebSocket) -> None:
     await ws.accept()
     link = Link(ws, "watched")
-    link.start()
     link.send(json.dumps({"idle": await next_ping_in(ws)}))
     assert await ws.receive_text() == "watch"
     link.watch(True)

@@ -35,11 +35,10 @@ async def test_a_peer_too_slow_is_cut_off_and_no_writer_task_outlives_the_close(
     """Loss path 12: after an overflow, closing the link ends its writer task (it used to wait forever)."""
     ws = StuckSocket()
     link = Link(ws, "slow", max_backlog=3)  # type: ignore[arg-type]
-    link.start()
     assert link.send("first")
     await asyncio.sleep(0)  # the writer takes it and is stuck sending it
     assert all(link.send(str(i)) for i in range(3))  # the queue is full
-    assert not link.send("overflow") and link.overflowed and link.closed.is_set()
+    assert not link.send("overflow") and link.overflowed and link.closed
     await asyncio.wait_for(link.close(timeout=0.1), 2)
     assert link._task is not None and link._task.done()
     assert ws.closed_with == 1000
@@ -48,7 +47,6 @@ async def test_a_peer_too_slow_is_cut_off_and_no_writer_task_outlives_the_close(
 async def test_what_was_queued_is_sent_before_the_close() -> None:
     ws = FastSocket()
     link = Link(ws, "fast")  # type: ignore[arg-type]
-    link.start()
     for text in ("a", "b", "c"):
         link.send(text)
     await link.close(code=4000)
