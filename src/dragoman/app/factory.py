@@ -10,6 +10,8 @@ from starlette.applications import Starlette
 from starlette.responses import FileResponse, HTMLResponse
 from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
+from starlette.types import Receive, Scope, Send
+from starlette.websockets import WebSocket
 
 from dragoman.config import Settings
 from dragoman.store.api import Store
@@ -27,6 +29,27 @@ DOCS_HTML = """<!doctype html><html><head><title>Dragoman API</title></head><bod
 document.getElementById('spec').textContent=Object.entries(s.paths).map(([p,ops])=>
 Object.entries(ops).map(([m,o])=>m.toUpperCase().padEnd(6)+p+'  '+o.summary).join('\\n')).join('\\n')})</script>
 </body></html>"""
+
+
+SOCKETS = {"/ws/node": node_endpoint, "/ws/session": session_endpoint}
+
+
+class App(Starlette):
+    """The scheduler's app. Its two WebSocket endpoints are called directly, not through
+    Starlette's middleware and router: a socket lives for hours and thousands are open at once,
+    and every layer between the server and the endpoint keeps a coroutine frame for the socket's
+    whole life (~4 kB a socket). Nothing in those layers applies to them (no middleware of ours; an
+    error in an endpoint closes its socket with 1011, as uvicorn does for any ASGI app)."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket":
+            path, root = scope["path"], scope.get("root_path", "")
+            endpoint = SOCKETS.get(path[len(root):] if root and path.startswith(root) else path)
+            if endpoint is not None:
+                scope["app"] = self
+                await endpoint(WebSocket(scope, receive, send))
+                return
+        await super().__call__(scope, receive, send)
 
 
 def create_app(settings: Settings, store: Store) -> Starlette:
@@ -69,11 +92,10 @@ def create_app(settings: Settings, store: Store) -> Starlette:
         Route("/api/v1/stats", api.stats),
         Route("/api/v1/stream", api.stream),
         Route("/api/v1/translate", api.translate, methods=["POST"]),
-        WebSocketRoute("/ws/node", node_endpoint),
-        WebSocketRoute("/ws/session", session_endpoint),
+        *(WebSocketRoute(path, endpoint) for path, endpoint in SOCKETS.items()),  # (reached directly: see App)
         Mount("/static", StaticFiles(directory=STATIC, check_dir=False), name="static"),
     ]
-    app = Starlette(routes=routes, lifespan=lifespan)
+    app = App(routes=routes, lifespan=lifespan)
     app.state.hub = hub
     app.state.settings = settings
     return app

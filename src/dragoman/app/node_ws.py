@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import uuid
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import msgspec
 import structlog
@@ -76,9 +76,9 @@ class NodeConnection:
         self.link = Link(ws, f"node:{self.conn[:8]}")
         self.node_id: str | None = None
         self.owner = ""
-        self.register_msg: NodeRegister | None = None
+        self.registration: str | None = None  # its node_register as sent (kept as text: ~1/3 of the decoded size)
         self.explicit_pairs = False
-        self.last_capabilities: Any = None
+        self.capabilities_seen = 0  # hash of the last heartbeat's language_capabilities
         self.pools: list[str] = []
         self.strikes = 0
         rate = hub.settings.node_msgs_per_s
@@ -96,12 +96,7 @@ class NodeConnection:
         try:
             while not self.link.closed:
                 try:
-                    text = await receive_text(self.ws)
-                    if not self.limiter.allow(monotonic_ms()):
-                        raise ProtocolError("too many messages; slow down", code=ErrorCode.RATE_LIMITED)
-                    msg = decode_node(text)
-                    self.strikes = 0
-                    await self.handle(msg, text)
+                    await self.next_frame()
                 except ProtocolError as exc:
                     self.reject(exc.code, exc.message)
                 except DependencyDown as exc:
@@ -117,6 +112,16 @@ class NodeConnection:
         finally:
             self.hub.metrics.open_sockets.labels("node").dec()
             await self.disconnected()
+
+    async def next_frame(self) -> None:
+        """Read and handle one frame. (Its own frame, so that the last frame and its decoded message
+        are not kept alive between frames: a socket idles for hours with them.)"""
+        text = await receive_text(self.ws)
+        if not self.limiter.allow(monotonic_ms()):
+            raise ProtocolError("too many messages; slow down", code=ErrorCode.RATE_LIMITED)
+        msg = decode_node(text)
+        self.strikes = 0
+        await self.handle(msg, text)
 
     def reject(self, code: str, message: str) -> None:
         self.strikes += 1
@@ -147,7 +152,7 @@ class NodeConnection:
 
     async def handle(self, msg: msgspec.Struct, text: str) -> None:
         if isinstance(msg, NodeRegister):
-            await self.register(msg)
+            await self.register(msg, text)
         elif isinstance(msg, NodeHeartbeat):
             await self.heartbeat(msg)
         elif isinstance(msg, JobResult):
@@ -161,7 +166,7 @@ class NodeConnection:
             log.warning("node reported an error", node=self.node_id, code=msg.code, message=msg.message)
 
     # ------------------------------------------------------------------ registration
-    async def register(self, msg: NodeRegister, announce: bool = True) -> None:
+    async def register(self, msg: NodeRegister, text: str, announce: bool = True) -> None:
         pairs = msg.effective_language_pairs()
         if not pairs:
             raise ProtocolError("node_register names no language pairs (language_pairs or language_capabilities)")
@@ -203,7 +208,7 @@ class NodeConnection:
                 previous.link.probe()  # an idle socket is pinged seldom: ask it now whether it is there
             raise ProtocolError(f"node_id {node_id!r} is in use by a live connection; register again once it "
                                 "is gone (a connection that stops answering pings is gone within seconds)")
-        self.node_id, self.register_msg, self.pools = node_id, msg, pools
+        self.node_id, self.registration, self.pools = node_id, text, pools
         self.explicit_pairs = msg.language_pairs is not None
         s = self.hub.settings
         if announce:
@@ -221,19 +226,24 @@ class NodeConnection:
         return previous is None or previous.conn == self.conn or previous.link.closed
 
     async def reregister(self) -> None:
-        """Redis lost its data: register this node again over the same connection (no new ack)."""
-        if self.register_msg is not None:
-            await self.register(self.register_msg, announce=False)
+        """Redis lost its data (or reaped the node while it was silent): register this node again
+        over the same connection (no new ack), as it registered the first time."""
+        if self.registration is not None:
+            msg = decode_node(self.registration)
+            assert isinstance(msg, NodeRegister)
+            await self.register(msg, self.registration, announce=False)
 
     async def heartbeat(self, msg: NodeHeartbeat) -> None:
         node_id = self._require_node(msg.node_id)
         pools = None
         caps = msg.language_capabilities
-        if caps is not None and not self.explicit_pairs and caps != self.last_capabilities:
-            self.last_capabilities = caps  # (most heartbeats repeat them: the pools are worked out once)
-            new = pools_for_pairs(caps.default_language_pairs())
-            if new and new != self.pools:
-                pools = new
+        if caps is not None and not self.explicit_pairs:
+            seen = hash(msgspec.json.encode(caps))
+            if seen != self.capabilities_seen:  # (most heartbeats repeat them: the pools are worked out once)
+                self.capabilities_seen = seen
+                new = pools_for_pairs(caps.default_language_pairs())
+                if new and new != self.pools:
+                    pools = new
         usage = msgspec.json.encode(msg.resource_usage).decode() if msg.resource_usage else "{}"
         try:
             reply = await self.hub.store.heartbeat(node_id, conn=self.conn, draining=msg.draining, pools=pools,
@@ -242,9 +252,8 @@ class NodeConnection:
             raise ProtocolError(f"node_heartbeat: {exc}") from None
         if pools is not None:
             self.pools = pools
-        if reply.status == Status.UNKNOWN and self.register_msg is not None:
-            # reaped while it was silent (or Redis lost it): it is back, so it registers again
-            await self.register(self.register_msg, announce=False)
+        if reply.status == Status.UNKNOWN:
+            await self.reregister()  # reaped while it was silent (or Redis lost it): it is back
 
     # ------------------------------------------------------------------ jobs
     async def result(self, msg: JobResult, text: str) -> None:

@@ -73,6 +73,39 @@ class Interruptible:
             self.waiting = False
 
 
+class _Inbound:
+    """uvicorn's receive queue (``put_nowait``, ``get``, ``empty``; one reader: the ASGI app) without
+    what an ``asyncio.Queue`` carries for every socket (three deques and an Event, ~3 kB): a list
+    of what arrived and, while the reader waits, one future."""
+
+    __slots__ = ("_items", "_waiter")
+
+    def __init__(self) -> None:
+        self._items: list[Any] = []
+        self._waiter: asyncio.Future[None] | None = None
+
+    def put_nowait(self, item: Any) -> None:
+        self._items.append(item)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def empty(self) -> bool:
+        return not self._items
+
+    def qsize(self) -> int:
+        return len(self._items)
+
+    async def get(self) -> Any:
+        while not self._items:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        return self._items.pop(0)  # (a handful at most: uvicorn stops reading the socket beyond that)
+
+
 class FrameWriterProtocol(WebSocketsSansIOProtocol):
     """uvicorn's sans-I/O WebSocket protocol, named in each connection's ASGI scope (extension
     ``dragoman.frames``) so that ``Link`` can write frames to it in place. The scheduler's server
@@ -87,6 +120,16 @@ class FrameWriterProtocol(WebSocketsSansIOProtocol):
 
     idle_ping_interval: float | None = None  # None: always ws_ping_interval (see ``with_idle_pings``)
     watched = False
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.queue = _Inbound()  # type: ignore[assignment]  # (memory per socket: see _Inbound)
+
+    def start_keepalive(self) -> None:
+        # Called once the handshake's response is sent: nothing reads the upgrade request and the
+        # response again, and they weigh ~2.5 kB a socket for its whole life.
+        super().start_keepalive()
+        self.request = self.response = None  # type: ignore[assignment]
 
     @classmethod
     def with_idle_pings(cls, seconds: float) -> type[FrameWriterProtocol]:

@@ -271,6 +271,10 @@ class _Slot:
     checking: bool = False
 
 
+# Room codes come from the system's randomness; one instance for every session (a Random instance
+# carries 2.5 kB of generator state, unused by SystemRandom but allocated all the same).
+_SYSTEM_RANDOM = random.SystemRandom()
+
 _FAILURE_TEXT = {
     ErrorCode.NO_AVAILABLE_NODE: "no node serves {pool}",
     ErrorCode.JOB_TIMEOUT: "the job did not finish in time",
@@ -287,7 +291,7 @@ class SessionProtocol:
                  rng: random.Random | None = None) -> None:
         self.spec = spec
         self._resume_token = resume_token
-        self._rng = rng or random.SystemRandom()
+        self._rng = rng or _SYSTEM_RANDOM
         self.room: str | None = None  # the room this session is in
         self._room_call: RoomCall | None = None  # a create/join/leave waiting for its answer
         self._room_display: tuple[str | None, str | None] = (None, None)
