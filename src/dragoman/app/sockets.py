@@ -15,6 +15,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
 from dragoman.errors import ProtocolError
+from dragoman.flag import Flag
 
 log = structlog.get_logger(__name__)
 MAX_STRIKES = 20  # consecutive invalid frames tolerated before a connection is closed
@@ -124,6 +125,8 @@ class FrameWriterProtocol(WebSocketsSansIOProtocol):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.queue = _Inbound()  # type: ignore[assignment]  # (memory per socket: see _Inbound)
+        self.writable = Flag()  # type: ignore[assignment]  # (memory per socket: see dragoman.flag)
+        self.writable.set()
 
     def start_keepalive(self) -> None:
         # Called once the handshake's response is sent: nothing reads the upgrade request and the

@@ -19,6 +19,7 @@ import structlog
 
 from dragoman.clock import monotonic_ms
 from dragoman.errors import DragomanError
+from dragoman.flag import Flag
 from dragoman.store.api import JobSpec
 from dragoman.store.replies import Effect
 from dragoman.types import Observer, SessionStore, Transport
@@ -61,11 +62,11 @@ class SessionActor:
         self.api_key = api_key
         self.cells: set[str] = set(cells or ())  # cells where the session has records
         self.inbox: deque[tuple[str, Any]] = deque()  # what the session's loop has yet to take
-        self._inbox_ready = asyncio.Event()
+        self._inbox_ready = Flag()
         # Client frames waiting in the inbox are bounded: the socket reader takes a slot before
         # posting one, so a client that sends faster than we dispatch is slowed down by TCP.
         self.frame_slots = asyncio.Semaphore(64)
-        self.finished = asyncio.Event()
+        self.finished = Flag()
         self.close_code: int | None = None
         self.opened = False
 
