@@ -225,10 +225,12 @@ async def test_a_process_declared_dead_while_alive_learns_it_and_the_reaper_neve
     await p2.touch_proc(ttl_ms=600_000)
     await store.open_session("s1", "{}")
     await store.set_clock_offset(5_000)
-    await store.reap()  # its own reaper: still registered
+    own = await store.reap()  # its own reaper: still registered (renewed, and not counted as dead)
+    assert [r.dead_procs for r in own] == [0]
     assert await store.session("s1") and (await store.session("s1"))["state"] == "live"
     await store.set_clock_offset(10_000)
-    await p2.reap()  # another's: it is declared dead, its session an orphan
+    other = await p2.reap()  # another's: it is declared dead, its session an orphan
+    assert [r.dead_procs for r in other] == [1]
     assert (await store.session("s1"))["state"] == "orphan"
     assert (await store.touch_proc())["c0"].revived
     await store.reclaim_session("s1", "{}", 1)

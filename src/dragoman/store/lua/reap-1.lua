@@ -84,12 +84,14 @@ end
 if #waited == batch then more = true end
 
 local procs = {}
+local dead_procs = 0  -- (the caller itself, found lapsed, is renewed, not counted)
 if not lenient then procs = rcall('ZRANGE', k_procs(base), '-inf', ctx.now - 1, 'BYSCORE', 'LIMIT', 0, batch) end
 for _, p in ipairs(procs) do
   if p == ctx.proc then
     -- the caller is running this very script, so it is alive (its renewal was late: Redis stalled)
     rcall('ZADD', k_procs(base), ctx.now + proc_ttl, p)
   else
+  dead_procs = dead_procs + 1
   for _, nid in ipairs(rcall('SPOP', k_proc_nodes(base, p), batch)) do
     local n = node_fields(ctx, nid)
     if n and n.proc == p then node_down(ctx, nid, 'scheduler_lost') end
@@ -124,5 +126,5 @@ if #gone == batch then more = true end
 rcall('ZREMRANGEBYSCORE', k_offline(base), '-inf', ctx.now - 3600000)
 
 return reply(ctx, { status = 'ok', dead_nodes = #dead, expired_leases = #expired,
-  expired_pending = #waited, dead_procs = #procs, abandoned = #gone, rooms_expired = #quiet, more = more,
+  expired_pending = #waited, dead_procs = dead_procs, abandoned = #gone, rooms_expired = #quiet, more = more,
   boot = rcall('GET', k_boot(base)) or '' })
