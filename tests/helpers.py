@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 
@@ -37,3 +38,25 @@ async def wait_for(predicate: Callable[[], Awaitable[Any]], timeout: float = 10.
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError(f"condition not met within {timeout}s")
         await asyncio.sleep(interval)
+
+
+@contextlib.asynccontextmanager
+async def uvicorn_serving(app: Any, **config: Any) -> AsyncIterator[str]:
+    """``app`` served by uvicorn in this event loop on a free port; yields its ``ws://`` base URL."""
+    import uvicorn
+
+    from dragoman.embedded import free_port
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, port=port, log_level="warning", lifespan="off", **config))
+    task = asyncio.create_task(server.serve())
+
+    async def started() -> bool:
+        return bool(server.started)
+
+    try:
+        await wait_for(started, timeout=10)
+        yield f"ws://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await task

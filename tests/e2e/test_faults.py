@@ -285,18 +285,23 @@ async def test_only_the_jobs_holder_may_send_partials_for_it(scheduler) -> None:
         await client.close()
 
 
+async def answered_by(base: str, node: ScriptedNode, text: str) -> None:
+    """One utterance of a new session, answered by ``node`` with ``text``, reaches the client."""
+    async with SessionClient.connect(ws(base) + "/ws/session", src_lang="zh", tgt_langs=["en"]) as client:
+        await one_utterance(client)
+        await node.result(await node.expect("job_assign"), text)
+        [result] = await client.results(1)
+        assert result.text_translated == f"en:{text}"
+        await client.close()
+
+
 async def test_a_live_node_id_cannot_be_taken_over(scheduler) -> None:
     base = scheduler()
     real = await ScriptedNode.connect(ws(base), node_id="victim", slots=1)
     beat = asyncio.create_task(real.keep_alive())
     with pytest.raises(AssertionError, match="in use"):
         await ScriptedNode.connect(ws(base), node_id="victim", slots=1)
-    async with SessionClient.connect(ws(base) + "/ws/session", src_lang="zh", tgt_langs=["en"]) as client:
-        await one_utterance(client)
-        await real.result(await real.expect("job_assign"), "genuine")
-        [result] = await client.results(1)
-        assert result.text_translated == "en:genuine"
-        await client.close()
+    await answered_by(base, real, "genuine")
     beat.cancel()
 
 
@@ -322,12 +327,7 @@ async def test_a_node_whose_idle_connection_hung_gets_its_id_back_within_seconds
     node = await wait_for(registered_again, timeout=15, interval=0.5)
     assert asyncio.get_running_loop().time() - started < 10  # the ping timeout, not the 60 s idle interval
     beat = asyncio.create_task(node.keep_alive())
-    async with SessionClient.connect(ws(base) + "/ws/session", src_lang="zh", tgt_langs=["en"]) as client:
-        await one_utterance(client)
-        await node.result(await node.expect("job_assign"), "reborn")
-        [result] = await client.results(1)
-        assert result.text_translated == "en:reborn"
-        await client.close()
+    await answered_by(base, node, "reborn")
     beat.cancel()
 
 

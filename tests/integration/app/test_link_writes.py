@@ -9,15 +9,13 @@ import json
 from collections.abc import AsyncIterator
 
 import pytest
-import uvicorn
 from starlette.applications import Starlette
 from starlette.routing import WebSocketRoute
 from starlette.websockets import WebSocket
 from websockets.asyncio.client import connect
 
 from dragoman.app.sockets import FrameWriterProtocol, Link
-from dragoman.embedded import free_port
-from tests.helpers import wait_for
+from tests.helpers import uvicorn_serving
 
 FRAMES = 5
 
@@ -53,17 +51,8 @@ async def backed_up(ws: WebSocket) -> None:
 @pytest.fixture
 async def server() -> AsyncIterator[str]:
     app = Starlette(routes=[WebSocketRoute("/turn", one_turn), WebSocketRoute("/backed-up", backed_up)])
-    port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, port=port, ws=FrameWriterProtocol, log_level="warning",
-                                        lifespan="off"))
-    task = asyncio.create_task(srv.serve())
-    async def started() -> bool:
-        return srv.started
-
-    await wait_for(started, timeout=10)
-    yield f"ws://127.0.0.1:{port}"
-    srv.should_exit = True
-    await task
+    async with uvicorn_serving(app, ws=FrameWriterProtocol) as url:
+        yield url
 
 
 async def test_frames_of_one_turn_leave_in_one_write_in_order(server: str) -> None:

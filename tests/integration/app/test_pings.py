@@ -10,15 +10,13 @@ import json
 from collections.abc import AsyncIterator
 
 import pytest
-import uvicorn
 from starlette.applications import Starlette
 from starlette.routing import WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 from websockets.asyncio.client import connect
 
 from dragoman.app.sockets import FrameWriterProtocol, Link
-from dragoman.embedded import free_port
-from tests.helpers import wait_for
+from tests.helpers import uvicorn_serving, wait_for
 
 FAST_S, TIMEOUT_S, IDLE_S = 0.3, 0.3, 60.0
 gone: dict[str, float] = {}  # route -> seconds from being watched to the server seeing the peer gone
@@ -65,19 +63,9 @@ async def watched(ws: WebSocket) -> None:
 @pytest.fixture
 async def server() -> AsyncIterator[str]:
     app = Starlette(routes=[WebSocketRoute("/watched", watched)])
-    port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, port=port, ws=FrameWriterProtocol.with_idle_pings(IDLE_S),
-                                        ws_ping_interval=FAST_S, ws_ping_timeout=TIMEOUT_S, log_level="warning",
-                                        lifespan="off"))
-    task = asyncio.create_task(srv.serve())
-
-    async def started() -> bool:
-        return srv.started
-
-    await wait_for(started, timeout=10)
-    yield f"ws://127.0.0.1:{port}"
-    srv.should_exit = True
-    await task
+    async with uvicorn_serving(app, ws=FrameWriterProtocol.with_idle_pings(IDLE_S), ws_ping_interval=FAST_S,
+                               ws_ping_timeout=TIMEOUT_S) as url:
+        yield url
 
 
 async def test_a_watched_socket_is_pinged_fast_and_an_idle_one_seldom(server: str) -> None:
