@@ -80,6 +80,9 @@ Sink = Callable[[list[Effect]], Awaitable[None]]
 # Errors after which a call may be repeated: the server could not be reached or could not take
 # writes for a moment (restart, loading, a failover's demoted primary). Any other error is final.
 RETRYABLE = (RedisConnectionError, RedisTimeoutError, BusyLoadingError, ReadOnlyError, OSError)
+# A heartbeat may wait this long in the auto-pipeline for other calls to share its write and read
+# (store/pipeline.py): nothing waits on its reply, and thousands of nodes send one each every 15 s.
+HEARTBEAT_LINGER_S = 0.02
 _effect_decoder = msgspec.json.Decoder(Effect)
 _decoders: dict[type, msgspec.json.Decoder[Any]] = {}
 
@@ -176,9 +179,9 @@ class Store:
                 pause = min(1.0, pause * 2)
 
     async def _call(self, name: str, ck: CellKeys, keys: list[str], args: list[Any], kind: type[R],
-                    own_payload: str | None = None, own_result: Any = None) -> R:
+                    own_payload: str | None = None, own_result: Any = None, linger: float = 0.0) -> R:
         try:
-            raw = await self.retrying(name, lambda: self.scripts.call(name, keys, args))
+            raw = await self.retrying(name, lambda: self.scripts.call(name, keys, args, linger=linger))
         except ResponseError as exc:
             raise ScriptError(f"{name}: {exc}") from exc
         payloads = [_text(p) for p in raw[2:]]
@@ -266,7 +269,7 @@ class Store:
         return await self._call("heartbeat", ck, [ck.nodes, ck.node(node_id)], [
             self.proc, node_id, conn, node_ttl_ms or self.settings.node_ttl_ms, drain_arg,
             "" if pools is None else "1", pools_arg, usage if isinstance(usage, str) else json.dumps(usage or {}),
-            self.call_id()], HeartbeatReply)
+            self.call_id()], HeartbeatReply, linger=HEARTBEAT_LINGER_S)
 
     async def drain(self, node_id: str, on: bool = True, source: str = "operator") -> DrainReply:
         ck = self.keys_for_node(check_name("node_id", node_id))

@@ -103,17 +103,18 @@ class Scripts:
         self.replica_wait_ms = replica_wait_ms
         self._registered = {name: client.register_script(spec.source) for name, spec in self.specs.items()}
 
-    async def call(self, name: str, keys: list[str], args: list[Any]) -> Any:
+    async def call(self, name: str, keys: list[str], args: list[Any], linger: float = 0.0) -> Any:
         """Run a script. With replicas required, the call returns only once that many replicas have
         its writes, and raises ``ReplicasBehind`` (a connection error: the caller's retry makes it
-        again, retry-safe) when they do not within ``replica_wait_ms``."""
+        again, retry-safe) when they do not within ``replica_wait_ms``. ``linger``: see
+        ``AutoPipeline`` (ignored without it)."""
         spec = self.specs[name]
         if len(keys) != spec.num_keys:
             raise ScriptError(f"{name} takes {spec.num_keys} keys, got {len(keys)}")
         script = self._registered[name]
         if self.pipeline is not None:
             try:
-                return await self.pipeline.execute("EVALSHA", script.sha, len(keys), *keys, *args)
+                return await self.pipeline.execute("EVALSHA", script.sha, len(keys), *keys, *args, linger=linger)
             except NoScriptError:  # a new or flushed server: load it, once, and call again
                 script.sha = await self.client.script_load(spec.source)
                 return await self.pipeline.execute("EVALSHA", script.sha, len(keys), *keys, *args)

@@ -146,8 +146,8 @@ def lose_first_replies(store: Store, script: str) -> list[str]:
     lost: list[str] = []
     last: list = []  # type: ignore[type-arg]
 
-    async def call(name: str, keys: list[str], args: list) -> object:  # type: ignore[type-arg]
-        reply = await real(name, keys, args)
+    async def call(name: str, keys: list[str], args: list, **kw: object) -> object:  # type: ignore[type-arg]
+        reply = await real(name, keys, args, **kw)  # type: ignore[arg-type]
         if name == script and args != last:  # a new call, not the retry of the one just lost
             last[:] = args
             lost.append(f"{name}:{args[1]}")
