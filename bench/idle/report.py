@@ -76,7 +76,7 @@ def markdown(res: dict[str, Any]) -> str:
          "ping on the same socket: the *node reply* is heartbeat sent -> pong (the scheduler reads a socket's frames "
          "in order); the *session reply* is `client_heartbeat` -> `server_heartbeat`. CPU from /proc/<pid>/stat; "
          f"*idle* = a {p['quiet_s']:g} s window with every socket open and the heartbeats paused (the scheduler's "
-         "own WebSocket pings, every 2 s per socket by default, and its timers); CPU per heartbeat = (steady-window "
+         "own WebSocket pings, every 20 s per idle socket by default, and its timers); CPU per heartbeat = (steady-window "
          f"CPU - idle cores x its {p['steady_s']:g} s) / heartbeats. Open files: the runner and every child raise "
          f"their soft RLIMIT_NOFILE to the hard limit (`ulimit -n` here: {env['nofile_soft']:,} soft / "
          f"{env['nofile_hard']:,} hard; scheduler {res['nofile_scheduler']}).", "",
