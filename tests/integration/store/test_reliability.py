@@ -127,11 +127,33 @@ async def test_a_dead_process_nodes_go_offline_and_their_jobs_move_on(store: Sto
     d = await store.dispatch(job())
     assert d.node == "n2"
     await store.drain("n1", on=False)
-    await store.set_clock_offset(2_000)  # p2's registration lapses; n2's heartbeat deadline has not
+    # p2's registration lapsed over proc_ttl_ms ago (dead to the reaper); n2's heartbeat deadline has not passed
+    await store.set_clock_offset(1_000 + settings.proc_ttl_ms + 1_000)
     effects = await reap_all(store)
     assert (await store.node("n2"))["state"] == "offline"
     assert [(e.kind, e.job, e.node, e.attempt) for e in effects] == [("assign", d.job_id, "n1", 2)]
     assert await store.client.exists(store.cells["c0"].inbox("p2")) == 0
+
+
+async def test_after_an_outage_the_first_reaper_does_not_bury_a_process_a_moment_behind(
+        store: Store, p2: Store, settings) -> None:
+    """A Redis outage (a Cluster failover) lets every registration lapse at once. The first reaper
+    to run afterwards must not take the nodes of a process whose renewal is a moment behind its
+    own: a process is dead to the reaper once lapsed for a further proc_ttl_ms."""
+    ttl = settings.proc_ttl_ms
+    await store.touch_proc(ttl_ms=ttl)
+    await p2.touch_proc(ttl_ms=ttl)
+    await register(p2, "n2")
+    await store.set_clock_offset(ttl + 500)  # the outage: both lapsed
+    assert [r.dead_procs for r in await store.reap()] == [0]
+    assert (await store.node("n2"))["state"] == "ready"
+    await p2.touch_proc(ttl_ms=ttl)  # p2's renewal, a moment later
+    await store.set_clock_offset(2 * ttl + 1_000)  # p2 renewed within its grace: alive
+    assert [r.dead_procs for r in await store.reap()] == [0]
+    await store.set_clock_offset(4 * ttl + 2_000)  # p2 silent ever since: dead
+    await store.touch_proc(ttl_ms=600_000)
+    assert [r.dead_procs for r in await store.reap()] == [1]
+    assert (await store.node("n2"))["state"] == "offline"
 
 
 async def test_a_node_registering_again_gets_back_the_jobs_it_holds(store: Store) -> None:
@@ -165,11 +187,12 @@ async def test_a_dead_process_sessions_wait_for_a_resume_then_are_abandoned(stor
     running = await p2.dispatch(job("s2", 0))
     waiting = await p2.dispatch(job("s2", 1))
     assert (running.status, waiting.status) == ("assigned", "queued")
-    await store.set_clock_offset(2_000)  # p2 is dead
+    dead = 1_000 + settings.proc_ttl_ms + 1_000
+    await store.set_clock_offset(dead)  # p2 is dead (lapsed over proc_ttl_ms ago)
     await reap_all(store)
     assert (await store.session("s2"))["state"] == "orphan"
     assert (await store.job(waiting.job_id))["state"] == "queued"  # still owed: kept for a resume
-    await store.set_clock_offset(2_000 + settings.session_grace_ms + 1)
+    await store.set_clock_offset(dead + settings.session_grace_ms + 1)
     await store.heartbeat("n1", conn="conn-n1")
     effects = await reap_all(store)
     assert kinds(effects) == [("cancel", running.job_id, "n1")]
@@ -228,8 +251,8 @@ async def test_a_process_declared_dead_while_alive_learns_it_and_the_reaper_neve
     own = await store.reap()  # its own reaper: still registered (renewed, and not counted as dead)
     assert [r.dead_procs for r in own] == [0]
     assert await store.session("s1") and (await store.session("s1"))["state"] == "live"
-    await store.set_clock_offset(10_000)
-    other = await p2.reap()  # another's: it is declared dead, its session an orphan
+    await store.set_clock_offset(20_000)
+    other = await p2.reap()  # another's, once it has been lapsed over proc_ttl_ms: dead, its session an orphan
     assert [r.dead_procs for r in other] == [1]
     assert (await store.session("s1"))["state"] == "orphan"
     assert (await store.touch_proc())["c0"].revived

@@ -108,7 +108,7 @@ async def test_a_dead_process_members_leave_its_rooms(store: Store, redis_url: s
         await p2.touch_proc(ttl_ms=1_000)
         await store.room("create", CODE, "s1", member("zh"), "r")
         await p2.room("join", CODE, "s2", member("en"), "16")
-        await store.set_clock_offset(2_000)
+        await store.set_clock_offset(1_000 + settings.proc_ttl_ms + 1_000)  # p2 lapsed over proc_ttl_ms ago
         [reaped] = await store.reap()
         assert [m["session_id"] for m in room_effects(reaped)["s1"]] == ["s1"]
     finally:

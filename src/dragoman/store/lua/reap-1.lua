@@ -6,8 +6,8 @@
     2. jobs past their lease (job_timeout from assignment) get a job_cancel for their node and are
        reassigned the same way; the node's freed slot may take waiting work;
     3. queued jobs past their pending timeout fail with JOB_TIMEOUT;
-    4. scheduler processes whose registration expired: their nodes go offline (their jobs move on
-       at once), their sessions become orphans (kept for a client that resumes), their inbox goes
+    4. scheduler processes whose registration expired more than proc_ttl ago: their nodes go
+       offline (their jobs move on at once), their sessions become orphans (kept for a client that resumes), their inbox goes
        (the caller itself is alive whatever its registration says: it is renewed instead);
     5. orphan sessions past their grace period are abandoned: their waiting jobs are cancelled,
        running ones get job_cancel, and the session is forgotten; rooms without speech for their
@@ -24,7 +24,8 @@
     ARGV[5] "1" right after the caller could not reach Redis for a while (a stall, a restart): then
             nobody could renew anything, so deadlines that passed meanwhile say nothing of who is
             alive; steps 1 and 4 wait until everyone had a chance to renew
-    ARGV[6] proc_ttl_ms: the caller's own lapsed registration is renewed for this long
+    ARGV[6] proc_ttl_ms: the caller's own lapsed registration is renewed for this long, and another
+            process is dead once its registration has been lapsed this long
   Derived keys (same hash tag): node:*, job:*, pool:*, queue:*, sess:*, proc:*, leases, pending,
     orphans, procs, inbox:*, pools, stats, events, offline, boot
   Output: [body, effects, payloads...], body {status:"ok", dead_nodes, expired_leases, expired_pending,
@@ -83,14 +84,20 @@ for _, jid in ipairs(waited) do
 end
 if #waited == batch then more = true end
 
+-- The caller is running this very script, so it is alive whatever its registration says (its
+-- renewal was late: Redis stalled or failed over).
+local own = tonumber(rcall('ZSCORE', k_procs(base), ctx.proc) or '')
+if own and own < ctx.now then rcall('ZADD', k_procs(base), ctx.now + proc_ttl, ctx.proc) end
+-- A process is dead once its registration has lapsed for a further proc_ttl: an outage of Redis
+-- (a failover takes seconds) lets every registration lapse at once, and the first reaper to run
+-- after it must not bury the processes whose renewal is a moment behind its own.
 local procs = {}
-local dead_procs = 0  -- (the caller itself, found lapsed, is renewed, not counted)
-if not lenient then procs = rcall('ZRANGE', k_procs(base), '-inf', ctx.now - 1, 'BYSCORE', 'LIMIT', 0, batch) end
+local dead_procs = 0
+if not lenient then
+  procs = rcall('ZRANGE', k_procs(base), '-inf', ctx.now - proc_ttl - 1, 'BYSCORE', 'LIMIT', 0, batch)
+end
 for _, p in ipairs(procs) do
-  if p == ctx.proc then
-    -- the caller is running this very script, so it is alive (its renewal was late: Redis stalled)
-    rcall('ZADD', k_procs(base), ctx.now + proc_ttl, p)
-  else
+  if p ~= ctx.proc then
   dead_procs = dead_procs + 1
   for _, nid in ipairs(rcall('SPOP', k_proc_nodes(base, p), batch)) do
     local n = node_fields(ctx, nid)
