@@ -7,8 +7,9 @@
        reassigned the same way; the node's freed slot may take waiting work;
     3. queued jobs past their pending timeout fail with JOB_TIMEOUT;
     4. scheduler processes whose registration expired more than proc_ttl ago: their nodes go
-       offline (their jobs move on at once), their sessions become orphans (kept for a client that resumes), their inbox goes
-       (the caller itself is alive whatever its registration says: it is renewed instead);
+       offline (their jobs move on at once), their sessions become orphans (kept for a client that
+       resumes), their inbox goes (the caller itself is alive whatever its registration says: it
+       is renewed instead);
     5. orphan sessions past their grace period are abandoned: their waiting jobs are cancelled,
        running ones get job_cancel, and the session is forgotten; rooms without speech for their
        expiry are closed (room_expired to each member); a dead process's room members leave;
@@ -91,14 +92,12 @@ if own and own < ctx.now then rcall('ZADD', k_procs(base), ctx.now + proc_ttl, c
 -- A process is dead once its registration has lapsed for a further proc_ttl: an outage of Redis
 -- (a failover takes seconds) lets every registration lapse at once, and the first reaper to run
 -- after it must not bury the processes whose renewal is a moment behind its own.
+-- (The caller, renewed just above, is never among them.)
 local procs = {}
-local dead_procs = 0
 if not lenient then
   procs = rcall('ZRANGE', k_procs(base), '-inf', ctx.now - proc_ttl - 1, 'BYSCORE', 'LIMIT', 0, batch)
 end
 for _, p in ipairs(procs) do
-  if p ~= ctx.proc then
-  dead_procs = dead_procs + 1
   for _, nid in ipairs(rcall('SPOP', k_proc_nodes(base, p), batch)) do
     local n = node_fields(ctx, nid)
     if n and n.proc == p then node_down(ctx, nid, 'scheduler_lost') end
@@ -117,7 +116,6 @@ for _, p in ipairs(procs) do
   else
     more = true
   end
-  end
 end
 
 local quiet = rcall('ZRANGE', k_rooms(base), '-inf', ctx.now - 1, 'BYSCORE', 'LIMIT', 0, batch)
@@ -133,5 +131,5 @@ if #gone == batch then more = true end
 rcall('ZREMRANGEBYSCORE', k_offline(base), '-inf', ctx.now - 3600000)
 
 return reply(ctx, { status = 'ok', dead_nodes = #dead, expired_leases = #expired,
-  expired_pending = #waited, dead_procs = dead_procs, abandoned = #gone, rooms_expired = #quiet, more = more,
+  expired_pending = #waited, dead_procs = #procs, abandoned = #gone, rooms_expired = #quiet, more = more,
   boot = rcall('GET', k_boot(base)) or '' })
