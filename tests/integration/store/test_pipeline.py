@@ -89,3 +89,20 @@ async def test_the_connection_is_renewed_after_recheck_s(client: aioredis.Redis)
         assert first != second  # a fresh connection from the pool (the old one handed back)
     finally:
         await pipe.aclose()
+
+
+async def test_a_reply_that_never_comes_breaks_the_connection_after_its_socket_timeout(redis_url: str) -> None:
+    c = aioredis.Redis.from_url(redis_url, socket_timeout=0.3)
+    pipe = AutoPipeline(c.connection_pool)
+    try:
+        blocked = asyncio.ensure_future(pipe.execute("BLPOP", "never", 0))  # no reply, ever
+        follower = asyncio.ensure_future(pipe.execute("PING"))
+        for fut in (blocked, follower):  # the watchdog (no per-read timeout any more) breaks the line
+            with pytest.raises(RedisConnectionError, match="no reply from Redis in 0.3 s"):
+                await asyncio.wait_for(fut, 5)
+        assert await pipe.execute("PING") == b"PONG"  # a new connection
+        slow = await pipe.execute("BLPOP", "never", 0.2)  # slower than a watchdog tick, within the timeout
+        assert slow is None
+    finally:
+        await pipe.aclose()
+        await c.aclose()
