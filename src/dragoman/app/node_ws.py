@@ -4,6 +4,8 @@ the hub."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import uuid
 from typing import TYPE_CHECKING
@@ -38,6 +40,8 @@ from .hub import NodeLink
 from .sockets import MAX_STRIKES, Link, bearer, receive_text
 
 if TYPE_CHECKING:
+    from dragoman.store.replies import HeartbeatReply
+
     from .hub import Hub
 
 log = structlog.get_logger(__name__)
@@ -79,6 +83,8 @@ class NodeConnection:
         self.registration: str | None = None  # its node_register as sent (kept as text: ~1/3 of the decoded size)
         self.explicit_pairs = False
         self.capabilities_seen = 0  # hash of the last heartbeat's language_capabilities
+        self.reregistering: asyncio.Task[None] | None = None  # after a heartbeat found the node unknown
+        self.gone = False  # the socket is gone: late heartbeat replies change nothing
         self.pools: list[str] = []
         self.strikes = 0
         rate = hub.settings.node_msgs_per_s
@@ -121,6 +127,8 @@ class NodeConnection:
             raise ProtocolError("too many messages; slow down", code=ErrorCode.RATE_LIMITED)
         msg = decode_node(text)
         self.strikes = 0
+        if self.reregistering is not None:  # frames after a heartbeat that found the node gone wait for it
+            await asyncio.shield(self.reregistering)
         await self.handle(msg, text)
 
     def reject(self, code: str, message: str) -> None:
@@ -129,6 +137,10 @@ class NodeConnection:
         self.link.send(error_frame(code, message))
 
     async def disconnected(self) -> None:
+        self.gone = True
+        if self.reregistering is not None:  # it ends before the node goes offline, never after
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self.reregistering)
         if self.node_id is not None:
             self.hub.detach_node(self.node_id, self.conn)
             await self._offline()
@@ -245,15 +257,43 @@ class NodeConnection:
                 if new and new != self.pools:
                     pools = new
         usage = msgspec.json.encode(msg.resource_usage).decode() if msg.resource_usage else "{}"
-        try:
-            reply = await self.hub.store.heartbeat(node_id, conn=self.conn, draining=msg.draining, pools=pools,
-                                                   usage=usage)
+        try:  # (the frame loop goes on: the reply comes within HEARTBEAT_LINGER_S, see _heartbeat_done)
+            fut = self.hub.store.heartbeat_soon(node_id, conn=self.conn, draining=msg.draining, pools=pools,
+                                                usage=usage)
         except ValueError as exc:  # the same checks as at registration
             raise ProtocolError(f"node_heartbeat: {exc}") from None
-        if pools is not None:
-            self.pools = pools
-        if reply.status == Status.UNKNOWN:
-            await self.reregister()  # reaped while it was silent (or Redis lost it): it is back
+        fut.add_done_callback(lambda f: self._heartbeat_done(f, pools))
+
+    def _heartbeat_done(self, fut: asyncio.Future[HeartbeatReply], pools: list[str] | None) -> None:
+        if fut.cancelled():
+            return
+        exc = fut.exception()
+        if self.gone:
+            return
+        if isinstance(exc, DependencyDown):
+            self.link.send(error_frame(ErrorCode.SCHEDULER_DEPENDENCY_DOWN, str(exc)))
+        elif exc is not None:
+            log.error("node heartbeat failed", node=self.node_id, error=str(exc))
+            self.link.send(error_frame(ErrorCode.INTERNAL_ERROR, "the scheduler could not handle that frame"))
+        else:
+            if pools is not None:
+                self.pools = pools
+            if fut.result().status == Status.UNKNOWN and self.reregistering is None:
+                # reaped while it was silent (or Redis lost it): it is back; its next frames wait for it
+                self.reregistering = asyncio.get_running_loop().create_task(self._reregister_now(),
+                                                                            name=f"reregister:{self.node_id}")
+
+    async def _reregister_now(self) -> None:
+        try:
+            await self.reregister()
+        except ProtocolError as exc:
+            self.reject(exc.code, exc.message)
+        except DependencyDown as exc:
+            self.link.send(error_frame(ErrorCode.SCHEDULER_DEPENDENCY_DOWN, str(exc)))
+        except DragomanError as exc:
+            log.error("node re-registration failed", node=self.node_id, error=str(exc))
+        finally:
+            self.reregistering = None
 
     # ------------------------------------------------------------------ jobs
     async def result(self, msg: JobResult, text: str) -> None:

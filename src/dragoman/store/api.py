@@ -36,6 +36,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from dragoman.config import Settings
 from dragoman.errors import ConfigError, DependencyDown, ScriptError
 from dragoman.ids import new_id
+from dragoman.store.batch import Batcher
 from dragoman.store.connect import PRIMARY_CHECK_INTERVAL, current_primary, make_client, parse_redis_url
 from dragoman.store.keys import (
     CellKeys,
@@ -57,6 +58,7 @@ from dragoman.store.replies import (
     DrainReply,
     Effect,
     HeartbeatReply,
+    HeartbeatsReply,
     JobsReply,
     JobStatus,
     OfflineReply,
@@ -80,9 +82,10 @@ Sink = Callable[[list[Effect]], Awaitable[None]]
 # Errors after which a call may be repeated: the server could not be reached or could not take
 # writes for a moment (restart, loading, a failover's demoted primary). Any other error is final.
 RETRYABLE = (RedisConnectionError, RedisTimeoutError, BusyLoadingError, ReadOnlyError, OSError)
-# A heartbeat may wait this long in the auto-pipeline for other calls to share its write and read
-# (store/pipeline.py): nothing waits on its reply, and thousands of nodes send one each every 15 s.
+# A heartbeat may wait this long for others of its cell to share one script call (store/batch.py):
+# nothing waits on its reply promptly, and thousands of nodes send one each every 15 s.
 HEARTBEAT_LINGER_S = 0.02
+HEARTBEAT_BATCH_MAX = 200
 _effect_decoder = msgspec.json.Decoder(Effect)
 _decoders: dict[type, msgspec.json.Decoder[Any]] = {}
 
@@ -132,6 +135,8 @@ class Store:
         self.target = "redis"
         self.undecodable_effects = 0
         self.counts: Counter[str] = Counter()  # frequent counters, added to Redis by flush_stats
+        self.heartbeats: Batcher[tuple[CellKeys, int]] = Batcher(self._heartbeat_batch, linger=HEARTBEAT_LINGER_S,
+                                                                max_items=HEARTBEAT_BATCH_MAX)
 
     @classmethod
     def from_url(cls, url: str, settings: Settings, proc: str | None = None, cluster: bool = False,
@@ -148,6 +153,7 @@ class Store:
         return store
 
     async def aclose(self) -> None:
+        await self.heartbeats.aclose()
         if self.pipeline is not None:
             await self.pipeline.aclose()
         await self.client.aclose()
@@ -262,14 +268,34 @@ class Store:
                         pools: Sequence[str] | None = None, usage: dict[str, Any] | str | None = None,
                         node_ttl_ms: int | None = None) -> HeartbeatReply:
         """``usage``: the node's resource usage, kept for operators (a dict, or its JSON already)."""
+        return await self.heartbeat_soon(node_id, conn=conn, draining=draining, pools=pools, usage=usage,
+                                         node_ttl_ms=node_ttl_ms)
+
+    def heartbeat_soon(self, node_id: str, *, conn: str = "", draining: bool | None = None,
+                       pools: Sequence[str] | None = None, usage: dict[str, Any] | str | None = None,
+                       node_ttl_ms: int | None = None) -> asyncio.Future[HeartbeatReply]:
+        """``heartbeat`` for a caller that goes on meanwhile: the reply's future. The heartbeat
+        joins the others of its cell for up to HEARTBEAT_LINGER_S (one script call for them all).
+        Its arguments are checked now (ValueError), as at registration."""
         check_name("node_id", node_id)
         pools_arg = "" if pools is None else self.check_pools(pools)
         ck = self.keys_for_node(node_id)
         drain_arg = "" if draining is None else ("1" if draining else "0")
-        return await self._call("heartbeat", ck, [ck.nodes, ck.node(node_id)], [
-            self.proc, node_id, conn, node_ttl_ms or self.settings.node_ttl_ms, drain_arg,
-            "" if pools is None else "1", pools_arg, usage if isinstance(usage, str) else json.dumps(usage or {}),
-            self.call_id()], HeartbeatReply, linger=HEARTBEAT_LINGER_S)
+        item = (node_id, conn, drain_arg, "" if pools is None else "1", pools_arg,
+                usage if isinstance(usage, str) else json.dumps(usage or {}))
+        return self.heartbeats.submit_soon((ck, node_ttl_ms or self.settings.node_ttl_ms), item)
+
+    async def _heartbeat_batch(self, key: tuple[CellKeys, int], items: list[tuple[str, ...]]) -> list[HeartbeatReply]:
+        """One ``heartbeat`` script call for the heartbeats of one cell (and TTL) collected by
+        ``self.heartbeats``: each caller gets its own node's reply."""
+        ck, ttl = key
+        reply = await self._call("heartbeat", ck, [ck.nodes], [self.proc, ttl, self.call_id(),
+                                                                *(arg for item in items for arg in item)],
+                                 HeartbeatsReply)
+        for item, node in zip(items, reply.nodes, strict=True):  # (a node's effects: what it was given)
+            node.now, node.cell = reply.now, reply.cell
+            node.effects = [e for e in reply.effects if e.node == item[0]]
+        return reply.nodes
 
     async def drain(self, node_id: str, on: bool = True, source: str = "operator") -> DrainReply:
         ck = self.keys_for_node(check_name("node_id", node_id))

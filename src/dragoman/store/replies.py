@@ -141,6 +141,10 @@ class HeartbeatReply(Reply, kw_only=True):
     deadline: int = 0
 
 
+class HeartbeatsReply(Reply, kw_only=True):
+    nodes: list[HeartbeatReply] = msgspec.field(default_factory=list)
+
+
 class DrainReply(Reply, kw_only=True):
     state: str = ""
     used: int = 0

@@ -11,6 +11,7 @@ import pytest
 from dragoman.errors import DependencyDown, ScriptError
 from dragoman.store.api import JobSpec, Store
 from dragoman.store.keys import CellKeys
+from dragoman.store.replies import Reply
 from dragoman.store.scripts import ScriptLoadError, discover, resolve_includes
 from tests.helpers import snapshot
 
@@ -401,3 +402,30 @@ async def test_the_reaper_renews_its_own_lapsed_registration_for_proc_ttl_ms(red
         assert deadline >= await s.server_now_ms() + 1_000 + 50_000, reply
     finally:
         await s.aclose()
+
+
+async def test_heartbeats_of_a_few_milliseconds_are_one_script_call_each_with_its_own_reply(store: Store) -> None:
+    await register(store, "n1", max_c=2)
+    await register(store, "n2", max_c=3)
+    await store.register_node("n3", conn="newer", max_concurrency=1, pools=[ZH_EN])
+    await store.drain("n2")
+    before = (store.heartbeats.batches, store.heartbeats.items)
+    n1, n2, n3, ghost = await asyncio.gather(
+        store.heartbeat("n1", conn="conn-n1"), store.heartbeat("n2", conn="conn-n2"),
+        store.heartbeat("n3", conn="older"), store.heartbeat("ghost", conn="conn-ghost"))
+    assert (store.heartbeats.batches, store.heartbeats.items) == (before[0] + 1, before[1] + 4)
+    assert (n1.status, n1.state, n1.max, n1.used) == ("ok", "ready", 2, 0)
+    assert (n2.status, n2.state, n2.max) == ("ok", "draining", 3)
+    assert n3.status == "superseded" and ghost.status == "unknown"
+    assert n1.deadline == n2.deadline > 0 and n1.now == n2.now  # one call: one server time
+
+
+async def test_a_heartbeat_batch_the_script_refuses_changes_nothing(store: Store) -> None:
+    await register(store, "n1")
+    ck = store.cells["c0"]
+    before = await snapshot(store.client)
+    good = ["n1", "conn-n1", "", "", "", "{}"]
+    for args in ([*good, "n2"], [*good, "", "c", "", "", "", "{}"], [*good[:2], "maybe", *good[3:]]):
+        with pytest.raises(ScriptError, match="dragoman"):
+            await store._call("heartbeat", ck, [ck.nodes], [store.proc, 45000, "", *args], Reply)
+    assert await snapshot(store.client) == before
