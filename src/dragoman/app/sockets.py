@@ -19,6 +19,7 @@ from dragoman.flag import Flag
 
 log = structlog.get_logger(__name__)
 MAX_STRIKES = 20  # consecutive invalid frames tolerated before a connection is closed
+INBOUND_HIGH_WATER = 8  # messages received and not yet taken by the app before reading stops
 
 
 async def receive_text(ws: WebSocket) -> str:
@@ -94,6 +95,9 @@ class _Inbound:
     def empty(self) -> bool:
         return not self._items
 
+    def __len__(self) -> int:
+        return len(self._items)
+
     async def get(self) -> Any:
         while not self._items:
             self._waiter = asyncio.get_running_loop().create_future()
@@ -124,6 +128,27 @@ class FrameWriterProtocol(WebSocketsSansIOProtocol):
         self.queue = _Inbound()  # type: ignore[assignment]  # (memory per socket: see _Inbound)
         self.writable = Flag()  # type: ignore[assignment]  # (memory per socket: see dragoman.flag)
         self.writable.set()
+
+    def send_receive_event_to_app(self) -> None:
+        # uvicorn stops reading the socket after every message until the app has taken it, then
+        # starts again: two system calls per frame received (the loop's interest in the socket
+        # dropped and added back). Here reading stops only once INBOUND_HIGH_WATER messages wait,
+        # which bounds memory just the same. (``read_paused`` keeps uvicorn's meaning: its close
+        # path starts reading again, for the peer's close frame.)
+        paused = self.read_paused
+        self.read_paused = True  # (so uvicorn's own pause after this message is skipped)
+        super().send_receive_event_to_app()
+        self.read_paused = paused
+        if not paused and len(self.queue) >= INBOUND_HIGH_WATER:  # type: ignore[arg-type]
+            self.read_paused = True
+            self.transport.pause_reading()
+
+    async def receive(self) -> Any:
+        message = await self.queue.get()
+        if self.read_paused and len(self.queue) <= INBOUND_HIGH_WATER // 2:  # type: ignore[arg-type]
+            self.read_paused = False
+            self.transport.resume_reading()
+        return message
 
     def start_keepalive(self) -> None:
         # Called once the handshake's response is sent: nothing reads the upgrade request and the
