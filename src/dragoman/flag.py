@@ -17,7 +17,7 @@ class Flag:
 
     def __init__(self) -> None:
         self._set = False
-        self._waiters: list[asyncio.Future[None]] | None = None
+        self._waiters: list[asyncio.Future[bool]] | None = None
 
     def is_set(self) -> bool:
         return self._set
@@ -29,20 +29,33 @@ class Flag:
         if self._waiters:
             for fut in self._waiters:
                 if not fut.done():
-                    fut.set_result(None)
+                    fut.set_result(True)
 
     def clear(self) -> None:
         self._set = False
 
-    async def wait(self) -> bool:
+    async def wait(self, timeout: float | None = None) -> bool:
+        """True once set; with a ``timeout`` (seconds), False if it was not set by then. (One timer,
+        no cancellation: cheaper than ``asyncio.timeout`` around a wait, for a loop that mostly
+        wakes on its deadline.)"""
         if self._set:
             return True
-        fut = asyncio.get_running_loop().create_future()
+        if timeout is not None and timeout <= 0:
+            return False
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[bool] = loop.create_future()
         if self._waiters is None:
             self._waiters = []
         self._waiters.append(fut)
+        timer = None if timeout is None else loop.call_later(timeout, _expire, fut)
         try:
-            await fut
-            return True
+            return await fut
         finally:
+            if timer is not None:
+                timer.cancel()
             self._waiters.remove(fut)
+
+
+def _expire(fut: asyncio.Future[bool]) -> None:
+    if not fut.done():
+        fut.set_result(False)

@@ -40,3 +40,15 @@ async def test_a_cancelled_waiter_leaves_nothing_behind() -> None:
 
 def test_no_waiter_list_until_something_waits() -> None:
     assert Flag()._waiters is None
+
+
+async def test_a_wait_with_a_timeout_is_false_when_nothing_set_it_and_true_when_set_in_time() -> None:
+    flag = Flag()
+    assert await asyncio.wait_for(flag.wait(0.01), 1) is False
+    assert await flag.wait(0) is False  # no time: no wait
+    assert flag._waiters == []  # the timed-out waiter left nothing behind
+    waiter = asyncio.create_task(flag.wait(30))
+    await asyncio.sleep(0)
+    flag.set()
+    assert await asyncio.wait_for(waiter, 1) is True
+    assert await flag.wait(0) is True  # already set: true at once, whatever the timeout

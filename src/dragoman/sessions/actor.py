@@ -116,13 +116,10 @@ class SessionActor:
             while not proto.finished:
                 deadline = proto.next_deadline()
                 timeout = None if deadline is None else max(0.0, (deadline - monotonic_ms()) / 1000)
-                if not self.inbox:  # (a queued item is taken without a timer or a wait)
-                    try:
-                        async with asyncio.timeout(timeout):
-                            await self._inbox_ready.wait()
-                    except TimeoutError:
-                        await self.perform(proto.tick(monotonic_ms()))
-                        continue
+                # (a queued item is taken without a timer or a wait)
+                if not self.inbox and not await self._inbox_ready.wait(timeout):
+                    await self.perform(proto.tick(monotonic_ms()))
+                    continue
                 kind, item = self.inbox.popleft()
                 if not self.inbox:
                     self._inbox_ready.clear()
