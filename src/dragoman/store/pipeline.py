@@ -40,11 +40,22 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+import hiredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 Settle = Callable[[Any], None]  # gets the reply, or the exception to raise in the caller
+
+
+def _pack(conn: Any, commands: list[tuple[Any, ...]]) -> bytes | list[bytes]:
+    """The commands in the Redis protocol. hiredis packs str, bytes, int and float arguments in C
+    (a dispatch's two dozen arguments: ~5 µs, where redis-py's per-argument encoding took ~28);
+    anything else goes the redis-py way, which also names a bad argument."""
+    try:
+        return b"".join([hiredis.pack_command(args) for args in commands])
+    except TypeError:
+        return conn.pack_commands(commands)  # type: ignore[no-any-return]
 
 
 class ReplicasBehind(RedisConnectionError):
@@ -156,7 +167,7 @@ class AutoPipeline:
         self.writes += 1
         self.commands += len(commands)
         try:
-            await line.conn.send_packed_command(line.conn.pack_commands(commands), check_health=False)
+            await line.conn.send_packed_command(_pack(line.conn, commands), check_health=False)
         except BaseException as exc:
             await self._break(line, exc)
             if isinstance(exc, asyncio.CancelledError):
