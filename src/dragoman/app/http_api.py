@@ -251,6 +251,8 @@ class _Collector:
         self.frames.append(text)
         return True
 
+    send_soon = send
+
 
 def _wav_to_pcm16(data: bytes) -> bytes:
     try:

@@ -111,6 +111,7 @@ class JobRequest:
 @dataclasses.dataclass(frozen=True, slots=True)
 class Send:
     message: Message
+    soon: bool = False  # nobody waits on it (a ui_event): it may leave with the next frame (Transport.send_soon)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -577,7 +578,7 @@ class SessionProtocol:
             if result.status == Status.ASSIGNED:
                 out.append(Send(UiEvent(trace_id=self.spec.trace_id, session_id=self.spec.session_id,
                                         job_id=result.job_id, utterance_index=request.utt, event="DISPATCHED",
-                                        status="ok")))
+                                        status="ok"), soon=True))
             elif result.code == ErrorCode.NODE_OVERLOADED:
                 out.append(Send(Backpressure(action="BUSY", resume_after_ms=1000,
                                              message=f"queue full for {request.pool}")))

@@ -52,3 +52,24 @@ async def test_what_was_queued_is_sent_before_the_close() -> None:
     await link.close(code=4000)
     assert ws.sent == ["a", "b", "c"] and ws.closed_with == 4000
     assert not link.send("late")
+
+
+async def test_a_frame_sent_soon_leaves_with_the_next_frame_in_order_or_on_its_own_shortly() -> None:
+    ws = FastSocket()
+    link = Link(ws, "soon")  # type: ignore[arg-type]
+    assert link.send_soon("dispatched")
+    await asyncio.sleep(0)
+    assert ws.sent == []  # held for company
+    link.send("result")
+    await asyncio.sleep(0)
+    assert ws.sent == ["dispatched", "result"]  # together, in order
+    link.send_soon("alone")
+    await asyncio.wait_for(_until(lambda: ws.sent[-1:] == ["alone"]), 2)  # nobody came: it left anyway
+    link.send_soon("last")
+    await link.close()
+    assert ws.sent[-1] == "last"  # a close sends what was held first
+
+
+async def _until(cond) -> None:  # type: ignore[no-untyped-def]
+    while not cond():
+        await asyncio.sleep(0.005)
