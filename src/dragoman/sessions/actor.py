@@ -48,6 +48,10 @@ from .protocol import (
 )
 
 log = structlog.get_logger(__name__)
+# An ack (outcomes delivered: the jobs may be forgotten) waits up to this long to share a Redis write
+# with the next call; under load it never costs a write (and a wake-up of Redis) of its own.
+ACK_LINGER_S = 0.02
+_BACKGROUND: set[asyncio.Task[Any]] = set()
 
 
 class SessionActor:
@@ -168,7 +172,10 @@ class SessionActor:
         while queue:
             action = queue.popleft()
             if isinstance(action, Send):
-                self.transport.send(encode(action.message))
+                if action.soon:
+                    self.transport.send_soon(encode(action.message))
+                else:
+                    self.transport.send(encode(action.message))
             elif isinstance(action, Dispatch):
                 queue.extend(await self._dispatch(action))
             elif isinstance(action, CheckJobs):
@@ -178,8 +185,8 @@ class SessionActor:
                     log.warning("job check failed", session=sid, error=str(exc))
                     statuses = {}
                 queue.extend(proto.checked(statuses, monotonic_ms()))
-            elif isinstance(action, Ack):
-                await self._best_effort("ack", self.store.ack(sid, action.job_ids))
+            elif isinstance(action, Ack):  # nothing waits on it: it goes with the next Redis write
+                self._background(self._best_effort("ack", self.store.ack(sid, action.job_ids, linger=ACK_LINGER_S)))
             elif isinstance(action, RoomCall):
                 queue.extend(await self._room(action))
             elif isinstance(action, CancelJob):
@@ -235,10 +242,15 @@ class SessionActor:
         except DragomanError as exc:  # what it was for is bounded by the job's own deadlines
             log.warning("session store call failed", call=what, session=self.proto.session_id, error=str(exc))
 
+    def _background(self, call: Any) -> None:
+        task = asyncio.get_running_loop().create_task(call)
+        _BACKGROUND.add(task)  # (the loop keeps only a weak reference to a task)
+        task.add_done_callback(_BACKGROUND.discard)
+
     def _close_later(self, *, detach: bool) -> None:
         """Detach or end the session's records, retrying (in the background) until Redis takes it:
         a session left "live" in Redis would never be given up on while this process lives."""
-        asyncio.get_running_loop().create_task(self._close(detach), name=f"close:{self.session_id[:8]}")
+        self._background(self._close(detach))
 
     async def _close(self, detach: bool) -> None:
         pause = 0.5

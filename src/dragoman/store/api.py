@@ -169,13 +169,18 @@ class Store:
     def keys_for_session(self, session_id: str) -> CellKeys:
         return self.cells[home_cell(session_id, self.cell_names)]
 
-    async def retrying(self, what: str, attempt: Callable[[], Awaitable[Any]]) -> Any:
-        """Run ``attempt`` until it succeeds, retrying Redis outages for up to ``redis_retry_ms``."""
+    async def retrying(self, what: str, attempt: Callable[[], Awaitable[Any]],
+                       failed: BaseException | None = None) -> Any:
+        """Run ``attempt`` until it succeeds, retrying Redis outages for up to ``redis_retry_ms``
+        (``failed``: the error of an attempt the caller already made, which counts as the first)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.redis_retry_ms / 1000
         pause = 0.05
         while True:
             try:
+                if failed is not None:
+                    exc, failed = failed, None
+                    raise exc
                 return await attempt()
             except RETRYABLE as exc:
                 if loop.time() + pause > deadline:
@@ -187,7 +192,10 @@ class Store:
     async def _call(self, name: str, ck: CellKeys, keys: list[str], args: list[Any], kind: type[R],
                     own_payload: str | None = None, own_result: Any = None, linger: float = 0.0) -> R:
         try:
-            raw = await self.retrying(name, lambda: self.scripts.call(name, keys, args, linger=linger))
+            try:  # (the first attempt without the retry loop's frame and closure: it is nearly always the last)
+                raw = await self.scripts.call(name, keys, args, linger=linger)
+            except RETRYABLE as exc:
+                raw = await self.retrying(name, lambda: self.scripts.call(name, keys, args, linger=linger), exc)
         except ResponseError as exc:
             raise ScriptError(f"{name}: {exc}") from exc
         payloads = [_text(p) for p in raw[2:]]
@@ -445,13 +453,14 @@ class Store:
                 self.proc, session_id, epoch, "detach" if detach else "end", grace_ms, self.call_id()], CloseReply))
         return out
 
-    async def ack(self, session_id: str, job_ids: Iterable[str]) -> int:
-        """The session delivered these outcomes: they are no longer owed (and the jobs are forgotten)."""
+    async def ack(self, session_id: str, job_ids: Iterable[str], linger: float = 0.0) -> int:
+        """The session delivered these outcomes: they are no longer owed (and the jobs are forgotten).
+        ``linger``: the call may wait that long to share a Redis write (see AutoPipeline)."""
         acked = 0
         for cell, ids in self._by_cell(job_ids).items():
             ck = self.cells[cell]
             reply = await self._call("ack_outcomes", ck, [ck.nodes, ck.sess(session_id)],
-                                     [self.proc, session_id, *ids], AckReply)
+                                     [self.proc, session_id, *ids], AckReply, linger=linger)
             acked += reply.acked
         return acked
 
