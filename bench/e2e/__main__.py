@@ -27,6 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sessions", type=int)
     ap.add_argument("--nodes", type=int)
     ap.add_argument("--no-install", action="store_true", help="skip peers that are not installed yet")
+    ap.add_argument("--profile-phase", choices=("closed", "open"), default=None,
+                    help="the phase the profile round samples (implies --profile; default closed)")
     ap.add_argument("--profile", action="store_true",
                     help="an extra Dragoman round with py-spy on the scheduler: its CPU by component (full: always)")
     args = ap.parse_args(argv)
@@ -42,6 +44,9 @@ def main(argv: list[str] | None = None) -> int:
         overrides["install"] = False
     if args.profile:
         overrides["profile_scheduler"] = True
+    if args.profile_phase:
+        overrides["profile_scheduler"] = True
+        overrides["profile_phase"] = args.profile_phase
     res = run_comparison(PROFILES["quick" if args.quick else "full"], **overrides)
     return cli.report(res, summary, markdown, args.json, args.markdown)
 

@@ -247,8 +247,9 @@ def _cpu_section(res: dict[str, Any]) -> list[str]:
               f"{ic.get('redis', 0):.3f} cores, {d['idle']['redis_calls_per_s']:.0f} Redis commands/s."]
     prof = res.get("scheduler_profile") or {}
     if prof.get("samples"):
-        L += ["", f"Where it goes: {prof['tool']} on the scheduler over the closed-loop window of an extra round "
-              f"({prof['closed_rate']:,.0f} jobs/s under the profiler, {prof['scheduler_cpu_us_per_job']:.0f} µs/job, "
+        phase = prof.get("phase", "closed")
+        L += ["", f"Where it goes: {prof['tool']} on the scheduler over the {phase}-loop window of an extra round "
+              f"({prof[phase + '_rate']:,.0f} jobs/s under the profiler, {prof['scheduler_cpu_us_per_job']:.0f} µs/job, "
               f"{prof['samples']:,} samples); each share of the samples times that µs/job.", "",
               "| by component (innermost Python frame) | share | µs/job |", "|---|---:|---:|"]
         L += [f"| {x['name']} | {x['share']:.0%} | {x['us_per_job']:.0f} |" for x in prof["self_by_component"][:14]]

@@ -64,6 +64,7 @@ class Profile:
     # one extra Dragoman round with py-spy sampling the scheduler over the closed-loop window (its
     # figures are not in the table: the profiler perturbs them), for the CPU breakdown by component
     profile_scheduler: bool = False
+    profile_phase: str = "closed"  # the window the profile round samples
 
 
 FULL = Profile("full", warmup=2.0, window=5.0, drain=5.0, rounds=3, systems=ALL_SYSTEMS + SCALING,
@@ -131,15 +132,16 @@ async def _profile_round(ctx: Context, logdir: Path) -> dict[str, Any]:
         got = await asyncio.to_thread(peer_install.install, ["pyspy"])
         if not got["pyspy"].ok:
             return {"error": f"py-spy not installed: {got['pyspy'].error}"}
-    log("profiling the scheduler (extra Dragoman round, py-spy over the closed-loop window) ...")
+    phase = ctx.profile.profile_phase
+    log(f"profiling the scheduler (extra Dragoman round, py-spy over the {phase}-loop window) ...")
     spy_out = logdir / "scheduler-pyspy.txt"
     try:
-        r = await run_dragoman(ctx, 0, DragomanSpec(phases=("closed",)), name="dragoman-profile", spy_out=spy_out)
+        r = await run_dragoman(ctx, 0, DragomanSpec(phases=(phase,)), name="dragoman-profile", spy_out=spy_out)
     except Exception as exc:  # noqa: BLE001 - the profile is a diagnostic
         return {"error": repr(exc)[:500]}
-    us = r["closed"]["cpu_us_per_job"]["scheduler"]
+    us = r[phase]["cpu_us_per_job"]["scheduler"]
     text = spy_out.read_text() if spy_out.exists() else ""
-    return {"tool": "py-spy (sampling, 250 Hz, --nonblocking)", "closed_rate": r["closed"]["rate"],
+    return {"tool": "py-spy (sampling, 250 Hz, --nonblocking)", "phase": phase, f"{phase}_rate": r[phase]["rate"],
             "scheduler_cpu_us_per_job": us, **pyspy.analyse_profile(text, us)}
 
 

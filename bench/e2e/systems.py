@@ -176,7 +176,7 @@ async def run_dragoman(ctx: Context, rnd: int, spec: DragomanSpec = DragomanSpec
         spy: list[subprocess.Popen[bytes]] = []
         if spy_out is not None and pyspy.pyspy_exe():
             def start_spy(phase: str) -> None:
-                if phase == "closed" and not spy:
+                if phase == spec.phases[0] and not spy:
                     spy.append(pyspy.start_record(sched.pid, p.window, spy_out))
 
             meter.on_start = start_spy
