@@ -67,6 +67,8 @@ class Gen:
         self.rtts: list[float] = []
         self.first_error = ""
         self.stopping = False
+        self.beats = 0
+        self.pinged = 0  # heartbeats followed by a ping (the ones whose reply is timed)
         self.readers: list[asyncio.Task[None]] = []
         self.running = asyncio.Event()  # cleared while the heartbeats are paused
         self.running.set()
@@ -133,8 +135,11 @@ class Gen:
         try:
             if self.args.kind == "node":
                 await ws.send(heartbeat_frame(self.ids[i]))
-                waiter = await ws.ping()
-                waiter.add_done_callback(self._pong(t0))
+                self.beats += 1
+                if self.beats % self.args.ping_every == 0:
+                    self.pinged += 1
+                    waiter = await ws.ping()
+                    waiter.add_done_callback(self._pong(t0))
             else:
                 self.sent_at[i].append(t0)
                 await ws.send(msgspec.json.encode({"type": "client_heartbeat", "session_id": self.ids[i],
@@ -168,7 +173,7 @@ class Gen:
     # ------------------------------------------------------------------ control
     def report(self) -> None:
         rtts, self.rtts = self.rtts, []
-        emit("stats", kind=self.args.kind, sent=self.sent, answered=self.answered, closed=self.closed,
+        emit("stats", kind=self.args.kind, sent=self.sent, pinged=self.pinged, answered=self.answered, closed=self.closed,
              errors=self.errors, open=sum(1 for s in self.socks if s is not None),
              reply_ms=summarize_ms(rtts), replies_ms=[round(x * 1000, 2) for x in rtts], cpu_s=_cpu_s())
 
@@ -223,6 +228,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--kind", choices=("node", "session"), required=True)
     ap.add_argument("--count", type=int, required=True)
     ap.add_argument("--heartbeat-s", type=float, default=15.0)
+    ap.add_argument("--ping-every", type=int, default=1,
+                    help="nodes: follow every K-th heartbeat with a ping that times its reply")
     ap.add_argument("--slots", type=int, default=4, help="max_concurrency each node reports")
     # a few at a time: the run measures holding the sockets, not a reconnect storm
     ap.add_argument("--concurrency", type=int, default=16, help="handshakes in progress at once")
