@@ -2,7 +2,9 @@
 
 A script file is named ``<name>-<number of KEYS>.lua`` (BullMQ's convention) and starts with a
 ``--[[ ]]`` header documenting KEYS, ARGV and the output. ``--- @include "includes/x"`` lines are
-replaced by that file's text; each include is inlined once per script, and cycles are an error.
+replaced by that file's text; each include is inlined once per script, and cycles are an error; of
+the included definitions only those the script uses are kept (``shake``: Redis runs a script's whole
+text on every call).
 Registration uses redis-py's ``register_script``: EVALSHA, and on NOSCRIPT (after ``SCRIPT FLUSH`` or
 a server restart) it loads the script again and retries.
 
@@ -54,11 +56,85 @@ def resolve_includes(path: Path, root: Path) -> str:
             if not target.is_file():
                 raise ScriptLoadError(f"{file.name}: include not found: {match.group(1)}")
             seen.add(target)
-            return expand(target, (*stack, file))
+            name = match.group(1)
+            return f"--- @begin {name}\n{expand(target, (*stack, file))}\n--- @end {name}"
 
         return _INCLUDE.sub(replace, file.read_text())
 
     return expand(path.resolve(), ())
+
+
+_BEGIN_END = re.compile(r"^--- @(begin|end) \S+\s*$")
+_DEFINES = re.compile(r"^local\s+(?:function\s+([A-Za-z_]\w*)|([A-Za-z_][\w\s,]*?)\s*=)")
+_NAME = re.compile(r"[A-Za-z_]\w*")
+_BLOCK_COMMENT = re.compile(r"--\[\[.*?\]\]", re.DOTALL)
+
+
+def _names(code: str) -> set[str]:
+    """The words of Lua code, less its block comments and whole-line comments (a comment at the end
+    of a code line stays: a doubt keeps a definition)."""
+    code = _BLOCK_COMMENT.sub("", code)
+    return set(_NAME.findall("".join(line for line in code.splitlines(keepends=True)
+                                     if not line.lstrip().startswith("--"))))
+
+
+def shake(source: str) -> str:
+    """Keep, of the included definitions, only those the script uses (directly or through another
+    kept one), in their order; drop the includes' comments. Redis runs a script's whole text on
+    every call, so every ``local function`` included costs a closure per call: all the includes
+    together cost ~17 µs per call on the server, whatever the script used.
+
+    An include's top level is a sequence of ``local function name(...)`` blocks (their bodies
+    indented, ``end`` at column 0), ``local NAME = value`` lines and comments: a chunk starts at each
+    column-0 ``local`` or comment line. A chunk that defines nothing is kept. Names are matched as
+    words anywhere in the code (strings included, comments not), so a doubt keeps a definition."""
+    body: list[tuple[int, str]] = []  # (position, text) outside every include
+    chunks: list[tuple[int, list[str]]] = []  # (position, lines) of included code
+    depth = 0
+    in_comment = False
+    current: list[str] | None = None
+    for pos, line in enumerate(source.splitlines(keepends=True)):
+        m = _BEGIN_END.match(line)
+        if m:
+            depth += 1 if m.group(1) == "begin" else -1
+            current = None
+            continue
+        if depth == 0:
+            body.append((pos, line))
+            continue
+        if in_comment:
+            current.append(line)  # type: ignore[union-attr]
+            in_comment = "]]" not in line
+            continue
+        if line.startswith(("local ", "--")) or current is None:
+            current = [line]
+            chunks.append((pos, current))
+            in_comment = line.startswith("--[[") and "]]" not in line
+        else:
+            current.append(line)
+
+    def is_comment(lines: list[str]) -> bool:
+        return lines[0].startswith("--")
+
+    defined: list[set[str]] = []
+    for _, lines in chunks:
+        m = _DEFINES.match(lines[0])
+        names = {m.group(1)} if m and m.group(1) else ({n.strip() for n in m.group(2).split(",")} if m else set())
+        defined.append(names)
+    needed = _names("".join(text for _, text in body))
+    keep = [not is_comment(lines) and not defined[i] for i, (_, lines) in enumerate(chunks)]
+    for i in range(len(chunks)):
+        if keep[i]:
+            needed |= _names("".join(chunks[i][1]))
+    changed = True
+    while changed:
+        changed = False
+        for i, (_, lines) in enumerate(chunks):
+            if not keep[i] and not is_comment(lines) and defined[i] & needed:
+                keep[i] = changed = True
+                needed |= _names("".join(lines))
+    parts = body + [(pos, "".join(lines)) for i, (pos, lines) in enumerate(chunks) if keep[i]]
+    return "".join(text for _, text in sorted(parts))
 
 
 def fill_defines(source: str, defines: dict[str, Any], name: str = "script") -> str:
@@ -82,7 +158,7 @@ def discover(root: Path = LUA_DIR, defines: dict[str, Any] | None = None) -> dic
         m = _FILE.match(path.name)
         if not m:
             raise ScriptLoadError(f"script file name must be <name>-<numkeys>.lua: {path.name}")
-        source = fill_defines(resolve_includes(path, root), values, path.name)
+        source = fill_defines(shake(resolve_includes(path, root)), values, path.name)
         specs[m["name"]] = ScriptSpec(m["name"], int(m["keys"]), source)
     return specs
 

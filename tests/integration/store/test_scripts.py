@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ from dragoman.errors import DependencyDown, ScriptError
 from dragoman.store.api import JobSpec, Store
 from dragoman.store.keys import CellKeys
 from dragoman.store.replies import Reply
-from dragoman.store.scripts import ScriptLoadError, discover, resolve_includes
+from dragoman.store.scripts import LUA_DIR, ScriptLoadError, discover, resolve_includes
 from tests.helpers import snapshot
 
 ZH_EN = "zh>en"
@@ -347,6 +348,39 @@ def test_loader_inlines_each_include_once_and_rejects_cycles(tmp_path: Path) -> 
     (inc / "b.lua").write_text('--- @include "includes/a"\n')
     with pytest.raises(ScriptLoadError, match="cycle"):
         resolve_includes(tmp_path / "s-1.lua", tmp_path)
+
+
+def test_loader_keeps_only_the_included_definitions_a_script_uses(tmp_path: Path) -> None:
+    inc = tmp_path / "includes"
+    inc.mkdir()
+    (inc / "lib.lua").write_text(
+        "--[[ about the library ]]\n"
+        "local UNUSED_CONST = 1\n"
+        "local USED_CONST = 2\n"
+        "-- a helper\n"
+        "local function helper(x)\n  -- unused_fn is named in a comment only\n  return x + USED_CONST\nend\n"
+        "local function unused_fn()\n  return UNUSED_CONST\nend\n"
+        "local function api(x)\n  return helper(x)\nend\n")
+    (tmp_path / "s-0.lua").write_text('--[[ header naming unused_fn ]]\n--- @include "includes/lib"\nreturn api(40)\n')
+    source = discover(tmp_path)["s"].source
+    assert "local function api" in source and "local function helper" in source and "USED_CONST = 2" in source
+    assert "unused_fn()" not in source and "UNUSED_CONST = 1" not in source and "a helper" not in source
+    assert source.startswith("--[[ header")  # the script's own text is kept whole, in place
+
+
+def test_no_script_lost_a_definition_it_uses() -> None:
+    """A dropped definition would be a nil global at run time: every name an include defines that a
+    kept script text uses is defined in that text."""
+    lib = "".join(p.read_text() for p in (LUA_DIR / "includes").glob("*.lua"))
+    defined_by_includes = set(re.findall(r"^local function ([A-Za-z_]\w*)", lib, re.M)) | set(
+        re.findall(r"^local ([A-Z_][A-Z0-9_]*) =", lib, re.M))
+    for name, spec in discover().items():
+        code = "\n".join(line for line in re.sub(r"--\[\[.*?\]\]", "", spec.source, flags=re.S).splitlines()
+                         if not line.lstrip().startswith("--"))
+        used = set(re.findall(r"[A-Za-z_]\w*", code)) & defined_by_includes
+        here = set(re.findall(r"^local function ([A-Za-z_]\w*)", spec.source, re.M)) | set(
+            re.findall(r"^local ([A-Z_][A-Z0-9_]*) =", spec.source, re.M))
+        assert used <= here, f"{name}: uses {sorted(used - here)} without their definitions"
 
 
 def test_every_script_documents_its_keys_and_args() -> None:

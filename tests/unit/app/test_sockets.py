@@ -64,12 +64,17 @@ async def test_a_frame_sent_soon_leaves_with_the_next_frame_in_order_or_on_its_o
     await asyncio.sleep(0)
     assert ws.sent == ["dispatched", "result"]  # together, in order
     link.send_soon("alone")
-    await asyncio.wait_for(_until(lambda: ws.sent[-1:] == ["alone"]), 2)  # nobody came: it left anyway
+    assert link._held_timer is not None
+    await asyncio.wait_for(_fired(link._held_timer), 2)
+    assert ws.sent[-1:] == ["alone"]  # nobody came: it left anyway
     link.send_soon("last")
     await link.close()
     assert ws.sent[-1] == "last"  # a close sends what was held first
 
 
-async def _until(cond) -> None:  # type: ignore[no-untyped-def]
-    while not cond():
-        await asyncio.sleep(0.005)
+async def _fired(timer: asyncio.TimerHandle) -> None:
+    """Until the loop has run ``timer`` (a future scheduled just after it completes then)."""
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
+    loop.call_at(timer.when(), lambda: loop.call_soon(done.set_result, None))
+    await done
