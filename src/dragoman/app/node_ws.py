@@ -103,13 +103,8 @@ class NodeConnection:
             while not self.link.closed:
                 try:
                     await self.next_frame()
-                except ProtocolError as exc:
-                    self.reject(exc.code, exc.message)
-                except DependencyDown as exc:
-                    self.link.send(error_frame(ErrorCode.SCHEDULER_DEPENDENCY_DOWN, str(exc)))
                 except DragomanError as exc:
-                    log.error("node frame failed", node=self.node_id, error=str(exc))
-                    self.link.send(error_frame(ErrorCode.INTERNAL_ERROR, "the scheduler could not handle that frame"))
+                    self.failed(exc)
                 if self.strikes > MAX_STRIKES:
                     log.warning("closing misbehaving node connection", node=self.node_id)
                     break
@@ -130,6 +125,16 @@ class NodeConnection:
         if self.reregistering is not None:  # frames after a heartbeat that found the node gone wait for it
             await asyncio.shield(self.reregistering)
         await self.handle(msg, text)
+
+    def failed(self, exc: BaseException, what: str = "node frame failed") -> None:
+        """Tell the node that handling its frame failed, and why (as much as it may know)."""
+        if isinstance(exc, ProtocolError):
+            self.reject(exc.code, exc.message)
+        elif isinstance(exc, DependencyDown):
+            self.link.send(error_frame(ErrorCode.SCHEDULER_DEPENDENCY_DOWN, str(exc)))
+        else:
+            log.error(what, node=self.node_id, error=str(exc))
+            self.link.send(error_frame(ErrorCode.INTERNAL_ERROR, "the scheduler could not handle that frame"))
 
     def reject(self, code: str, message: str) -> None:
         self.strikes += 1
@@ -270,11 +275,8 @@ class NodeConnection:
         exc = fut.exception()
         if self.gone:
             return
-        if isinstance(exc, DependencyDown):
-            self.link.send(error_frame(ErrorCode.SCHEDULER_DEPENDENCY_DOWN, str(exc)))
-        elif exc is not None:
-            log.error("node heartbeat failed", node=self.node_id, error=str(exc))
-            self.link.send(error_frame(ErrorCode.INTERNAL_ERROR, "the scheduler could not handle that frame"))
+        if exc is not None:
+            self.failed(exc, "node heartbeat failed")
         else:
             if pools is not None:
                 self.pools = pools
@@ -286,12 +288,8 @@ class NodeConnection:
     async def _reregister_now(self) -> None:
         try:
             await self.reregister()
-        except ProtocolError as exc:
-            self.reject(exc.code, exc.message)
-        except DependencyDown as exc:
-            self.link.send(error_frame(ErrorCode.SCHEDULER_DEPENDENCY_DOWN, str(exc)))
         except DragomanError as exc:
-            log.error("node re-registration failed", node=self.node_id, error=str(exc))
+            self.failed(exc, "node re-registration failed")
         finally:
             self.reregistering = None
 
