@@ -20,6 +20,7 @@ from dragoman.flag import Flag
 log = structlog.get_logger(__name__)
 MAX_STRIKES = 20  # consecutive invalid frames tolerated before a connection is closed
 INBOUND_HIGH_WATER = 8  # messages received and not yet taken by the app before reading stops
+INBOUND_HIGH_WATER_SIZE = 256 * 1024  # ... or characters/bytes of them (a few large frames are enough)
 HOLD_S = 0.02  # the longest a frame sent with Link.send_soon waits for company
 
 
@@ -79,16 +80,23 @@ class Interruptible:
 class _Inbound:
     """uvicorn's receive queue (``put_nowait``, ``get``, ``empty``; one reader: the ASGI app) without
     what an ``asyncio.Queue`` carries for every socket (three deques and an Event, ~3 kB): a list
-    of what arrived and, while the reader waits, one future."""
+    of what arrived and, while the reader waits, one future. ``size`` is the length of the text or
+    bytes waiting, which bounds the memory it holds together with ``len``."""
 
-    __slots__ = ("_items", "_waiter")
+    __slots__ = ("_items", "_waiter", "size")
 
     def __init__(self) -> None:
         self._items: list[Any] = []
         self._waiter: asyncio.Future[None] | None = None
+        self.size = 0
+
+    @staticmethod
+    def _size(item: Any) -> int:
+        return len(item.get("text") or item.get("bytes") or "")
 
     def put_nowait(self, item: Any) -> None:
         self._items.append(item)
+        self.size += self._size(item)
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
@@ -106,7 +114,15 @@ class _Inbound:
                 await self._waiter
             finally:
                 self._waiter = None
-        return self._items.pop(0)  # (a handful at most: uvicorn stops reading the socket beyond that)
+        item = self._items.pop(0)  # (a handful at most: reading the socket stops beyond that)
+        self.size -= self._size(item)
+        return item
+
+    def full(self) -> bool:
+        return len(self._items) >= INBOUND_HIGH_WATER or self.size >= INBOUND_HIGH_WATER_SIZE
+
+    def drained(self) -> bool:
+        return len(self._items) <= INBOUND_HIGH_WATER // 2 and self.size <= INBOUND_HIGH_WATER_SIZE // 2
 
 
 class FrameWriterProtocol(WebSocketsSansIOProtocol):
@@ -133,20 +149,21 @@ class FrameWriterProtocol(WebSocketsSansIOProtocol):
     def send_receive_event_to_app(self) -> None:
         # uvicorn stops reading the socket after every message until the app has taken it, then
         # starts again: two system calls per frame received (the loop's interest in the socket
-        # dropped and added back). Here reading stops only once INBOUND_HIGH_WATER messages wait,
-        # which bounds memory just the same. (``read_paused`` keeps uvicorn's meaning: its close
-        # path starts reading again, for the peer's close frame.)
+        # dropped and added back). Here reading stops only once INBOUND_HIGH_WATER messages, or
+        # INBOUND_HIGH_WATER_SIZE of text or bytes, wait (one frame of any size is enough for the
+        # latter, as with uvicorn), which bounds memory just the same. (``read_paused`` keeps
+        # uvicorn's meaning: its close path starts reading again, for the peer's close frame.)
         paused = self.read_paused
         self.read_paused = True  # (so uvicorn's own pause after this message is skipped)
         super().send_receive_event_to_app()
         self.read_paused = paused
-        if not paused and len(self.queue) >= INBOUND_HIGH_WATER:  # type: ignore[arg-type]
+        if not paused and self.queue.full():  # type: ignore[attr-defined]
             self.read_paused = True
             self.transport.pause_reading()
 
     async def receive(self) -> Any:
         message = await self.queue.get()
-        if self.read_paused and len(self.queue) <= INBOUND_HIGH_WATER // 2:  # type: ignore[arg-type]
+        if self.read_paused and self.queue.drained():  # type: ignore[attr-defined]
             self.read_paused = False
             self.transport.resume_reading()
         return message
