@@ -38,15 +38,15 @@ DEFAULT_SAMPLE_RATE = 16_000
 # -- Opus Plan A framing ------------------------------------------------------------------------------
 
 
-def split_opus_frames(payload: bytes) -> list[bytes]:
-    """Split a framed payload into framed packets (each still carrying its 2-byte length prefix).
+def opus_frame_ends(payload: bytes) -> list[int]:
+    """Validate a framed payload and return where each framed packet ends (byte offsets, ascending).
 
-    Keeping the prefix lets a buffer be cut at any packet boundary and re-joined by plain
-    concatenation. Raises ``ValueError`` on a truncated prefix, a length pointing past the end,
+    ``payload[ends[i - 1]:ends[i]]`` is packet ``i`` with its 2-byte length prefix (``ends[-1]`` is
+    ``len(payload)``); nothing is copied, so a buffer can hold a chunk whole and still be cut at any
+    packet boundary. Raises ``ValueError`` on a truncated prefix, a length pointing past the end,
     or a zero length (an empty Opus packet carries no audio and would count 20 ms that are not there).
     """
-    frames: list[bytes] = []
-    view = memoryview(payload)
+    ends: list[int] = []
     offset = 0
     end = len(payload)
     while offset < end:
@@ -55,14 +55,28 @@ def split_opus_frames(payload: bytes) -> list[bytes]:
         length = payload[offset] | (payload[offset + 1] << 8)
         if length == 0:
             raise ValueError(f"invalid opus framing: zero-length packet at byte {offset}")
-        stop = offset + OPUS_LENGTH_PREFIX_BYTES + length
-        if stop > end:
+        offset += OPUS_LENGTH_PREFIX_BYTES + length
+        if offset > end:
             raise ValueError(
-                f"invalid opus framing: packet at byte {offset} claims {length} bytes "
-                f"but only {end - offset - OPUS_LENGTH_PREFIX_BYTES} remain"
+                f"invalid opus framing: packet at byte {offset - OPUS_LENGTH_PREFIX_BYTES - length} "
+                f"claims {length} bytes but only {end - offset + length} remain"
             )
-        frames.append(bytes(view[offset:stop]))
-        offset = stop
+        ends.append(offset)
+    return ends
+
+
+def split_opus_frames(payload: bytes) -> list[bytes]:
+    """Split a framed payload into framed packets (each still carrying its 2-byte length prefix).
+
+    Keeping the prefix lets a buffer be cut at any packet boundary and re-joined by plain
+    concatenation. Raises ``ValueError`` for bad framing, as ``opus_frame_ends`` does.
+    """
+    view = memoryview(payload)
+    start = 0
+    frames: list[bytes] = []
+    for stop in opus_frame_ends(payload):
+        frames.append(bytes(view[start:stop]))
+        start = stop
     return frames
 
 
@@ -87,7 +101,7 @@ def join_opus(packets: Iterable[bytes]) -> bytes:
 
 def opus_duration_ms(payload: bytes) -> int:
     """Duration of a framed payload: packet count x 20 ms. Raises ``ValueError`` on bad framing."""
-    return len(split_opus_frames(payload)) * OPUS_PACKET_MS
+    return len(opus_frame_ends(payload)) * OPUS_PACKET_MS
 
 
 # -- PCM16 ----------------------------------------------------------------------------------------------

@@ -41,6 +41,7 @@ An empty cut creates no utterance and takes no index, but still ends the turn.
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from collections import deque
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -50,7 +51,7 @@ from dragoman.core.audio import (
     OPUS_PACKET_MS,
     PCM16_SAMPLE_BYTES,
     AudioFormat,
-    split_opus_frames,
+    opus_frame_ends,
 )
 from dragoman.errors import ProtocolError
 from dragoman.wire.codes import ErrorCode
@@ -145,13 +146,19 @@ class _Piece:
     units: int
     seq: int = 0
     offset: int = 0  # where ``data`` starts in its chunk's payload
+    ends: list[int] | None = None  # opus: where each framed packet ends in ``data`` (one per unit)
+
+    def split_at(self, units: int) -> int:
+        """Byte offset in ``data`` where its first ``units`` units end."""
+        return self.ends[units - 1] if self.ends is not None else units * PCM16_SAMPLE_BYTES
 
 
 class _AudioBuffer:
     """Buffered audio as pieces stamped with their arrival time, counted in indivisible units.
 
-    An Opus piece is one framed packet (1 unit: it cannot be split); a pcm16 piece is one chunk of
-    ``len // 2`` samples and may be split at any sample. Cuts therefore never tear a packet or sample.
+    A piece is what one chunk brought: pcm16 samples, or framed Opus packets with the offsets where
+    each ends. Units are packets or samples, and a piece is split only between two of them, so cuts
+    never tear a packet or sample.
     """
 
     def __init__(self, audio_format: AudioFormat) -> None:
@@ -174,10 +181,11 @@ class _AudioBuffer:
             return min(self.units, max_bytes // PCM16_SAMPLE_BYTES)
         total = count = 0
         for piece in self._pieces:
+            if total + len(piece.data) > max_bytes:
+                assert piece.ends is not None
+                return count + bisect_right(piece.ends, max_bytes - total)
             total += len(piece.data)
-            if total > max_bytes:
-                break
-            count += 1
+            count += piece.units
         return count
 
     def start(self) -> tuple[int, int] | None:
@@ -195,11 +203,12 @@ class _AudioBuffer:
                 self._pieces.popleft()
                 parts.append(piece.data)
                 remaining -= piece.units
-            else:  # only a pcm16 piece holds several units
-                split = remaining * PCM16_SAMPLE_BYTES
+            else:
+                split = piece.split_at(remaining)
                 parts.append(piece.data[:split])
+                ends = None if piece.ends is None else [e - split for e in piece.ends[remaining:]]
                 self._pieces[0] = _Piece(piece.at_ms, piece.data[split:], piece.units - remaining,
-                                         piece.seq, piece.offset + split)
+                                         piece.seq, piece.offset + split, ends)
                 remaining = 0
         audio = b"".join(parts)
         self.units -= units
@@ -322,18 +331,17 @@ class Segmenter:
 
     def _parse(self, payload: bytes, now_ms: int, seq: int, offset: int) -> list[_Piece]:
         if self._config.audio_format == "opus":
-            frames = split_opus_frames(payload)
-            too_big = [len(f) for f in frames if len(f) > self._config.max_buffer_bytes]
-            if too_big:
-                raise ValueError(
-                    f"opus packet of {too_big[0]} bytes exceeds max_buffer_bytes="
-                    f"{self._config.max_buffer_bytes}"
-                )
-            pieces = []
-            for frame in frames:
-                pieces.append(_Piece(now_ms, frame, 1, seq, offset))
-                offset += len(frame)
-            return pieces
+            ends = opus_frame_ends(payload)
+            if not ends:
+                return []
+            limit = self._config.max_buffer_bytes
+            if len(payload) > limit:  # only then can one packet be over the limit
+                for start, stop in zip([0, *ends], ends, strict=False):
+                    if stop - start > limit:
+                        raise ValueError(
+                            f"opus packet of {stop - start} bytes exceeds max_buffer_bytes={limit}"
+                        )
+            return [_Piece(now_ms, bytes(payload), len(ends), seq, offset, ends)]
         if len(payload) % PCM16_SAMPLE_BYTES:
             raise ValueError(f"pcm16 audio must have an even byte count, got {len(payload)}")
         if not payload:
