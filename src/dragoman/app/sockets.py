@@ -309,7 +309,7 @@ class Link:
         except Exception:  # the peer is closing (InvalidState): the queue's writer finds out and stops
             return False
         if not self._out:
-            asyncio.get_running_loop().call_soon(self._flush)
+            p.loop.call_soon(self._flush)  # (the protocol's loop: asyncio.get_running_loop() is a getpid call)
         self._out.extend(p.conn.data_to_send())
         self.frames += 1
         return True

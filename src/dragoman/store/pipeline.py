@@ -101,13 +101,16 @@ class AutoPipeline:
         self._line: _Line | None = None
         self._line_since = 0.0
         self._linger: asyncio.TimerHandle | None = None  # when the lingering calls leave anyway
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.writes = 0  # batches written (commands / writes = the pipelining achieved)
         self.commands = 0
 
     async def execute(self, *args: Any, linger: float = 0.0) -> Any:
         """Send one command with the others of this loop turn (or, with ``linger``, of the next
         ``linger`` seconds); its reply (an error reply raises)."""
-        loop = asyncio.get_running_loop()
+        loop = self._loop
+        if loop is None or loop.is_closed():  # (asyncio.get_running_loop() costs a getpid call)
+            loop = self._loop = asyncio.get_running_loop()
         fut: asyncio.Future[Any] = loop.create_future()
         self._batch.append((args, _settle_future(fut)))
         if self._wake is None:
