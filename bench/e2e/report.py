@@ -83,6 +83,11 @@ def _targets(res: dict[str, Any]) -> list[str]:
         if rr and len(rr) > 1:
             out.append(f"Dragoman/{peer} closed loop round by round: {', '.join(f'{x:.2f}' for x in rr)} "
                        f"(median {a[f'closed_vs_{peer}_rounds_median']:.2f}x)")
+    if "audit_rounds" in a:
+        out.append(f"after each of {a['audit_rounds']} Dragoman rounds (load stopped, nodes connected): "
+                   f"{a['audit_slots_held']} slots still held, {a['audit_jobs_not_ended']} jobs not ended"
+                   + (f", problems: {'; '.join(a['audit_problems'][:3])}" if a["audit_problems"] else "")
+                   + f" (I1, I3: every slot returned: {'PASS' if a['audit_clean'] else 'MISS'})")
     if "scheduler_cpu_us_per_job_closed" in a:
         # The target is the figure under load (the issue's 1.6 ms was measured with the scheduler as the
         # bottleneck); at 200 jobs/s each job pays the wake-ups of a mostly idle process, for every system.

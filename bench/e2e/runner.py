@@ -234,6 +234,14 @@ def analyse(res: dict[str, Any]) -> dict[str, Any]:
             us = d[phase]["cpu_us_per_job"].get("scheduler", float("nan"))
             a[f"scheduler_cpu_us_per_job_{phase}"] = us
             a[f"scheduler_cpu_le_400us_{phase}"] = us <= 400
+    audits = [r["audit"] for name, rounds in res.get("raw", {}).items() if name in DRAGOMAN_SPECS
+              for r in rounds if "audit" in r]
+    if audits:
+        a["audit_rounds"] = len(audits)
+        a["audit_slots_held"] = sum(x["slots_held"] for x in audits)
+        a["audit_jobs_not_ended"] = sum(x["jobs_not_ended"] for x in audits)
+        a["audit_problems"] = [p for x in audits for p in ([x["error"]] if x["error"] else []) + x["violations"]]
+        a["audit_clean"] = all(x["clean"] for x in audits)
     for w in SCALING:
         if w in s and "closed" in s[w]:
             a[f"scaling_{w}_vs_dragoman"] = s[w]["closed"]["rate"] / d["closed"]["rate"]

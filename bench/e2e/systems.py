@@ -24,12 +24,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import redis
+import redis.asyncio as aioredis
 
 from bench.e2e import pyspy
 from bench.e2e.facts import dragoman_argv
 from bench.e2e.meter import Meter, per_job
 from bench.e2e.procs import Proc
 from bench.peers import install as peer_install
+from chaos.audit import quiesce
 
 if TYPE_CHECKING:
     from bench.e2e.runner import Profile
@@ -149,6 +151,19 @@ _UVLOOP_MAIN = ("import asyncio, sys, uvloop; asyncio.set_event_loop_policy(uvlo
                 "sys.argv[0] = 'dragoman'; from dragoman.cli.main import main; main()")
 
 
+async def _audit(url: str, bound_s: float = 15.0) -> dict[str, Any]:
+    """After the load (nodes still connected): every slot given back (I1) and every job ended (I3),
+    read from Redis by ``chaos.audit`` (waiting up to ``bound_s`` for the last acknowledgements)."""
+    rc = aioredis.Redis.from_url(url)
+    try:
+        result, waited = await quiesce(rc, bound_s)
+    finally:
+        await rc.aclose()
+    return {"nodes": result.nodes, "slots_held": result.leaked, "violations": result.violations[:5],
+            "jobs_not_ended": result.non_terminal, "error": result.error, "clean": result.clean,
+            "waited_s": round(waited, 2)}
+
+
 async def run_dragoman(ctx: Context, rnd: int, spec: DragomanSpec = DragomanSpec(), name: str = "dragoman",
                        spy_out: Path | None = None) -> dict[str, Any]:
     """One round of Dragoman. With ``spy_out``, py-spy samples the scheduler during the closed-loop
@@ -188,6 +203,7 @@ async def run_dragoman(ctx: Context, rnd: int, spec: DragomanSpec = DragomanSpec
         meter.tracked["sessions"] = sessions.pid
         sready = await sessions.next_event(("ready",), 60)
         out = await _collect(sessions, meter, ctx, spec.phases)
+        out["audit"] = await _audit(ctx.redis_url)
         for sp in spy:
             try:
                 await asyncio.to_thread(sp.wait, p.window + 30)
