@@ -121,6 +121,15 @@ class StoreMachine(RuleBasedStateMachine):
         self.sync.flushall()
         self.loop = asyncio.new_event_loop()
         self.store = Store.from_url(url, STORE_SETTINGS, proc=PROC, test_clock=True)
+        # Every effect of every call, as the process's sink (the Hub) hears them: a call's reply to
+        # its caller may carry only some (a heartbeat's reply: what its node was given; an outcome of a
+        # job that timed out in the queue while the node's free slot was being filled is no node's).
+        self.heard: list[Effect] = []
+
+        async def hear(effects: list[Effect]) -> None:
+            self.heard.extend(effects)
+
+        self.store.sink = hear
         self.offset_ms = 0
         self.node_max: dict[str, int] = {}  # fixed per node on first registration
         self.conns: dict[str, str] = {}
@@ -157,8 +166,9 @@ class StoreMachine(RuleBasedStateMachine):
 
     def _absorb(self, reply: Reply, before: dict[str, dict[str, str]], revives: str | None) -> None:
         assert isinstance(reply.effects, list)
+        effects, self.heard = self.heard, []
         after: dict[str, dict[str, str]] | None = None
-        for e in reply.effects:
+        for e in effects:
             job = self.jobs.get(e.job)
             assert job is not None, f"effect for a job nobody dispatched: {e}"
             if e.kind == "assign" and job.holders and (e.node, e.attempt) == job.holders[-1]:
@@ -196,7 +206,8 @@ class StoreMachine(RuleBasedStateMachine):
         reply = self.loop.run_until_complete(coro)
         after = snapshot(self.sync)
         assert before == after, f"call changed state:\n{snapshot_diff(before, after)}\nreply={reply}"
-        for e in reply.effects:
+        effects, self.heard = self.heard, []
+        for e in effects:
             job = self.jobs[e.job]
             if e.kind == "assign":
                 assert job.holders and (e.node, e.attempt) == job.holders[-1], f"not a repeat: {e} {job.holders}"
@@ -701,3 +712,25 @@ def test_store_state_machine(server_url: str) -> None:
         settings=settings(max_examples=EXAMPLES, stateful_step_count=40, deadline=None, database=None,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much]),
     )
+
+
+def test_an_outcome_of_no_node_is_heard(server_url: str) -> None:
+    """Found by the machine: a queued job that times out while a node's heartbeat fills its freed
+    slot ends with an outcome addressed to no node; the process's sink hears it (the heartbeat's
+    reply to its node carries only what that node was given)."""
+    state = StoreMachine(server_url)
+    steps = [
+        lambda: state.first_nodes(caps=[1]),
+        state.next_utterance,
+        state.next_utterance,  # queued behind the first: one slot
+        lambda: state.time_passes(silent={"n1"}, step=50_000, then_reap=False),
+        lambda: state.complete_by_holder(extras="", pick=0, result="completed"),
+        lambda: state.time_passes(silent=set(), step=10_000, then_reap=False),  # past the queued job's deadline
+    ]
+    try:
+        for step in steps:
+            step()
+            state.redis_agrees_with_the_invariants()  # (as between the machine's steps; I3: one outcome each)
+        assert sorted(o.state for job in state.jobs.values() for o in job.outcomes) == ["completed", "failed"]
+    finally:
+        state.teardown()
