@@ -1,6 +1,6 @@
 --[[
   The per-call context every transition carries: the cell base, the calling process, the server's
-  time (I7: never a scheduler's clock), and what the call hands back.
+  time (I7: never a scheduler's clock; read once, when first needed), and what the call hands back.
 
   A reply is an array: [1] the body (JSON), [2] the effects (a JSON array), [3..] payloads. Effects
   are what other parties must hear about (a job to send to a node, a cancel, a job's outcome for a
@@ -27,8 +27,17 @@ local function server_now_ms(base)
   return now
 end
 
+-- ``ctx.now`` reads the clock on first use, once per call: a call whose decisions need no time (a
+-- result with nothing queued behind it) costs no TIME command.
+local CONTEXT = { __index = function(ctx, key)
+  if key ~= 'now' then return nil end
+  local now = server_now_ms(ctx.base)
+  rawset(ctx, 'now', now)
+  return now
+end }
+
 local function new_context(base, proc)
-  return { base = base, proc = proc, now = server_now_ms(base), effects = {}, payloads = {} }
+  return setmetatable({ base = base, proc = proc, effects = {}, payloads = {} }, CONTEXT)
 end
 
 -- A process is alive while its registration (renewed every third of proc_ttl_ms) has not lapsed.
@@ -93,7 +102,7 @@ local function word_set(s)
 end
 
 local function reply(ctx, body)
-  body.now = ctx.now
+  body.now = rawget(ctx, 'now')  -- (the time the call used; none when it needed none)
   local out = { cjson.encode(body), (#ctx.effects > 0) and cjson.encode(ctx.effects) or '[]' }
   for _, p in ipairs(ctx.payloads) do table.insert(out, p) end
   if ctx.call_id and ctx.call_id ~= '' and (#ctx.effects > 0 or ctx.keep_always) then

@@ -44,7 +44,7 @@ local function hset(key, fields, extra)
 end
 
 local function finish_job(ctx, jid, j, state, code, payload, own, extra)
-  local fields = { 'state', state, 'code', code or '', 'finished', ctx.now, 'data', '' }
+  local fields = { 'state', state, 'code', code or '', 'data', '' }
   if payload and payload ~= '' then
     table.insert(fields, 'result')
     table.insert(fields, payload)
