@@ -87,6 +87,7 @@ RETRYABLE = (RedisConnectionError, RedisTimeoutError, BusyLoadingError, ReadOnly
 HEARTBEAT_LINGER_S = 0.02
 HEARTBEAT_BATCH_MAX = 200
 _effect_decoder = msgspec.json.Decoder(Effect)
+_effects_decoder = msgspec.json.Decoder(list[Effect])
 _decoders: dict[type, msgspec.json.Decoder[Any]] = {}
 
 
@@ -213,20 +214,26 @@ class Store:
 
     def _effects(self, name: str, raw: bytes, payloads: list[str], cell: str, own_payload: str | None,
                  own_result: Any) -> list[Effect]:
-        out: list[Effect] = []
-        for item in msgspec.json.decode(raw, type=list[msgspec.Raw]):
-            try:
-                effect = _effect_decoder.decode(item)
-            except msgspec.DecodeError as exc:  # one bad effect never takes the others with it
-                self.undecodable_effects += 1
-                log.error("undecodable effect", script=name, effect=bytes(item)[:200], error=str(exc))
-                continue
+        try:  # (all at once; one at a time only when one of them is bad)
+            effects = _effects_decoder.decode(raw)
+        except msgspec.DecodeError:
+            effects = self._each_effect(name, raw)
+        for effect in effects:
             effect.cell = cell
             if effect.p > 0:
                 effect.payload = payloads[effect.p - 1]
             elif effect.p == -1:
                 effect.payload, effect.result = own_payload, own_result
-            out.append(effect)
+        return effects
+
+    def _each_effect(self, name: str, raw: bytes) -> list[Effect]:
+        out: list[Effect] = []
+        for item in msgspec.json.decode(raw, type=list[msgspec.Raw]):
+            try:
+                out.append(_effect_decoder.decode(item))
+            except msgspec.DecodeError as exc:  # one bad effect never takes the others with it
+                self.undecodable_effects += 1
+                log.error("undecodable effect", script=name, effect=bytes(item)[:200], error=str(exc))
         return out
 
     @staticmethod
