@@ -126,6 +126,9 @@ class Store:
         self.proc = proc or uuid.uuid4().hex[:12]
         self.cells = {c: CellKeys(settings.key_prefix, c) for c in settings.cells}
         self.cell_names = tuple(settings.cells)
+        # Each session tries its home cell first, then the others in order: one rotation per home.
+        n = len(self.cell_names)
+        self._cell_orders = [tuple(self.cells[self.cell_names[(home + i) % n]] for i in range(n)) for home in range(n)]
         self.pipeline = (AutoPipeline(client.connection_pool, replicas=settings.redis_min_replicas_ack,
                                       replica_wait_ms=settings.redis_replica_wait_ms, recheck_s=PRIMARY_CHECK_INTERVAL)
                          if settings.redis_auto_pipeline and not isinstance(client, RedisCluster) else None)
@@ -323,10 +326,11 @@ class Store:
                                 [self.proc, node_id, conn, reason, self.call_id()], OfflineReply)
 
     # ---------------------------------------------------------------- jobs
-    def _cells_to_try(self, session_id: str) -> list[CellKeys]:
-        names = list(self.cell_names)
-        start = zlib.crc32(session_id.encode()) % len(names)  # the session's home cell first
-        return [self.cells[names[(start + i) % len(names)]] for i in range(len(names))]
+    def _cells_to_try(self, session_id: str) -> tuple[CellKeys, ...]:
+        orders = self._cell_orders
+        if len(orders) == 1:
+            return orders[0]
+        return orders[zlib.crc32(session_id.encode()) % len(orders)]  # the session's home cell first
 
     async def dispatch(self, spec: JobSpec) -> DispatchReply:
         """Place a job. With several cells, each cell serving the pool is tried for a free slot
@@ -334,7 +338,7 @@ class Store:
         check_pool(spec.pool)
         check_name("session_id", spec.session_id)
         s = self.settings
-        cells = self._cells_to_try(spec.session_id)
+        cells: Sequence[CellKeys] = self._cells_to_try(spec.session_id)
         home = cells[0]
         if len(cells) > 1:  # a hint only: each script decides for itself
             serving = [ck for ck in cells
