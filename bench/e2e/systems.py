@@ -60,7 +60,8 @@ class Context:
     def __init__(self, profile: Profile, redis_url: str, redis_pid: int, logdir: Path,
                  admin_url: str | None = None, extra_pids: dict[str, int] | None = None) -> None:
         self.profile, self.redis_url, self.redis_pid, self.logdir = profile, redis_url, redis_pid, logdir
-        self.admin = redis.Redis.from_url(admin_url or redis_url, decode_responses=True)
+        self.admin_url = admin_url or redis_url  # a plain redis:// URL of the primary (never a Sentinel one)
+        self.admin = redis.Redis.from_url(self.admin_url, decode_responses=True)
         self.extra_pids = dict(extra_pids or {})
 
     def server_pids(self) -> dict[str, int]:
@@ -203,7 +204,7 @@ async def run_dragoman(ctx: Context, rnd: int, spec: DragomanSpec = DragomanSpec
         meter.tracked["sessions"] = sessions.pid
         sready = await sessions.next_event(("ready",), 60)
         out = await _collect(sessions, meter, ctx, spec.phases)
-        out["audit"] = await _audit(ctx.redis_url)
+        out["audit"] = await _audit(ctx.admin_url)
         for sp in spy:
             try:
                 await asyncio.to_thread(sp.wait, p.window + 30)
