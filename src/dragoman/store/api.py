@@ -21,7 +21,6 @@ import dataclasses
 import json
 import random
 import uuid
-import zlib
 from collections import Counter, defaultdict
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, TypeVar
@@ -126,9 +125,9 @@ class Store:
         self.proc = proc or uuid.uuid4().hex[:12]
         self.cells = {c: CellKeys(settings.key_prefix, c) for c in settings.cells}
         self.cell_names = tuple(settings.cells)
-        # Each session tries its home cell first, then the others in order: one rotation per home.
-        n = len(self.cell_names)
-        self._cell_orders = [tuple(self.cells[self.cell_names[(home + i) % n]] for i in range(n)) for home in range(n)]
+        # Each session tries its home cell first, then the others in order: one rotation per home cell.
+        names, n = self.cell_names, len(self.cell_names)
+        self._cell_orders = {names[h]: tuple(self.cells[names[(h + i) % n]] for i in range(n)) for h in range(n)}
         self.pipeline = (AutoPipeline(client.connection_pool, replicas=settings.redis_min_replicas_ack,
                                       replica_wait_ms=settings.redis_replica_wait_ms, recheck_s=PRIMARY_CHECK_INTERVAL)
                          if settings.redis_auto_pipeline and not isinstance(client, RedisCluster) else None)
@@ -327,10 +326,7 @@ class Store:
 
     # ---------------------------------------------------------------- jobs
     def _cells_to_try(self, session_id: str) -> tuple[CellKeys, ...]:
-        orders = self._cell_orders
-        if len(orders) == 1:
-            return orders[0]
-        return orders[zlib.crc32(session_id.encode()) % len(orders)]  # the session's home cell first
+        return self._cell_orders[home_cell(session_id, self.cell_names)]
 
     async def dispatch(self, spec: JobSpec) -> DispatchReply:
         """Place a job. With several cells, each cell serving the pool is tried for a free slot

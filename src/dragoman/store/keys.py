@@ -152,4 +152,6 @@ def room_cell(code: str, cells: tuple[str, ...]) -> str:
 
 def home_cell(session_id: str, cells: tuple[str, ...]) -> str:
     """A session's home cell keeps its settings and resume point; its jobs may be in any cell."""
+    if len(cells) == 1:  # (no hash to compute: the common, single-cell deployment)
+        return cells[0]
     return cells[zlib.crc32(session_id.encode()) % len(cells)]
