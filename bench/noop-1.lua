@@ -1,7 +1,7 @@
 --[[
   Benchmark baseline: the cheapest script call there is. It touches no key and does no work, and
   answers a short JSON string shaped like the transition scripts' replies. Called exactly like them
-  (redis-py register_script -> EVALSHA, through dragoman.store.scripts.Scripts), so the difference
+  (FCALL of a function of its own library, through dragoman.store.scripts.Scripts), so the difference
   between this and a real transition is the cost of the transition itself.
 
   Input:

@@ -7,13 +7,13 @@ process, a warm-up, then a fixed window; ``reps`` rounds, median taken; 1 and 2 
 window of each per round, so changes in the machine's load hit both alike):
 
 1. baseline: calls/s of a no-op script (``bench/noop-1.lua``) called through ``Scripts.call``, the same
-   register_script / EVALSHA path the transition scripts use;
+   FCALL path the transition scripts use (each root is one library of functions);
 2. dispatch+complete pairs/s through ``Store.dispatch`` / ``Store.complete`` with 50 nodes in a pool,
    and the ratio to the baseline;
 3. the cost of one dispatch (sequential, one at a time) with 10, 1,000 and 10,000 nodes in the pool.
 
 Diagnostics, to show where the time goes: CPU per operation of the client and the server process;
-the server's execution time per script, one call at a time (EVALSHA ``usec`` in INFO commandstats,
+the server's execution time per script, one call at a time (FCALL ``usec`` in INFO commandstats,
 read around every call) and busy (Store's calls replayed in pipelined batches); the Redis commands
 the scripts issue per call; and section 2's loop with the scripts replaced by stubs
 (``bench/stubs/``), which is what the client path alone allows. The results go to stdout and, with
@@ -26,7 +26,6 @@ import argparse
 import asyncio
 import dataclasses
 import datetime as dt
-import hashlib
 import json
 import os
 import platform
@@ -56,7 +55,7 @@ JOB_DATA = json.dumps({"type": "job_assign", "src_lang": "zh", "tgt_lang": "en",
                        "format": "pcm_s16le", "sample_rate": 16000})
 RESULT = json.dumps({"text": "The weather is nice today.", "confidence": 0.93})
 
-_NOT_FROM_LUA = {"cmdstat_evalsha", "cmdstat_info", "cmdstat_config|resetstat"}
+_NOT_FROM_LUA = {"cmdstat_fcall", "cmdstat_info", "cmdstat_config|resetstat"}
 PAIR_TARGET = 0.5  # pairs/s ÷ no-op calls/s, at least
 SCALE_TARGET = 1.5  # p50 dispatch at 10,000 nodes ÷ at 10 nodes, at most
 
@@ -148,8 +147,7 @@ class Bench:
         # Diagnostics only: the same Store path, its scripts replaced by stubs with canned replies.
         self.stub_store = Store.from_url(server.url, self.settings, proc="bench")
         self.stub_store.scripts = Scripts(self.stub_store.client, root=BENCH_DIR / "stubs")
-        self.shas = {name: hashlib.sha1(spec.source.encode()).hexdigest()
-                     for name, spec in self.store.scripts.specs.items()}
+        self.functions = self.store.scripts.library.functions
         # Diagnostics only: a Store whose script calls are recorded, not sent (see hot_profile).
         self.recorder = _Recorder()
         self.rec_store = Store.from_url(server.url, self.settings, proc="bench")
@@ -186,13 +184,13 @@ class Bench:
         if d.status != "assigned":
             raise RuntimeError(f"dispatch did not assign: {d}")
         if probe:
-            await self.evalsha_usec("dispatch_task")
+            await self.fcall_usec("dispatch_task")
         c = await store.complete(d.job_id, d.node, d.attempt, "completed", payload=RESULT)
         t2 = time.perf_counter_ns()
         if c.status != "completed":
             raise RuntimeError(f"complete refused: {c}")
         if probe:
-            await self.evalsha_usec("complete_task")
+            await self.fcall_usec("complete_task")
         return t1 - t0, t2 - t1
 
     async def register_nodes(self, count: int, capacity: int, parallel: int = 64) -> float:
@@ -255,7 +253,7 @@ class Bench:
             await asyncio.gather(*tasks, return_exceptions=True)
         if state["error"]:
             raise state["error"]
-        ev = stats.get("cmdstat_evalsha", {})
+        ev = stats.get("cmdstat_fcall", {})
         secs = t1 - t0
         return {
             "ops": c1 - c0, "seconds": secs, "rate": (c1 - c0) / secs,
@@ -263,8 +261,8 @@ class Bench:
             "latency_us": summarize_us(window_lat),
             "client_cpu": (cpu1 - cpu0) / secs, "server_cpu": (srv1 - srv0) / secs,
             "other_cpu": ((sys1 - sys0) - (cpu1 - cpu0) - (srv1 - srv0)) / secs,
-            "evalsha_calls": int(ev.get("calls", 0)),
-            "evalsha_usec_per_call": float(ev.get("usec_per_call", float("nan"))),
+            "fcall_calls": int(ev.get("calls", 0)),
+            "fcall_usec_per_call": float(ev.get("usec_per_call", float("nan"))),
         }
 
     @staticmethod
@@ -278,13 +276,13 @@ class Bench:
                 "client_cpu": med("client_cpu"), "server_cpu": med("server_cpu"), "other_cpu": med("other_cpu"),
                 "client_cpu_us_per_op": statistics.median(w["client_cpu"] / w["rate"] * 1e6 for w in windows),
                 "server_cpu_us_per_op": statistics.median(w["server_cpu"] / w["rate"] * 1e6 for w in windows),
-                "evalsha_usec_per_call": med("evalsha_usec_per_call")}
+                "fcall_usec_per_call": med("fcall_usec_per_call")}
 
     # ----------------------------------------------------------------- server-side profile
-    async def evalsha_usec(self, label: str) -> None:
-        """Probe: attribute the EVALSHA time accrued since the previous probe to ``label``."""
+    async def fcall_usec(self, label: str) -> None:
+        """Probe: attribute the FCALL time accrued since the previous probe to ``label``."""
         stats = await self.admin.info("commandstats")
-        ev = stats.get("cmdstat_evalsha", {})
+        ev = stats.get("cmdstat_fcall", {})
         calls, usec = int(ev.get("calls", 0)), int(ev.get("usec", 0))
         inner = {k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in stats.items()
                  if k.startswith("cmdstat_") and k not in _NOT_FROM_LUA}
@@ -302,7 +300,7 @@ class Bench:
 
     async def server_profile(self, run: Callable[[int], Awaitable[None]], count: int) -> dict[str, Any]:
         """Run ``run(count)`` sequentially, reading INFO commandstats around every script call: the
-        server's execution time of each call (EVALSHA ``usec``, whole microseconds) by script, and
+        server's execution time of each call (FCALL ``usec``, whole microseconds) by script, and
         the commands the scripts issue from Lua per call. (SLOWLOG is not used: at a 0 us threshold
         it also logs every command a script issues, which inflates the script's own time.)"""
         self._probe_samples = {}
@@ -310,10 +308,10 @@ class Bench:
         self._probe_inner_us = {}
         self._probe_last = None
         await self.admin.config_resetstat()
-        await self.evalsha_usec("")
+        await self.fcall_usec("")
         await run(count)
         cmdstats = await self.admin.info("commandstats")
-        evalsha_calls = int(cmdstats.get("cmdstat_evalsha", {}).get("calls", 0)) or 1
+        fcall_calls = int(cmdstats.get("cmdstat_fcall", {}).get("calls", 0)) or 1
         inner = {k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in cmdstats.items()
                  if k.startswith("cmdstat_") and k not in _NOT_FROM_LUA}
         scripts = {}
@@ -326,22 +324,22 @@ class Bench:
                              "lua_commands": sum(cmds.values()) / len(s),
                              "lua_command_mix": {k: v / len(s) for k, v in
                                                  sorted(cmds.items(), key=lambda kv: (-kv[1], kv[0]))}}
-        return {"scripts": scripts, "evalsha_calls": evalsha_calls,
+        return {"scripts": scripts, "fcall_calls": fcall_calls,
                 "inner_calls_total": sum(inner.values()),
-                "inner_calls_per_evalsha": sum(inner.values()) / evalsha_calls,
+                "inner_calls_per_fcall": sum(inner.values()) / fcall_calls,
                 "inner_calls": dict(sorted(inner.items(), key=lambda kv: -kv[1]))}
 
     async def _pipelined(self, calls: list[tuple[str, list[str], list[Any]]]) -> tuple[list[Any], float]:
         """Send recorded script calls in one pipeline (the server runs them back to back); answer the
-        replies and the server's mean EVALSHA time over the batch."""
+        replies and the server's mean FCALL time over the batch."""
         pipe = self.store.client.pipeline(transaction=False)
         for name, keys, args in calls:
-            pipe.evalsha(self.shas[name], len(keys), *keys, *args)
+            pipe.execute_command("FCALL", self.functions[name], len(keys), *keys, *args)
         await self.admin.config_resetstat()
         replies = await pipe.execute()
-        ev = (await self.admin.info("commandstats")).get("cmdstat_evalsha", {})
+        ev = (await self.admin.info("commandstats")).get("cmdstat_fcall", {})
         if int(ev.get("calls", 0)) != len(calls):
-            raise RuntimeError(f"expected {len(calls)} EVALSHA calls, server counted {ev.get('calls')}")
+            raise RuntimeError(f"expected {len(calls)} FCALL calls, server counted {ev.get('calls')}")
         return replies, float(ev["usec_per_call"])
 
     async def hot_profile(self, tag: str) -> dict[str, Any]:
@@ -415,7 +413,7 @@ class Bench:
         async def run_noop(n: int) -> None:
             for _ in range(n):
                 await self.noop_call()
-                await self.evalsha_usec("noop")
+                await self.fcall_usec("noop")
 
         async def run_pairs(n: int) -> None:
             for k in range(n):
@@ -605,7 +603,7 @@ def _page(res: dict[str, Any]) -> str:
           "machine's load hits them alike.", "",
           "1. **Baseline**: a no-op script (`bench/noop-1.lua`: KEYS[1] = the cell registry key, returns a "
           "short JSON string) called through `dragoman.store.scripts.Scripts.call`, the same "
-          "`register_script` / EVALSHA path as every transition script. It is the cheapest script call "
+          "FCALL path as every transition script (`Scripts` loads each folder of scripts as one library). It is the cheapest script call "
           "this harness can make (no key read, no argument, reply not decoded). Measured two ways: one "
           "no-op call per iteration (*no-op calls/s*), and the pair loop's shape with both of its calls "
           "no-ops (*no-op pairs/s*); the target compares pairs with the latter, the same loop calling a "
@@ -614,7 +612,7 @@ def _page(res: dict[str, Any]) -> str:
           f"pool `{POOL}`; each coroutine is one session that dispatches its next utterance's job "
           "(`Store.dispatch(JobSpec)`) and completes it with the assigned node and attempt "
           "(`Store.complete`, small JSON payload), in a loop: the whole `Store` path (argument checks, "
-          "EVALSHA, reply decoding).",
+          "FCALL, reply decoding).",
           f"3. **Cost of one dispatch vs pool size**: {', '.join(f'{s:,}' for s in p['sizes'])} nodes in one "
           "pool (registered by concurrent `Store.register_node` calls; database flushed between sizes), "
           f"then {p['samples']:,} sequential dispatch+complete pairs after {p['warmup_samples']} warm-up "
@@ -625,7 +623,7 @@ def _page(res: dict[str, Any]) -> str:
           "applies and each one selects a node from the pool. Figures are medians over the rounds.", "",
           "Diagnostics (not targets): the CPU each side spends per operation (client: this process's CPU "
           "time; server: the valkey-server process's, from /proc), the server's execution time per script "
-          "call (EVALSHA `usec` in INFO commandstats, read before and after every call of a separate "
+          "call (FCALL `usec` in INFO commandstats, read before and after every call of a separate "
           f"sequential run of {p['diag_calls']:,}; excludes network and parsing), the Redis commands the "
           "scripts issue per call, and section 2's loop run again with the two scripts replaced by stubs "
           "(`bench/stubs/`: same keys and arguments, canned replies of the real size, no key touched), "
@@ -658,10 +656,10 @@ def _page(res: dict[str, Any]) -> str:
         return (f"| {label} | {fmt(sec['rate'])} {per} | {fmt(sec['script_calls_per_s'])} | "
                 f"{fmt(sec['latency_us_p50'], 1)} | {fmt(sec['latency_us_p99'], 1)} | "
                 f"{sec['client_cpu']:.2f} | {sec['server_cpu']:.2f} | {cores(sec['other_cpu'])} | "
-                f"{fmt(sec['evalsha_usec_per_call'], 1)} |")
+                f"{fmt(sec['fcall_usec_per_call'], 1)} |")
 
     tp_head = ["| | rate | script calls/s | latency p50 µs | p99 µs | client CPU (cores) | server CPU | "
-               "other CPU | server µs / EVALSHA |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+               "other CPU | server µs / FCALL |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     L += ["## 1. Baseline: no-op script", ""] + tp_head + [tp_row("no-op", noop, "calls/s"), ""]
     L += ["## 2. dispatch+complete pairs", ""] + tp_head + [
         tp_row("dispatch+complete", pairs, "pairs/s"), "",
@@ -690,7 +688,7 @@ def _page(res: dict[str, Any]) -> str:
           "both processes waking up; figures are medians over the rounds. *Busy* server times: Store's "
           "calls recorded and replayed in "
           f"pipelined batches of {p['hot_batch']} dispatches, then their {p['hot_batch']} completes "
-          f"({p['hot_batches']} batches; median of the batches' mean EVALSHA time), so the server runs "
+          f"({p['hot_batches']} batches; median of the batches' mean FCALL time), so the server runs "
           "them back to back. *One at a time*: the sequential run of the diagnostics. Both are measured in "
           "the last round.", ""]
 
@@ -698,14 +696,14 @@ def _page(res: dict[str, Any]) -> str:
                 ("pair, stub scripts", stub, 2)]
     L += ["## Where the time goes", "",
           "CPU spent per operation during the throughput windows (medians), the server's execution time "
-          "per EVALSHA, and the rate reached:", "",
+          "per FCALL, and the rate reached:", "",
           "| operation | ops/s | ÷ no-op calls/s | client CPU µs / op | server CPU µs / op | "
-          "server µs / EVALSHA | other CPU (cores) |", "|---|---:|---:|---:|---:|---:|---:|"]
+          "server µs / FCALL | other CPU (cores) |", "|---|---:|---:|---:|---:|---:|---:|"]
     for label, sec, _calls in cpu_rows:
         L.append(f"| {label} | {fmt(sec['rate'])} | {sec['rate'] / noop['rate']:.3f} | "
                  f"{fmt(sec['client_cpu_us_per_op'], 1)} | {fmt(sec['server_cpu_us_per_op'], 1)} | "
-                 f"{fmt(sec['evalsha_usec_per_call'], 1)} | {cores(sec['other_cpu'])} |")
-    L += ["", "Server CPU per operation includes reading and writing the sockets; *server µs / EVALSHA* is "
+                 f"{fmt(sec['fcall_usec_per_call'], 1)} | {cores(sec['other_cpu'])} |")
+    L += ["", "Server CPU per operation includes reading and writing the sockets; *server µs / FCALL* is "
           "script execution alone. With the stub scripts the pair loop keeps the whole client path and "
           f"drops the Lua work: it reaches {a['stub_ratio']:.3f} of the no-op rate, the most this client "
           "harness could show for pairs with scripts that cost nothing.", "",
@@ -713,25 +711,24 @@ def _page(res: dict[str, Any]) -> str:
     rows = [("no-op", noop["server"]), (f"pairs, {p['pool_nodes']} nodes", pairs["server"])]
     rows += [(f"{s['size']:,} nodes", s["server"]) for s in sizes]
     L += server_table(rows) + [
-        "", "One call at a time, a script takes longer than under load (*server µs / EVALSHA* above, and "
+        "", "One call at a time, a script takes longer than under load (*server µs / FCALL* above, and "
         "the *busy* figures of section 3) for the same commands issued: the server idles between calls. "
         "*Its commands* is the `usec` of the commands the call issued from Lua (commandstats, read around "
-        "the call); *the Lua itself* is the rest: the interpreter running the script's text, which "
-        "includes making a closure of every `local function` the script keeps from its includes on every "
-        "call (Redis runs the whole text each time; Redis Functions would make them once, at load).", "",
+        "the call); *the Lua itself* is the rest: the interpreter running the function (the shared `local "
+        "function`s of the includes are made once, when the library is loaded).", "",
         "Redis commands issued from Lua per call (INFO commandstats, section 2's loop):", ""]
     L += mix_lines(pairs["server"]) + [""]
 
     L += ["## Raw numbers", "", "Throughput windows:", "",
           "| section | window | ops | seconds | ops/s | latency p50 µs | p99 µs | client CPU | server CPU | "
-          "other CPU | EVALSHA calls | server µs / EVALSHA |",
+          "other CPU | FCALL calls | server µs / FCALL |",
           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for label, sec in (("no-op", noop), ("pairs", pairs), ("pairs, stubs", stub)):
         for i, w in enumerate(sec["windows"], 1):
             L.append(f"| {label} | {i} | {w['ops']:,} | {w['seconds']:.2f} | {fmt(w['rate'])} | "
                      f"{fmt(w['latency_us']['p50'], 1)} | {fmt(w['latency_us']['p99'], 1)} | "
                      f"{w['client_cpu']:.2f} | {w['server_cpu']:.2f} | {cores(w['other_cpu'])} | "
-                     f"{w['evalsha_calls']:,} | {fmt(w['evalsha_usec_per_call'], 1)} |")
+                     f"{w['fcall_calls']:,} | {fmt(w['fcall_usec_per_call'], 1)} |")
     L += ["", "Dispatch cost per round (section 3), client-side µs:", "",
           "| nodes | round | samples | dispatch mean | p50 | p90 | p99 | max | complete mean | p50 | p99 | "
           "other CPU (cores) |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -753,9 +750,9 @@ def summary(res: dict[str, Any]) -> str:
         f"dragoman bench ({res['profile']['name']}: {env['server']}, {env['cpu_count']} CPUs, "
         f"{env['event_loop']}, concurrency {res['profile']['concurrency']}, load {env['loadavg_start']})",
         f"  no-op script          {noop['rate']:>9,.0f} calls/s  (client {noop['client_cpu_us_per_op']:.0f} µs "
-        f"CPU/call, server {noop['evalsha_usec_per_call']:.1f} µs/EVALSHA)",
+        f"CPU/call, server {noop['fcall_usec_per_call']:.1f} µs/FCALL)",
         f"  dispatch+complete     {pairs['rate']:>9,.0f} pairs/s  (client {pairs['client_cpu_us_per_op']:.0f} µs "
-        f"CPU/pair, server {pairs['evalsha_usec_per_call']:.1f} µs/EVALSHA)",
+        f"CPU/pair, server {pairs['fcall_usec_per_call']:.1f} µs/FCALL)",
         f"  pairs ÷ no-op calls   {a['pair_ratio']:>9.3f}          (per call {a['per_call_ratio']:.3f}; "
         f"stricter reading, >= {PAIR_TARGET}: {'PASS' if a['pair_ratio'] >= PAIR_TARGET else 'MISS'})",
         f"  pairs, stub scripts   {stub['rate']:>9,.0f} pairs/s  (= {a['stub_ratio']:.3f} of no-op: the client "

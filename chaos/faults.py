@@ -254,6 +254,7 @@ def cluster_shape(shape: Shape) -> None:
 
 async def script_flush(ctx: Ctx) -> None:
     for _ in range(5):
+        await ctx.topo.rc.function_flush()  # the scripts' library (and any script cache) is gone
         await ctx.topo.rc.script_flush()
         await asyncio.sleep(0.5)
     ctx.notes["flushes"] = 5
@@ -364,8 +365,9 @@ FAULTS: dict[str, Fault] = {f.name: f for f in [
           "schedulers on cells c0,c1,c2. SIGKILL to the primary serving cell c0; the Cluster promotes its "
           "replica.",
           cluster_failover, _const(5.0), shape=cluster_shape),
-    Fault("script-flush", "SCRIPT FLUSH",
-          "SCRIPT FLUSH on the server, 5 times 0.5 s apart, while the load runs.",
+    Fault("script-flush", "FUNCTION FLUSH and SCRIPT FLUSH",
+          "FUNCTION FLUSH (the transition scripts' library) and SCRIPT FLUSH on the server, 5 times 0.5 s "
+          "apart, while the load runs.",
           script_flush, _const(2.5)),
     Fault("inbox-stall", "inbox reader stalled past its bound",
           "Both schedulers run with DRAGOMAN_INBOX_MAX_LEN=10 and DRAGOMAN_PROC_TTL_MS=10000; SIGSTOP to the "

@@ -16,6 +16,7 @@ import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -23,6 +24,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from dragoman.embedded import EmbeddedCluster, EmbeddedSentinelSet, EmbeddedServer, _command, _info, _ping
 from dragoman.store.connect import current_primary, make_client, parse_redis_url
+from dragoman.store.scripts import Scripts
 from tests.helpers import wait_for
 
 FAILOVER_BOUND_S = 10.0  # kill -> writes succeed again; measured ~2.3 s with down-after 1000 ms
@@ -155,19 +157,19 @@ async def test_writes_move_to_the_new_primary_after_the_old_one_is_killed(ha: Em
     assert _command(new_address[1], "GET", f"w{last}") == str(last)  # it landed on the new primary
 
 
-async def test_scripts_are_loaded_again_on_the_new_primary(ha: EmbeddedSentinelSet) -> None:
+async def test_the_scripts_library_is_on_the_new_primary(ha: EmbeddedSentinelSet, tmp_path: Path) -> None:
+    (tmp_path / "incr-1.lua").write_text("return redis.call('INCR', KEYS[1])\n")
     client, _ = make_client(ha.url)
+    scripts = Scripts(client, root=tmp_path)  # a library of one function, as the Store's scripts are
     try:
-        script = client.register_script("return redis.call('INCR', KEYS[1])")  # as store.scripts does
-        assert await script(keys=["counter"]) == 1
+        assert await scripts.call("incr", ["counter"], []) == 1  # loaded on first use
         assert await client.wait(1, 2000) == 1
         old = ha.kill_primary()
         new_port = (await asyncio.to_thread(ha.wait_for_failover, old.port))[1]
-        # The script cache is not replicated: the promoted replica does not know the script ...
-        assert _command(new_port, "SCRIPT", "EXISTS", script.sha) == [0]
-        # ... EVALSHA answers NOSCRIPT there, register_script loads it and runs it again.
-        assert await until_ok(lambda: script(keys=["counter"])) == 2  # the replicated count goes on
-        assert _command(new_port, "SCRIPT", "EXISTS", script.sha) == [1]
+        # Functions are replicated with the data: the promoted replica has the library already ...
+        assert _command(new_port, "FUNCTION", "LIST", "LIBRARYNAME", scripts.library.name)
+        # ... and the call goes on there (no reload), with the replicated count.
+        assert await until_ok(lambda: scripts.call("incr", ["counter"], [])) == 2
     finally:
         await client.aclose()
 

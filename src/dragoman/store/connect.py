@@ -15,7 +15,7 @@ the primary's address changes the pool drops its idle connections; a connection 
 old primary after its demotion gets READONLY, which redis-py turns into a ConnectionError after closing
 that connection. Commands are not retried (a transition script whose answer was lost must not run
 twice), so the command in flight fails (the Store raises DependencyDown) and the next one goes to the
-new primary. Scripts are reloaded there by ``register_script``'s NOSCRIPT fallback.
+new primary. The scripts' library is there already: Functions are replicated with the data.
 """
 
 from __future__ import annotations

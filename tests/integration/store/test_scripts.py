@@ -13,7 +13,7 @@ from dragoman.errors import DependencyDown, ScriptError
 from dragoman.store.api import JobSpec, Store
 from dragoman.store.keys import CellKeys
 from dragoman.store.replies import Reply
-from dragoman.store.scripts import LUA_DIR, ScriptLoadError, discover, resolve_includes
+from dragoman.store.scripts import LUA_DIR, ScriptLoadError, Scripts, build_library, discover
 from tests.helpers import snapshot
 
 ZH_EN = "zh>en"
@@ -298,11 +298,15 @@ async def test_language_change_repools_node_and_pools_shrink(store: Store) -> No
     assert pools == {"de>en": (["n1", "n2"], 2)}  # nobody serves zh>en any more: it is gone
 
 
-async def test_survives_script_flush(store: Store) -> None:
+async def test_survives_function_flush(store: Store) -> None:
+    """A server that lost the library answers "Function not found"; the call loads it and runs."""
     await register(store, "n1")
-    await store.client.script_flush()
+    await store.client.function_flush()
+    assert await store.client.execute_command("FUNCTION", "LIST") == []
     d = await store.dispatch(job())
     assert d.status == "assigned"
+    assert (await store.client.execute_command("FUNCTION", "LIST"))[0][b"library_name"] == \
+        store.scripts.library.name.encode()
 
 
 async def test_effects_for_sockets_on_other_processes_go_to_their_inbox(store: Store, redis_url, settings) -> None:
@@ -336,51 +340,44 @@ async def test_lua_key_names_match_keys_py(store: Store) -> None:
     assert got == want
 
 
-def test_loader_inlines_each_include_once_and_rejects_cycles(tmp_path: Path) -> None:
+async def test_the_library_holds_each_include_once_after_what_it_includes(tmp_path: Path, store: Store) -> None:
     inc = tmp_path / "includes"
     inc.mkdir()
     (inc / "a.lua").write_text('--- @include "includes/b"\nlocal A = 1\n')
     (inc / "b.lua").write_text("local B = 2\n")
+    (inc / "c.lua").write_text("local function c(x) return x * 10 end\n")
     (tmp_path / "s-1.lua").write_text('--- @include "includes/a"\n--- @include "includes/b"\nreturn A + B\n')
-    text = resolve_includes(tmp_path / "s-1.lua", tmp_path)
-    assert text.count("local B = 2") == 1 and text.index("local B") < text.index("local A")
-    assert discover(tmp_path)["s"].num_keys == 1
+    (tmp_path / "t-0.lua").write_text('--- @include "includes/c"\n--- @include "includes/a"\nreturn c(A) + #ARGV\n')
+    lib = build_library(tmp_path)
+    assert lib.source.startswith(f"#!lua name={lib.name}\n")
+    assert lib.source.count("local B = 2") == 1 and lib.source.index("local B") < lib.source.index("local A")
+    assert discover(tmp_path)["s"].num_keys == 1 and discover(tmp_path)["t"].num_keys == 0
+    scripts = Scripts(store.client, root=tmp_path)
+    assert await scripts.call("s", ["k"], []) == 3  # loaded on first use ("Function not found")
+    assert await scripts.call("t", [], ["x", "y"]) == 12  # KEYS and ARGV are the function's arguments
     (inc / "b.lua").write_text('--- @include "includes/a"\n')
     with pytest.raises(ScriptLoadError, match="cycle"):
-        resolve_includes(tmp_path / "s-1.lua", tmp_path)
+        build_library(tmp_path)
 
 
-def test_loader_keeps_only_the_included_definitions_a_script_uses(tmp_path: Path) -> None:
-    inc = tmp_path / "includes"
-    inc.mkdir()
-    (inc / "lib.lua").write_text(
-        "--[[ about the library ]]\n"
-        "local UNUSED_CONST = 1\n"
-        "local USED_CONST = 2\n"
-        "-- a helper\n"
-        "local function helper(x)\n  -- unused_fn is named in a comment only\n  return x + USED_CONST\nend\n"
-        "local function unused_fn()\n  return UNUSED_CONST\nend\n"
-        "local function api(x)\n  return helper(x)\nend\n")
-    (tmp_path / "s-0.lua").write_text('--[[ header naming unused_fn ]]\n--- @include "includes/lib"\nreturn api(40)\n')
-    source = discover(tmp_path)["s"].source
-    assert "local function api" in source and "local function helper" in source and "USED_CONST = 2" in source
-    assert "unused_fn()" not in source and "UNUSED_CONST = 1" not in source and "a helper" not in source
-    assert source.startswith("--[[ header")  # the script's own text is kept whole, in place
+def test_the_library_name_follows_its_text(tmp_path: Path) -> None:
+    """Builds with other defines (the tests' clock hook) or another version live side by side on one
+    server: the library and function names carry a digest of the text."""
+    prod, test = build_library(), build_library(defines={"test_clock": True})
+    assert prod.name != test.name and prod.functions["dispatch_task"] != test.functions["dispatch_task"]
+    assert build_library().source == prod.source
 
 
-def test_no_script_lost_a_definition_it_uses() -> None:
-    """A dropped definition would be a nil global at run time: every name an include defines that a
-    kept script text uses is defined in that text."""
-    lib = "".join(p.read_text() for p in (LUA_DIR / "includes").glob("*.lua"))
-    defined_by_includes = set(re.findall(r"^local function ([A-Za-z_]\w*)", lib, re.M)) | set(
-        re.findall(r"^local ([A-Z_][A-Z0-9_]*) =", lib, re.M))
-    for name, spec in discover().items():
-        code = "\n".join(line for line in re.sub(r"--\[\[.*?\]\]", "", spec.source, flags=re.S).splitlines()
-                         if not line.lstrip().startswith("--"))
-        used = set(re.findall(r"[A-Za-z_]\w*", code)) & defined_by_includes
-        here = set(re.findall(r"^local function ([A-Za-z_]\w*)", spec.source, re.M)) | set(
-            re.findall(r"^local ([A-Z_][A-Z0-9_]*) =", spec.source, re.M))
-        assert used <= here, f"{name}: uses {sorted(used - here)} without their definitions"
+async def test_every_script_is_a_function_of_the_loaded_library(store: Store) -> None:
+    """The whole library compiles on the server (a body using more than Lua's 60 upvalues, or a name
+    no include defines at load, would fail here) and registers one function per script file."""
+    lib = store.scripts.library
+    await store.scripts.load_all(store.client)
+    listed = await store.client.execute_command("FUNCTION", "LIST", "LIBRARYNAME", lib.name)
+    [entry] = [e for e in listed if e[b"library_name"] == lib.name.encode()]
+    registered = {f[b"name"].decode() for f in entry[b"functions"]}
+    files = {path.name.split("-")[0] for path in LUA_DIR.glob("*.lua")}
+    assert registered == set(lib.functions.values()) and set(lib.functions) == files
 
 
 def test_every_script_documents_its_keys_and_args() -> None:

@@ -14,7 +14,7 @@
   answers false and the caller decides what the job does instead (see jobs.lua). Outcomes are also
   kept with the job until the session acknowledges them, so a session can always ask again.
 ]]
-local rcall = redis.call
+-- (``rcall`` is redis.call: the library declares it, and binds it as each function starts)
 local TEST_CLOCK = {{test_clock}}
 local INBOX_MAX_LEN = {{inbox_max_len}}
 local REPLY_KEEP_MS = 30000  -- how long a reply is kept for a retry after a lost reply (see replay)
