@@ -132,17 +132,18 @@ class Library:
 def build_library(root: Path = LUA_DIR, defines: dict[str, Any] | None = None) -> Library:
     specs = discover(root)
     includes = _merge_orders([list(spec.includes) for spec in specs.values()])
-    shared = "".join(f"--- @begin {name}\n{_INCLUDE.sub('', (root / (name + '.lua')).read_text())}\n--- @end {name}\n"
-                     for name in includes)
     values = DEFAULT_DEFINES | (defines or {})
-    text = fill_defines(shared + "".join(spec.source for spec in specs.values()), values, root.name)
-    tag = hashlib.sha1(text.encode()).hexdigest()[:12]
-    functions = {name: f"{name}_{tag}" for name in specs}
+    shared = fill_defines("".join(
+        f"--- @begin {name}\n{_INCLUDE.sub('', (root / (name + '.lua')).read_text())}\n--- @end {name}\n"
+        for name in includes), values, root.name)
+    bodies = {name: fill_defines(spec.source, values, name) for name, spec in specs.items()}
+    tag = hashlib.sha1((shared + "".join(bodies.values())).encode()).hexdigest()[:12]
+    library, functions = f"dragoman_{tag}", {name: f"{name}_{tag}" for name in specs}
     # ``rcall`` (redis.call) is bound as each function starts: the top level, run at load, has none
-    source = f"#!lua name=dragoman_{tag}\nlocal rcall\n{shared}\n" + "".join(
+    source = f"#!lua name={library}\nlocal rcall\n{shared}\n" + "".join(
         f"redis.register_function('{functions[name]}', function(KEYS, ARGV)\nrcall = redis.call\n"
-        f"{spec.source}\nend)\n" for name, spec in specs.items())
-    return Library(f"dragoman_{tag}", fill_defines(source, values, root.name), specs, functions)
+        f"{body}\nend)\n" for name, body in bodies.items())
+    return Library(library, source, specs, functions)
 
 
 def _function_missing(exc: ResponseError) -> bool:
