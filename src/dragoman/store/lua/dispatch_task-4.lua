@@ -104,23 +104,24 @@ for _ = 1, 8 do
 end
 if place_only and not n then return reply(ctx, { status = 'no_capacity' }) end
 
+-- The session's part, in one HSET: the job is owed to it (a room job is not: it is the listeners'),
+-- its process and epoch (new, or moved), its resume point, its node in this pool.
 local sess = {}
-if listeners == '' then sess = { 'j:' .. jid, '1' } end
+if listeners == '' then put(sess, 'j:' .. jid, '1') end
 if not s[1] or s[2] ~= ARGV[12] then
-  for _, v in ipairs({ 'proc', ARGV[12], 'epoch', epoch, 'state', 'live' }) do table.insert(sess, v) end
+  put(sess, 'proc', ARGV[12])
+  put(sess, 'epoch', epoch)
+  put(sess, 'state', 'live')
   rcall('SADD', k_proc_sessions(base, ARGV[12]), sid)
 end
 if commit then
-  for i, name in ipairs({ 'next_utt', 'seq', 'skip', 'cutt' }) do
-    table.insert(sess, name)
-    table.insert(sess, commit[i])
-  end
+  put(sess, 'next_utt', commit[1])
+  put(sess, 'seq', commit[2])
+  put(sess, 'skip', commit[3])
+  put(sess, 'cutt', commit[4])
 end
-if n then
-  table.insert(sess, 'a:' .. pid)
-  table.insert(sess, n.id)
-end
-if #sess > 0 then hset(sk, sess) end
+if n then put(sess, 'a:' .. pid, n.id) end
+if #sess > 0 then rcall('HSET', sk, unpack(sess)) end
 
 ctx.own_job, ctx.own_payload = jid, ARGV[14]
 local j = {
@@ -132,9 +133,15 @@ local j = {
 each_listener(listeners, function(lsid, lproc)
   emit(ctx, lproc, { kind = 'expect', job = jid, session = lsid, speaker = sid, utt = utt, tgt = ARGV[6], pool = pid })
 end)
-local creation = { 'listeners', listeners, 'acks_left', #split_words(listeners), 'id', jid, 'pool', pid, 'session', sid, 'utt', utt, 'tgt', ARGV[6], 'sproc', ARGV[12], 'attempt', 0, 'node', '',
-  'max_attempts', max_attempts, 'job_timeout', job_timeout, 'pending_timeout', pending_timeout,
-  'queue_max', queue_max, 'created', ctx.now, 'data', ARGV[14] }
+-- The job's write-once fields, written with its first state. A room job also counts the
+-- acknowledgements it waits for (see ack_outcomes).
+local creation = { 'data', ARGV[14], 'id', jid, 'pool', pid, 'session', sid, 'utt', utt, 'tgt', ARGV[6],
+  'sproc', ARGV[12], 'max_attempts', max_attempts, 'job_timeout', job_timeout,
+  'pending_timeout', pending_timeout, 'queue_max', queue_max, 'created', ctx.now }
+if listeners ~= '' then
+  put(creation, 'listeners', listeners)
+  put(creation, 'acks_left', #split_words(listeners))
+end
 
 local function answer()
   local code = ''
@@ -159,9 +166,13 @@ local function warming_up()
   return gone ~= nil and ctx.now - gone < warmup
 end
 
+-- Not placed: the job waits in the queue, or fails at once (keeping no audio); no attempt yet.
+put(creation, 'attempt', 0)
+local code = nil
 if rcall('ZCARD', KEYS[3]) == 0 and not warming_up() then
-  finish_job(ctx, jid, j, 'failed', 'NO_AVAILABLE_NODE', nil, false, creation)
+  code = 'NO_AVAILABLE_NODE'
 elseif not enqueue_job(ctx, jid, j, creation) then
-  finish_job(ctx, jid, j, 'failed', 'NODE_OVERLOADED', nil, false, creation)
+  code = 'NODE_OVERLOADED'
 end
+if code then finish_job(ctx, jid, j, 'failed', code, nil, false, { 'node', '', unpack(creation, 3) }) end
 return answer()

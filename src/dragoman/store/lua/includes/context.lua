@@ -87,6 +87,13 @@ local function count(ctx, name, n)
   rcall('HINCRBY', k_stats(ctx.base), name, n or 1)
 end
 
+-- Append a field and its value to a list of pairs (for an HSET whose fields vary).
+local function put(list, field, value)
+  local m = #list
+  list[m + 1] = field
+  list[m + 2] = value
+end
+
 local function split_words(s)
   local out = {}
   if s then
@@ -97,7 +104,9 @@ end
 
 local function word_set(s)
   local set = {}
-  for _, w in ipairs(split_words(s)) do set[w] = true end
+  if s and s ~= '' then
+    for w in string.gmatch(s, '%S+') do set[w] = true end
+  end
   return set
 end
 

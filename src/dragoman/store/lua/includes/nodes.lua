@@ -21,13 +21,17 @@
 ]]
 
 -- The node's fields, plus ``more`` (a list of field names) read in the same HMGET into n.more.
+local NO_MORE = {}
 local function node_fields(ctx, nid, more)
-  local args = { 'HMGET', k_node(ctx.base, nid), 'state', 'max', 'deadline', 'pools', 'proc', 'max_target' }
-  for _, name in ipairs(more or {}) do table.insert(args, name) end
-  local f = rcall(unpack(args))
+  more = more or NO_MORE
+  local f = rcall('HMGET', k_node(ctx.base, nid), 'state', 'max', 'deadline', 'pools', 'proc', 'max_target',
+    unpack(more))
   if not f[1] then return nil end
-  local extra = {}
-  for i, name in ipairs(more or {}) do extra[name] = f[6 + i] end
+  local extra = NO_MORE
+  if #more > 0 then
+    extra = {}
+    for i, name in ipairs(more) do extra[name] = f[6 + i] end
+  end
   return {
     id = nid, state = f[1], max = tonumber(f[2]) or 0, deadline = tonumber(f[3]) or 0,
     pools = f[4] or '', proc = f[5] or '', max_target = tonumber(f[6]), more = extra,
@@ -131,9 +135,11 @@ end
        (a job's earlier holders; nodes already running another target of the same utterance);
     3. an avoided node, if nothing else is free.
   Nodes in "exclude" are never chosen. A member found dead or not ready is dropped from the pool on
-  the way (it rejoins on heartbeat), so no dispatch reads it twice. At most SCAN_LIMIT are read.
+  the way (it rejoins on heartbeat), so no dispatch reads it twice. At most SCAN_LIMIT are read
+  (excluded ones aside).
 ]]
 local SCAN_LIMIT = 16
+local SCAN_STEPS = { 4, SCAN_LIMIT - 4 }  -- (a second read starts after the first: see pick_node)
 
 -- Has the node a free slot? A node in one pool: its score says so. In several: count (the score may
 -- over-state it), and a full node's score in this pool is corrected on the way.
@@ -154,20 +160,25 @@ local function pick_node(ctx, pool_key, affinity_nid, avoid, exclude)
       if node_is_live(ctx, n) and has_free_slot(ctx, n, pool_key) then return n end
     end
   end
+  -- The first few candidates nearly always do; only when none of them can are more read (those
+  -- already read are not read again, short of an excluded one: each was dropped, scored 0 or chosen).
   local fallback = nil
-  local cands = rcall('ZRANGE', pool_key, '+inf', 1, 'BYSCORE', 'REV', 'LIMIT', 0, SCAN_LIMIT)
-  for _, nid in ipairs(cands) do
-    if not exclude[nid] then
-      local n = node_fields(ctx, nid)
-      if not node_is_live(ctx, n) then
-        rcall('ZREM', pool_key, nid)
-      elseif not has_free_slot(ctx, n, pool_key) then  -- luacheck: ignore (skipped: full)
-      elseif not avoid[nid] then
-        return n
-      else
-        fallback = fallback or n
+  for _, limit in ipairs(SCAN_STEPS) do
+    local cands = rcall('ZRANGE', pool_key, '+inf', 1, 'BYSCORE', 'REV', 'LIMIT', 0, limit)
+    for _, nid in ipairs(cands) do
+      if not exclude[nid] then
+        local n = node_fields(ctx, nid)
+        if not node_is_live(ctx, n) then
+          rcall('ZREM', pool_key, nid)
+        elseif not has_free_slot(ctx, n, pool_key) then  -- luacheck: ignore (skipped: full)
+        elseif not avoid[nid] then
+          return n
+        else
+          fallback = fallback or n
+        end
       end
     end
+    if fallback or #cands < limit then return fallback end
   end
   return fallback
 end
