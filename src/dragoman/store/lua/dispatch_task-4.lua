@@ -95,9 +95,10 @@ local avoid = word_set(ARGV[11])
 local n = pick_node(ctx, KEYS[3], s[3] or nil, avoid)
 -- a node whose process cannot hear of it now (gone, or its inbox full) is skipped; with none left,
 -- the job waits in the queue like any job that finds no free slot
-local exclude = {}
+local exclude = nil
 for _ = 1, 8 do
   if not n or reachable(ctx, n.proc) then break end
+  exclude = exclude or {}
   exclude[n.id] = true
   count(ctx, 'unreachable')
   n = pick_node(ctx, KEYS[3], nil, avoid, exclude)
@@ -130,9 +131,11 @@ local j = {
   pending_timeout = pending_timeout, queue_max = queue_max, tried = '', listeners = listeners,
 }
 -- listeners learn of the job before anything can end it, through the same channel as its outcome
-each_listener(listeners, function(lsid, lproc)
-  emit(ctx, lproc, { kind = 'expect', job = jid, session = lsid, speaker = sid, utt = utt, tgt = ARGV[6], pool = pid })
-end)
+if listeners ~= '' then
+  each_listener(listeners, function(lsid, lproc)
+    emit(ctx, lproc, { kind = 'expect', job = jid, session = lsid, speaker = sid, utt = utt, tgt = ARGV[6], pool = pid })
+  end)
+end
 -- The job's write-once fields, written with its first state. A room job also counts the
 -- acknowledgements it waits for (see ack_outcomes).
 local creation = { 'data', ARGV[14], 'id', jid, 'pool', pid, 'session', sid, 'utt', utt, 'tgt', ARGV[6],
@@ -143,36 +146,17 @@ if listeners ~= '' then
   put(creation, 'acks_left', #split_words(listeners))
 end
 
-local function answer()
-  local code = ''
-  if j.state == 'failed' then code = rcall('HGET', KEYS[2], 'code') or '' end
-  return reply(ctx, { status = j.state == 'assigned' and 'assigned' or j.state, state = j.state,
-    node = j.node, attempt = j.attempt, code = code })
-end
-
+local code = ''
 if n then
   assign_job(ctx, jid, j, n, creation, true)
-  return answer()
+else
+  -- Not placed: the job waits in the queue, or fails at once (keeping no audio); no attempt yet.
+  put(creation, 'attempt', 0)
+  if rcall('ZCARD', KEYS[3]) == 0 and not warming_up(ctx, pid, warmup) then
+    code = 'NO_AVAILABLE_NODE'
+  elseif not enqueue_job(ctx, jid, j, creation) then
+    code = 'NODE_OVERLOADED'
+  end
+  if code ~= '' then finish_job(ctx, jid, j, 'failed', code, nil, false, { 'node', '', unpack(creation, 3) }) end
 end
-
--- Right after Redis lost its data, or the pool lost its last node, its nodes are on their way back.
-local function warming_up()
-  if warmup <= 0 then return false end
-  local boot = rcall('GET', k_boot(base))
-  if not boot then return true end
-  local born = tonumber(string.match(boot, ':(%d+)$') or '')
-  if born == nil or ctx.now - born < warmup then return true end
-  local gone = tonumber(rcall('HGET', k_pools_gone(base), pid) or '')
-  return gone ~= nil and ctx.now - gone < warmup
-end
-
--- Not placed: the job waits in the queue, or fails at once (keeping no audio); no attempt yet.
-put(creation, 'attempt', 0)
-local code = nil
-if rcall('ZCARD', KEYS[3]) == 0 and not warming_up() then
-  code = 'NO_AVAILABLE_NODE'
-elseif not enqueue_job(ctx, jid, j, creation) then
-  code = 'NODE_OVERLOADED'
-end
-if code then finish_job(ctx, jid, j, 'failed', code, nil, false, { 'node', '', unpack(creation, 3) }) end
-return answer()
+return reply(ctx, { status = j.state, state = j.state, node = j.node, attempt = j.attempt, code = code })

@@ -151,8 +151,9 @@ local function has_free_slot(ctx, n, pool_key)
   return false
 end
 
+local NO_NODES = {}
 local function pick_node(ctx, pool_key, affinity_nid, avoid, exclude)
-  exclude = exclude or {}
+  exclude = exclude or NO_NODES
   if affinity_nid and not avoid[affinity_nid] and not exclude[affinity_nid] then
     local score = rcall('ZSCORE', pool_key, affinity_nid)
     if score and tonumber(score) >= 1 then
@@ -181,4 +182,16 @@ local function pick_node(ctx, pool_key, affinity_nid, avoid, exclude)
     if fallback or #cands < limit then return fallback end
   end
   return fallback
+end
+
+-- Right after Redis lost its data, or the pool lost its last node, its nodes are on their way back:
+-- for ``warmup`` ms a job for the pool waits rather than fails.
+local function warming_up(ctx, pid, warmup)
+  if warmup <= 0 then return false end
+  local boot = rcall('GET', k_boot(ctx.base))
+  if not boot then return true end
+  local born = tonumber(string.match(boot, ':(%d+)$') or '')
+  if born == nil or ctx.now - born < warmup then return true end
+  local gone = tonumber(rcall('HGET', k_pools_gone(ctx.base), pid) or '')
+  return gone ~= nil and ctx.now - gone < warmup
 end
