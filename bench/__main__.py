@@ -14,7 +14,9 @@ Sections (``--sections``, default all; ``--quick`` runs ``e2e`` only, on its sho
   (``bench.e2e.durability``);
 * ``idle``: one scheduler holding 10,000 node and 1,000 session sockets (``bench.idle``;
   ``--quick`` there: 1,000 + 100);
-* ``store``: the transition scripts alone through the Store API (``bench.run``).
+* ``store``: the transition scripts alone through the Store API (``bench.run``);
+* ``baseline``: Redis work per job, this code against the code before the hot-path work, side by
+  side in one run (``bench.baseline``; needs the git history).
 
 The peers are installed first into bench-only folders (``bench.peers.install``: ``.bench/`` or
 ``$DRAGOMAN_BENCH_HOME``) from PyPI and npm; one that cannot be installed is skipped and said so.
@@ -33,7 +35,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-SECTIONS = ("e2e", "durability", "idle", "store")
+SECTIONS = ("e2e", "durability", "idle", "store", "baseline")
 
 
 def _run_section(name: str, quick: bool, install: bool) -> dict[str, Any]:
@@ -49,6 +51,10 @@ def _run_section(name: str, quick: bool, install: bool) -> dict[str, Any]:
         from bench.idle import runner
 
         return runner.run("quick" if quick else "full")
+    if name == "baseline":
+        from bench import baseline
+
+        return baseline.run()
     from bench import run as store
 
     return store.measure(store.QUICK if quick else store.FULL, *store.default_loop())
@@ -61,6 +67,8 @@ def _summary(name: str, res: dict[str, Any]) -> str:
         from bench.e2e.durability import summary
     elif name == "idle":
         from bench.idle.report import summary
+    elif name == "baseline":
+        from bench.baseline import summary
     else:
         from bench.run import summary
     return summary(res)

@@ -32,6 +32,12 @@ def _headline(s: dict[str, Any]) -> list[str]:
             out.append(f"- `dragoman serve --workers 2`: {a['scaling_w2_vs_w1']:.2f}x the jobs/s of `--workers 1`.")
         elif "dragoman-w2" in e2e["skipped"]:
             out.append(f"- `dragoman serve --workers N`: {e2e['skipped']['dragoman-w2']}.")
+    base = s.get("baseline")
+    if base:
+        r = base["ratio"]
+        out.append(f"- Redis work per job against the code before the hot-path work ({base['base_commit'].split()[0]}), "
+                   f"same run: server µs executing the scripts **{r['script_us_per_pair']:.2f}x**, server CPU "
+                   f"{r['server_cpu_us_per_pair']:.2f}x, commands the scripts issue {r['commands_per_pair']:.2f}x.")
     dur = s.get("durability")
     if dur and "ratio" in dur:
         out.append(f"- Waiting for one replica (`redis_min_replicas_ack=1`) on a Sentinel set: "
@@ -86,6 +92,10 @@ def page(results: dict[str, Any]) -> str:
         from bench.run import markdown
 
         L.append(markdown(s["store"], embedded=True))
+    if "baseline" in s:
+        from bench.baseline import markdown
+
+        L.append(markdown(s["baseline"]))
     if results["failed"]:
         L += ["## Sections that failed", ""] + [f"- {k}: {v}" for k, v in results["failed"].items()] + [""]
     return "\n".join(L).rstrip() + "\n"

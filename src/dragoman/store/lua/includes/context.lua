@@ -52,10 +52,11 @@ local function emit(ctx, target, effect, payload, own)
     if own then
       effect.p = -1
     elseif payload then
-      table.insert(ctx.payloads, payload)
-      effect.p = #ctx.payloads
+      local payloads = ctx.payloads
+      payloads[#payloads + 1] = payload
+      effect.p = #payloads
     end
-    table.insert(ctx.effects, effect)
+    ctx.effects[#ctx.effects + 1] = effect
     return true
   end
   -- (a process that is not registered is dead: its sockets, and whoever would hear this, are gone)
@@ -152,7 +153,7 @@ end
 -- Arguments are checked before the first write: no script errors after it has changed something.
 local function need_number(value, what, min)
   local n = tonumber(value)
-  if not n or n ~= n or n < (min or 0) or n ~= math.floor(n) then
+  if not n or n ~= n or n < (min or 0) or n % 1 ~= 0 then  -- (inf % 1 is nan: refused too)
     error('ERR dragoman: ' .. what .. ' must be an integer >= ' .. tostring(min or 0))
   end
   return n

@@ -15,16 +15,26 @@
 local TERMINAL = { completed = true, completed_empty = true, failed = true }
 local ACTIVE = { assigned = true, running = true }
 
+-- What only a job's next placement needs (a retry, the queue), read when first asked for: a result
+-- or a start never does.
+local LATER = { max_attempts = true, job_timeout = true, pending_timeout = true, queue_max = true, tried = true }
+local LATER_READ = { __index = function(j, key)
+  if not LATER[key] then return nil end
+  local f = rcall('HMGET', j.key, 'max_attempts', 'job_timeout', 'pending_timeout', 'queue_max', 'tried')
+  setmetatable(j, nil)
+  j.max_attempts, j.job_timeout = tonumber(f[1]) or 1, tonumber(f[2]) or 60000
+  j.pending_timeout, j.queue_max, j.tried = tonumber(f[3]) or 10000, tonumber(f[4]) or 0, f[5] or ''
+  return j[key]
+end }
+
 local function job_fields(ctx, jid)
-  local f = rcall('HMGET', k_job(ctx.base, jid), 'state', 'node', 'attempt', 'pool', 'session', 'utt',
-    'tgt', 'sproc', 'max_attempts', 'job_timeout', 'pending_timeout', 'queue_max', 'tried', 'listeners')
+  local key = k_job(ctx.base, jid)
+  local f = rcall('HMGET', key, 'state', 'node', 'attempt', 'pool', 'session', 'utt', 'tgt', 'sproc', 'listeners')
   if not f[1] then return nil end
-  return {
-    state = f[1], node = f[2] or '', attempt = tonumber(f[3]) or 0, pool = f[4], session = f[5],
-    utt = tonumber(f[6]) or 0, tgt = f[7] or '', sproc = f[8] or '', max_attempts = tonumber(f[9]) or 1,
-    job_timeout = tonumber(f[10]) or 60000, pending_timeout = tonumber(f[11]) or 10000,
-    queue_max = tonumber(f[12]) or 0, tried = f[13] or '', listeners = f[14] or '',
-  }
+  return setmetatable({
+    key = key, state = f[1], node = f[2] or '', attempt = tonumber(f[3]) or 0, pool = f[4], session = f[5],
+    utt = tonumber(f[6]) or 0, tgt = f[7] or '', sproc = f[8] or '', listeners = f[9] or '',
+  }, LATER_READ)
 end
 
 -- A room job's outcome goes to its listeners ("sid@proc" each), not to the speaking session.
