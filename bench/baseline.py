@@ -109,7 +109,7 @@ def _run_tree(tree: Path, server: EmbeddedServer, warmup_s: float, window_s: flo
     return window_figures(json.loads(out.stdout.strip().splitlines()[-1]))
 
 
-def run(rounds: int = 3, ref: str = BASE_REF, warmup_s: float = 1.0, window_s: float = 3.0) -> dict[str, Any]:
+def run(rounds: int = 5, ref: str = BASE_REF, warmup_s: float = 1.0, window_s: float = 3.0) -> dict[str, Any]:
     if shutil.which("git") is None or not (ROOT / ".git").exists():
         raise RuntimeError("needs a git checkout (the earlier commit is read from its history)")
     base_dir = Path(tempfile.mkdtemp(prefix="dragoman-baseline-")) / "tree"
@@ -176,7 +176,7 @@ def markdown(res: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.baseline", description=__doc__.split("\n\n")[0])
     ap.add_argument("--ref", default=BASE_REF, help=f"the earlier commit (default {BASE_REF})")
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--window", type=float, default=3.0, help="seconds per window")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
