@@ -491,7 +491,8 @@ class Store:
                 meta = await self._hash(ck.room(code)) or {}
                 members = await self.retrying("hgetall", lambda ck=ck, code=code: self.client.hgetall(
                     ck.room_members(code)))
-                listed = sorted((msgspec.json.decode(v) for v in members.values()), key=lambda m: m.get("joined_at", 0))
+                listed = sorted((msgspec.json.decode(v) for v in members.values()),
+                                key=lambda m: (m.get("seq", 0), m.get("joined_at", 0), m.get("session_id", "")))
                 out.append({"room_code": code, "room_id": meta.get("id", ""), "cell": ck.cell,
                             "created_ms": int(meta.get("created", 0)), "expires_ms": int(expires),
                             "members": [{k: m.get(k) for k in ("session_id", "display_name", "preferred_lang",

@@ -43,6 +43,20 @@ async def test_create_join_leave_and_every_change_reaches_every_member(store: St
     assert (await store.room("join", CODE, "s3", member("de"), "16")).code == "ROOM_NOT_FOUND"
 
 
+async def test_members_are_listed_in_the_order_they_joined(store: Store) -> None:
+    """Joins in one pipelined burst land in the same millisecond: the list still follows the order of
+    joining (session ids chosen so that sorting by them would reverse it), for every member and in
+    the operators' view."""
+    sids = [f"s{9 - i}" for i in range(8)]
+    await store.room("create", CODE, sids[0], member("zh"), "room-1")
+    joins = await asyncio.gather(*(store.room("join", CODE, sid, member("en"), "16") for sid in sids[1:]))
+    assert all(j.status == Status.JOINED for j in joins)
+    last = max(joins, key=lambda j: len(room_effects(j)[sids[0]]))
+    assert [m["session_id"] for m in room_effects(last)[sids[0]]] == sids
+    [room] = await store.rooms()
+    assert [m["session_id"] for m in room["members"]] == sids
+
+
 async def test_a_code_in_use_is_a_collision_and_changes_nothing(store: Store) -> None:
     await store.room("create", CODE, "s1", member("zh"), "room-1")
     again = await store.room("create", CODE, "s9", member("en"), "room-2")

@@ -53,8 +53,8 @@ if op == 'create' then
   local expiry = need_number(ARGV[7], 'room expiry ms', 1)
   if rcall('EXISTS', KEYS[2]) == 1 then return reply(ctx, { status = 'collision' }) end
   local m = cjson.decode(ARGV[5])
-  m.session_id, m.proc, m.joined_at, m.prefs = sid, ctx.proc, ctx.now, {}
-  rcall('HSET', KEYS[2], 'code', code, 'id', ARGV[6], 'created', ctx.now, 'last_speech', ctx.now)
+  m.session_id, m.proc, m.joined_at, m.prefs, m.seq = sid, ctx.proc, ctx.now, {}, 1
+  rcall('HSET', KEYS[2], 'code', code, 'id', ARGV[6], 'created', ctx.now, 'last_speech', ctx.now, 'joins', 1)
   rcall('HSET', mk, sid, cjson.encode(m))
   rcall('ZADD', k_rooms(base), ctx.now + expiry, code)
   rcall('SADD', k_proc_rooms(base, ctx.proc), code .. ' ' .. sid)
@@ -70,6 +70,7 @@ if op == 'join' then
   if rcall('HLEN', mk) >= max then return fail('ROOM_FULL') end
   local m = cjson.decode(ARGV[5])
   m.session_id, m.proc, m.joined_at, m.prefs = sid, ctx.proc, ctx.now, {}
+  m.seq = rcall('HINCRBY', KEYS[2], 'joins', 1)
   rcall('HSET', mk, sid, cjson.encode(m))
   rcall('SADD', k_proc_rooms(base, ctx.proc), code .. ' ' .. sid)
   room_broadcast(ctx, code, room_members(ctx, code))

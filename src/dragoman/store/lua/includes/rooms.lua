@@ -3,7 +3,7 @@
   lives in one cell (chosen by its code): "room:<code>" (its id, when it was made, its last speech),
   "room:<code>:members" (session id -> member JSON: display_name, preferred_lang, lang (what it
   hears: its preferred_lang, else its session's target), prefs (raw voice preferences), joined_at,
-  proc), "rooms" (code -> expiry deadline) and "proc:<p>:rooms" ("code sid" of members on process p,
+  seq (its place in the order of joining: the room's "joins" count), proc), "rooms" (code -> expiry deadline) and "proc:<p>:rooms" ("code sid" of members on process p,
   so a dead process's members leave).
 
   Every change is sent to every member as a "room" effect (event "members", "expired" or
@@ -14,7 +14,8 @@ local function room_members(ctx, code)
   local raw = rcall('HGETALL', k_room_members(ctx.base, code))
   local out = {}
   for i = 2, #raw, 2 do table.insert(out, cjson.decode(raw[i])) end
-  table.sort(out, function(a, b)
+  table.sort(out, function(a, b)  -- in the order they joined (two may join in the same millisecond)
+    if (a.seq or 0) ~= (b.seq or 0) then return (a.seq or 0) < (b.seq or 0) end
     if (a.joined_at or 0) ~= (b.joined_at or 0) then return (a.joined_at or 0) < (b.joined_at or 0) end
     return a.session_id < b.session_id
   end)
