@@ -16,6 +16,12 @@ gives, per dispatch+complete pair:
 * the server's execution time of the script calls (``usec`` of FCALL, or of EVALSHA before it),
 * the server's CPU time (valkey-server's, from /proc: socket reading and writing included).
 
+Then the same alternation end to end: each tree's own ``python -m bench.e2e --systems dragoman``
+(its scheduler process, node and session load generators through both WebSockets, a Valkey of its
+own), one round per tree per round, read from its JSON: per job, the commands (those the scripts
+issue included), the server's execution time of the script calls and of every command, and
+valkey-server's CPU, in the closed loop (50 in flight) and the open loop (200 jobs/s).
+
 Both trees run with this tree's virtualenv and the same server binary; only the code differs.
 """
 
@@ -98,6 +104,31 @@ def window_figures(raw: dict[str, Any]) -> dict[str, float]:
             "server_cpu_us_per_pair": raw["cpu_s"] / pairs * 1e6}
 
 
+E2E_FIGURES = (("redis_calls_per_job", "Redis commands (scripts' included)"),
+               ("scripts_us", "server µs executing the scripts"),
+               ("all_commands_us", "server µs, every command (a script's own commands counted twice)"),
+               ("redis_cpu_us", "server CPU µs (valkey-server, /proc)"),
+               ("rate", "jobs/s"))
+
+
+def e2e_figures(loop: dict[str, Any]) -> dict[str, float]:
+    """One bench.e2e loop's (closed or open) per-job Redis figures."""
+    ex = loop.get("redis_exec_us_per_job", {})
+    return {"redis_calls_per_job": loop["redis_calls_per_job"], "scripts_us": ex.get("scripts", float("nan")),
+            "all_commands_us": ex.get("all_commands", float("nan")),
+            "redis_cpu_us": loop["cpu_us_per_job"]["redis"], "rate": loop["rate"]}
+
+
+def _run_e2e(tree: Path, out: Path) -> dict[str, dict[str, float]]:
+    env = dict(os.environ, PYTHONPATH=f"{tree / 'src'}{os.pathsep}{tree}")
+    run = subprocess.run([sys.executable, "-m", "bench.e2e", "--systems", "dragoman", "--rounds", "1", "--no-install",
+                          "--json", str(out)], env=env, cwd=tree, capture_output=True, text=True, timeout=600)
+    if run.returncode != 0 or not out.exists():
+        raise RuntimeError(f"bench.e2e failed in {tree}: {run.stderr.strip()[-2000:]}")
+    d = json.loads(out.read_text())["systems"]["dragoman"]
+    return {loop: e2e_figures(d[loop]) for loop in ("closed", "open") if loop in d}
+
+
 def _run_tree(tree: Path, server: EmbeddedServer, warmup_s: float, window_s: float) -> dict[str, float]:
     assert server.proc is not None
     env = dict(os.environ, PYTHONPATH=f"{tree / 'src'}{os.pathsep}{tree}")
@@ -109,7 +140,14 @@ def _run_tree(tree: Path, server: EmbeddedServer, warmup_s: float, window_s: flo
     return window_figures(json.loads(out.stdout.strip().splitlines()[-1]))
 
 
-def run(rounds: int = 5, ref: str = BASE_REF, warmup_s: float = 1.0, window_s: float = 3.0) -> dict[str, Any]:
+def _alternating(trees: dict[str, Path], rounds: int) -> list[tuple[int, str]]:
+    """(round, tree) in running order: the order of the trees flips every round."""
+    names = list(trees)
+    return [(r, name) for r in range(rounds) for name in (names if r % 2 == 0 else names[::-1])]
+
+
+def run(rounds: int = 5, ref: str = BASE_REF, warmup_s: float = 1.0, window_s: float = 3.0,
+        e2e_rounds: int = 3) -> dict[str, Any]:
     if shutil.which("git") is None or not (ROOT / ".git").exists():
         raise RuntimeError("needs a git checkout (the earlier commit is read from its history)")
     base_dir = Path(tempfile.mkdtemp(prefix="dragoman-baseline-")) / "tree"
@@ -119,15 +157,16 @@ def run(rounds: int = 5, ref: str = BASE_REF, warmup_s: float = 1.0, window_s: f
                                  check=True, capture_output=True, text=True).stdout.strip()
     trees = {"before": base_dir, "now": ROOT}
     per: dict[str, list[dict[str, float]]] = {name: [] for name in trees}
-    server = EmbeddedServer().start()
+    e2e: dict[str, list[dict[str, dict[str, float]]]] = {name: [] for name in trees}
     try:
-        for r in range(rounds):
-            order = list(trees) if r % 2 == 0 else list(reversed(trees))
-            for name in order:
+        with EmbeddedServer() as server:
+            for r, name in _alternating(trees, rounds):
                 per[name].append(_run_tree(trees[name], server, warmup_s, window_s))
                 print(f"baseline round {r + 1}: {name} {per[name][-1]}", file=sys.stderr, flush=True)
+        for r, name in _alternating(trees, e2e_rounds):
+            e2e[name].append(_run_e2e(trees[name], base_dir.parent / f"e2e-{name}-{r}.json"))
+            print(f"baseline e2e round {r + 1}: {name} {e2e[name][-1]}", file=sys.stderr, flush=True)
     finally:
-        server.stop()
         subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(base_dir)], check=False,
                        capture_output=True)
         shutil.rmtree(base_dir.parent, ignore_errors=True)
@@ -135,8 +174,15 @@ def run(rounds: int = 5, ref: str = BASE_REF, warmup_s: float = 1.0, window_s: f
     ratio = {k: med["now"][k] / med["before"][k] for k in med["now"] if med["before"][k]}
     rounds_ratio = {k: [n[k] / b[k] for n, b in zip(per["now"], per["before"], strict=True) if b[k]]
                     for k in med["now"]}
+    e2e_med: dict[str, dict[str, dict[str, float]]] = {}
+    for name, rs in e2e.items():
+        for loop in ("closed", "open"):
+            got = [x[loop] for x in rs if loop in x]
+            if got:
+                e2e_med.setdefault(name, {})[loop] = {k: statistics.median(g[k] for g in got) for k in got[0]}
     return {"ref": ref, "base_commit": base_commit, "rounds": rounds, "window_s": window_s,
-            "windows": per, "median": med, "ratio": ratio, "rounds_ratio": rounds_ratio}
+            "windows": per, "median": med, "ratio": ratio, "rounds_ratio": rounds_ratio,
+            "e2e_rounds": e2e_rounds, "e2e": e2e, "e2e_median": e2e_med}
 
 
 ROWS = (("commands_per_pair", "Redis commands the scripts issue", "{:.1f}"),
@@ -165,6 +211,19 @@ def markdown(res: dict[str, Any]) -> str:
     for key, label, fmt in ROWS:
         L.append(f"| {label} | {fmt.format(med['before'][key])} | {fmt.format(med['now'][key])} | "
                  f"**{ratio[key]:.2f}x** | {', '.join(f'{x:.2f}' for x in rr[key])} |")
+    em = res.get("e2e_median") or {}
+    if "before" in em and "now" in em:
+        L += ["", f"End to end (`python -m bench.e2e --systems dragoman --rounds 1` in each tree, alternating, "
+              f"{res['e2e_rounds']} rounds; medians): per job",
+              "", "| per job | loop | before | now | now ÷ before |", "|---|---|---:|---:|---:|"]
+        for loop in ("closed", "open"):
+            b, n = em["before"].get(loop), em["now"].get(loop)
+            if not b or not n:
+                continue
+            for key, label in E2E_FIGURES:
+                fmt = "{:,.0f}" if key == "rate" else "{:.1f}"
+                L.append(f"| {label} | {loop} | {fmt.format(b[key])} | {fmt.format(n[key])} | "
+                         f"**{n[key] / b[key]:.2f}x** |")
     L += ["", "The server's CPU includes reading and writing the sockets, which the scripts' execution time does "
           "not; this tree's client also pipelines the calls made in one turn of the event loop (the earlier one "
           "made one write per call), so part of the CPU difference is fewer socket reads and writes. The commands "
@@ -178,9 +237,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ref", default=BASE_REF, help=f"the earlier commit (default {BASE_REF})")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--window", type=float, default=3.0, help="seconds per window")
+    ap.add_argument("--e2e-rounds", type=int, default=3, help="end-to-end rounds per tree (0: none)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
-    res = run(args.rounds, args.ref, window_s=args.window)
+    res = run(args.rounds, args.ref, window_s=args.window, e2e_rounds=args.e2e_rounds)
     print(markdown(res))
     print(summary(res))
     if args.json:

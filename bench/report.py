@@ -35,9 +35,18 @@ def _headline(s: dict[str, Any]) -> list[str]:
     base = s.get("baseline")
     if base:
         r = base["ratio"]
-        out.append(f"- Redis work per job against the code before the hot-path work ({base['base_commit'].split()[0]}), "
-                   f"same run: server µs executing the scripts **{r['script_us_per_pair']:.2f}x**, server CPU "
-                   f"{r['server_cpu_us_per_pair']:.2f}x, commands the scripts issue {r['commands_per_pair']:.2f}x.")
+        line = (f"- Redis work per job against the code before the hot-path work ({base['base_commit'].split()[0]}), "
+                f"same run: store level (dispatch+complete pairs) server µs executing the scripts "
+                f"**{r['script_us_per_pair']:.2f}x**, server CPU {r['server_cpu_us_per_pair']:.2f}x, commands "
+                f"{r['commands_per_pair']:.2f}x")
+        em = base.get("e2e_median") or {}
+        for loop in ("closed", "open"):
+            b, n = em.get("before", {}).get(loop), em.get("now", {}).get(loop)
+            if b and n:
+                line += (f"; end to end, {loop} loop: scripts µs **{n['scripts_us'] / b['scripts_us']:.2f}x**, "
+                         f"server CPU {n['redis_cpu_us'] / b['redis_cpu_us']:.2f}x, commands "
+                         f"{n['redis_calls_per_job'] / b['redis_calls_per_job']:.2f}x")
+        out.append(line + ".")
     dur = s.get("durability")
     if dur and "ratio" in dur:
         out.append(f"- Waiting for one replica (`redis_min_replicas_ack=1`) on a Sentinel set: "

@@ -37,7 +37,8 @@ def test_the_baseline_section_runs_both_trees(tmp_path: Path) -> None:
     if not (root / ".git").exists():
         pytest.skip("not a git checkout: the earlier commit cannot be read")
     out = tmp_path / "baseline.json"
-    run = subprocess.run([sys.executable, "-m", "bench.baseline", "--rounds", "1", "--window", "0.5", "--json", str(out)],
+    run = subprocess.run([sys.executable, "-m", "bench.baseline", "--rounds", "1", "--window", "0.5", "--e2e-rounds", "0",
+                          "--json", str(out)],
                          capture_output=True, text=True, timeout=300, cwd=root)
     assert run.returncode == 0, run.stderr[-3000:]
     res = json.loads(out.read_text())
