@@ -157,6 +157,8 @@ else
   elseif not enqueue_job(ctx, jid, j, creation) then
     code = 'NODE_OVERLOADED'
   end
-  if code ~= '' then finish_job(ctx, jid, j, 'failed', code, nil, false, { 'node', '', unpack(creation, 3) }) end
+  if code ~= '' then  -- (creation after its first pair, the audio)
+    finish_job(ctx, jid, j, 'failed', code, nil, false, { 'node', '', unpack(creation, 3) })
+  end
 end
 return reply(ctx, { status = j.state, state = j.state, node = j.node, attempt = j.attempt, code = code })
