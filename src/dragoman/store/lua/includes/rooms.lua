@@ -1,11 +1,11 @@
 --[[
   Rooms: several sessions in one conversation, each hearing the others in its own language. A room
-  lives in one cell (chosen by its code): "room:<code>" (its id, when it was made, its last speech, how many joined),
-  "room:<code>:members" (session id -> member JSON: display_name, preferred_lang, lang (what it
-  hears: its preferred_lang, else its session's target), prefs (raw voice preferences), joined_at,
-  seq (its place in the order of joining: the room's "joins" count), proc), "rooms" (code -> expiry
-  deadline) and "proc:<p>:rooms" ("code sid" of members on process p, so a dead process's members
-  leave).
+  lives in one cell (chosen by its code): "room:<code>" (its id, when it was made, its last speech,
+  how many joined), "room:<code>:members" (session id -> member JSON: display_name, preferred_lang,
+  lang (what it hears: its preferred_lang, else its session's target), prefs (raw voice
+  preferences), joined_at, seq (its place in the order of joining: the room's "joins" count), proc),
+  "rooms" (code -> expiry deadline) and "proc:<p>:rooms" ("code sid" of members on process p, so a
+  dead process's members leave).
 
   Every change is sent to every member as a "room" effect (event "members", "expired" or
   "signal"), whatever process holds its socket; the member list itself is the payload.
