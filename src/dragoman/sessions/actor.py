@@ -48,9 +48,6 @@ from .protocol import (
 )
 
 log = structlog.get_logger(__name__)
-# An ack (outcomes delivered: the jobs may be forgotten) waits up to this long to share a Redis write
-# with the next call; under load it never costs a write (and a wake-up of Redis) of its own.
-ACK_LINGER_S = 0.02
 _BACKGROUND: set[asyncio.Task[Any]] = set()
 
 
@@ -185,8 +182,8 @@ class SessionActor:
                     log.warning("job check failed", session=sid, error=str(exc))
                     statuses = {}
                 queue.extend(proto.checked(statuses, monotonic_ms()))
-            elif isinstance(action, Ack):  # nothing waits on it: it goes with the next Redis write
-                self._background(self._best_effort("ack", self.store.ack(sid, action.job_ids, linger=ACK_LINGER_S)))
+            elif isinstance(action, Ack):  # nothing waits on it: it goes with the other sessions' acks
+                self._background(self._best_effort("ack", self.store.ack(sid, action.job_ids, batched=True)))
             elif isinstance(action, RoomCall):
                 queue.extend(await self._room(action))
             elif isinstance(action, CancelJob):

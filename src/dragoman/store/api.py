@@ -85,6 +85,11 @@ RETRYABLE = (RedisConnectionError, RedisTimeoutError, BusyLoadingError, ReadOnly
 # nothing waits on its reply promptly, and thousands of nodes send one each every 15 s.
 HEARTBEAT_LINGER_S = 0.02
 HEARTBEAT_BATCH_MAX = 200
+# A session's ack (outcomes delivered: the jobs may be forgotten) joins those of the process's other
+# sessions for up to ACK_LINGER_S: nothing waits on it, and under a light load every session would
+# otherwise cost a script call of its own for a job or two (see ack_outcomes-1.lua).
+ACK_LINGER_S = 0.05
+ACK_BATCH_MAX = 64  # sessions per call (each acks at most ack_batch jobs at a time)
 _effect_decoder = msgspec.json.Decoder(Effect)
 _effects_decoder = msgspec.json.Decoder(list[Effect])
 _decoders: dict[type, msgspec.json.Decoder[Any]] = {}
@@ -140,6 +145,7 @@ class Store:
         self.counts: Counter[str] = Counter()  # frequent counters, added to Redis by flush_stats
         self.heartbeats: Batcher[tuple[CellKeys, int]] = Batcher(self._heartbeat_batch, linger=HEARTBEAT_LINGER_S,
                                                                 max_items=HEARTBEAT_BATCH_MAX)
+        self.acks: Batcher[CellKeys] = Batcher(self._ack_batch, linger=ACK_LINGER_S, max_items=ACK_BATCH_MAX)
 
     @classmethod
     def from_url(cls, url: str, settings: Settings, proc: str | None = None, cluster: bool = False,
@@ -157,6 +163,7 @@ class Store:
 
     async def aclose(self) -> None:
         await self.heartbeats.aclose()
+        await self.acks.aclose()
         if self.pipeline is not None:
             await self.pipeline.aclose()
         await self.client.aclose()
@@ -193,12 +200,12 @@ class Store:
                 pause = min(1.0, pause * 2)
 
     async def _call(self, name: str, ck: CellKeys, keys: list[str], args: list[Any], kind: type[R],
-                    own_payload: str | None = None, own_result: Any = None, linger: float = 0.0) -> R:
+                    own_payload: str | None = None, own_result: Any = None) -> R:
         try:
             try:  # (the first attempt without the retry loop's frame and closure: it is nearly always the last)
-                raw = await self.scripts.call(name, keys, args, linger=linger)
+                raw = await self.scripts.call(name, keys, args)
             except RETRYABLE as exc:
-                raw = await self.retrying(name, lambda: self.scripts.call(name, keys, args, linger=linger), exc)
+                raw = await self.retrying(name, lambda: self.scripts.call(name, keys, args), exc)
         except ResponseError as exc:
             raise ScriptError(f"{name}: {exc}") from exc
         payloads = [_text(p) for p in raw[2:]]
@@ -460,16 +467,30 @@ class Store:
                 self.proc, session_id, epoch, "detach" if detach else "end", grace_ms, self.call_id()], CloseReply))
         return out
 
-    async def ack(self, session_id: str, job_ids: Iterable[str], linger: float = 0.0) -> int:
-        """The session delivered these outcomes: they are no longer owed (and the jobs are forgotten).
-        ``linger``: the call may wait that long to share a Redis write (see AutoPipeline)."""
+    async def ack(self, session_id: str, job_ids: Iterable[str], *, batched: bool = False) -> int:
+        """The session delivered these outcomes: they are no longer owed (and the jobs are forgotten);
+        how many were (a job that has not ended is left as it is). ``batched``: the ack joins the
+        other sessions' acks of the next ACK_LINGER_S in one script call (for a caller that does not
+        wait on it)."""
+        check_name("session_id", session_id)
+        groups = self._by_cell(job_ids)
+        if batched:
+            futures = [self.acks.submit_soon(self.cells[cell], (session_id, ids)) for cell, ids in groups.items()]
+            return sum([await f for f in futures])
         acked = 0
-        for cell, ids in self._by_cell(job_ids).items():
-            ck = self.cells[cell]
-            reply = await self._call("ack_outcomes", ck, [ck.nodes, ck.sess(session_id)],
-                                     [self.proc, session_id, *ids], AckReply, linger=linger)
-            acked += reply.acked
+        for cell, ids in groups.items():
+            acked += (await self._ack_batch(self.cells[cell], [(session_id, ids)]))[0]
         return acked
+
+    async def _ack_batch(self, ck: CellKeys, items: list[tuple[str, list[str]]]) -> list[int]:
+        """One ``ack_outcomes`` call for the acks of one cell's sessions: each gets its own count."""
+        args: list[Any] = [self.proc]
+        for session_id, ids in items:
+            args += [session_id, len(ids), *ids]
+        reply = await self._call("ack_outcomes", ck, [ck.nodes], args, AckReply)
+        if len(reply.acked) != len(items):
+            raise ScriptError(f"ack_outcomes: {len(items)} sessions, {len(reply.acked)} counts")
+        return reply.acked
 
     # ---------------------------------------------------------------- rooms
     def keys_for_room(self, code: str) -> CellKeys:

@@ -15,10 +15,6 @@ Rules:
 - With ``replicas`` > 0 each write ends with ``WAIT replicas timeout``: its calls return only once
   that many replicas have the writes, or fail with ``ReplicasBehind`` (retried like a lost
   connection). One WAIT covers a whole batch.
-- A call made with ``linger`` (seconds) may wait that long for company: it leaves with the next
-  call made without one, or when its linger runs out, whichever comes first. For calls nobody waits
-  on promptly (heartbeats: thousands of nodes, each every 15 s), so that many share one write and
-  one read instead of each paying a round trip of its own.
 - A reply that does not come within the connection's ``socket_timeout`` breaks the connection (as
   a read timeout would). One watchdog timer per connection checks it, instead of a timeout around
   every read: under load that per-read timer was a measurable share of the scheduler's CPU.
@@ -100,14 +96,12 @@ class AutoPipeline:
         self._writer: asyncio.Task[None] | None = None
         self._line: _Line | None = None
         self._line_since = 0.0
-        self._linger: asyncio.TimerHandle | None = None  # when the lingering calls leave anyway
         self._loop: asyncio.AbstractEventLoop | None = None
         self.writes = 0  # batches written (commands / writes = the pipelining achieved)
         self.commands = 0
 
-    async def execute(self, *args: Any, linger: float = 0.0) -> Any:
-        """Send one command with the others of this loop turn (or, with ``linger``, of the next
-        ``linger`` seconds); its reply (an error reply raises)."""
+    async def execute(self, *args: Any) -> Any:
+        """Send one command with the others of this loop turn; its reply (an error reply raises)."""
         loop = self._loop
         if loop is None or loop.is_closed():  # (asyncio.get_running_loop() costs a getpid call)
             loop = self._loop = asyncio.get_running_loop()
@@ -117,16 +111,10 @@ class AutoPipeline:
             self._wake = asyncio.Event()
         if self._writer is None or self._writer.done():
             self._writer = loop.create_task(self._write_loop(), name="redis-pipeline-writer")
-        if linger <= 0:
-            self._wake.set()
-        elif self._linger is None and not self._wake.is_set():
-            self._linger = loop.call_later(linger, self._wake.set)
+        self._wake.set()
         return await fut
 
     async def aclose(self) -> None:
-        if self._linger is not None:
-            self._linger.cancel()
-            self._linger = None
         if self._writer is not None:
             self._writer.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -144,9 +132,6 @@ class AutoPipeline:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            if self._linger is not None:  # the lingering calls leave with this batch
-                self._linger.cancel()
-                self._linger = None
             batch, self._batch = self._batch, []
             if batch:
                 await self._write(batch)

@@ -207,7 +207,7 @@ class CloseReply(Reply, kw_only=True):
 
 
 class AckReply(Reply, kw_only=True):
-    acked: int = 0
+    acked: list[int] = msgspec.field(default_factory=list)  # per session of the call
 
 
 class JobsReply(Reply, kw_only=True):

@@ -166,26 +166,25 @@ class Scripts:
         self.replicas = replicas
         self.replica_wait_ms = replica_wait_ms
 
-    async def call(self, name: str, keys: list[str], args: list[Any], linger: float = 0.0) -> Any:
+    async def call(self, name: str, keys: list[str], args: list[Any]) -> Any:
         """Run a script. With replicas required, the call returns only once that many replicas have
         its writes, and raises ``ReplicasBehind`` (a connection error: the caller's retry makes it
-        again, retry-safe) when they do not within ``replica_wait_ms``. ``linger``: see
-        ``AutoPipeline`` (ignored without it)."""
+        again, retry-safe) when they do not within ``replica_wait_ms``."""
         spec = self.specs[name]
         if len(keys) != spec.num_keys:
             raise ScriptError(f"{name} takes {spec.num_keys} keys, got {len(keys)}")
         command = ("FCALL", self.library.functions[name], len(keys), *keys, *args)
         try:
-            return await self._run(name, command, linger)
+            return await self._run(name, command)
         except ResponseError as exc:
             if not _function_missing(exc):
                 raise
         await self.load_all(self.client)  # a new or flushed server: nothing ran; load and call again
-        return await self._run(name, command, 0.0)
+        return await self._run(name, command)
 
-    async def _run(self, name: str, command: tuple[Any, ...], linger: float) -> Any:
+    async def _run(self, name: str, command: tuple[Any, ...]) -> Any:
         if self.pipeline is not None:
-            return await self.pipeline.execute(*command, linger=linger)
+            return await self.pipeline.execute(*command)
         if self.replicas <= 0:
             return await self.client.execute_command(*command)
         pipe = self.client.pipeline(transaction=False)

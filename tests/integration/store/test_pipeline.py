@@ -35,19 +35,6 @@ async def test_one_turn_of_calls_is_one_write_with_each_reply_in_order(pipe: Aut
     assert (pipe.writes, pipe.commands) == (1, 50)
 
 
-async def test_calls_that_linger_leave_together_or_with_the_next_prompt_call(pipe: AutoPipeline) -> None:
-    first = asyncio.create_task(pipe.execute("INCR", "a", linger=0.5))
-    await asyncio.sleep(0.05)  # another turn: without a linger it would have gone alone
-    second = asyncio.create_task(pipe.execute("INCR", "a", linger=0.5))
-    await asyncio.sleep(0.05)
-    assert not first.done() and pipe.writes == 0  # both still lingering
-    assert await pipe.execute("GET", "a") == b"2"  # a prompt call takes them along, ahead of it
-    assert (await first, await second) == (1, 2)
-    assert (pipe.writes, pipe.commands) == (1, 3)
-    alone = await asyncio.wait_for(pipe.execute("INCR", "a", linger=0.05), 2)  # nobody came: it left anyway
-    assert alone == 3 and pipe.writes == 2
-
-
 async def test_an_error_reply_raises_in_its_own_call_only(pipe: AutoPipeline) -> None:
     results = await asyncio.gather(pipe.execute("SET", "k", "v"), pipe.execute("INCR", "k"),
                                    pipe.execute("GET", "k"), return_exceptions=True)

@@ -459,3 +459,38 @@ async def test_a_heartbeat_batch_the_script_refuses_changes_nothing(store: Store
         with pytest.raises(ScriptError, match="dragoman"):
             await store._call("heartbeat", ck, [ck.nodes], [store.proc, 45000, "", *args], Reply)
     assert await snapshot(store.client) == before
+
+
+async def test_acks_of_several_sessions_within_a_few_milliseconds_are_one_script_call(store: Store) -> None:
+    """Each session gets its own count; ended jobs are forgotten and leave their session's record;
+    a job that has not ended is left as it is."""
+    await register(store, "n1", max_c=4)
+    s1 = [await store.dispatch(job("s1", i)) for i in range(2)]
+    s2 = [await store.dispatch(job("s2", i)) for i in range(2)]
+    for d in (*s1, s2[0]):
+        await store.complete(d.job_id, "n1", 1, "completed", payload="{}")
+    before = (store.acks.batches, store.acks.items)
+    a1, a2 = await asyncio.gather(store.ack("s1", [d.job_id for d in s1], batched=True),
+                                  store.ack("s2", [d.job_id for d in s2], batched=True))
+    assert (store.acks.batches, store.acks.items) == (before[0] + 1, before[1] + 2)
+    assert (a1, a2) == (2, 1)
+    for d in (*s1, s2[0]):
+        assert await store.job(d.job_id) is None
+    assert (await store.job(s2[1].job_id))["state"] == "assigned"
+    ck = store.cells["c0"]
+    assert not [k for k in await store.client.hkeys(ck.sess("s1")) if k.startswith(b"j:")]
+    assert [k for k in await store.client.hkeys(ck.sess("s2")) if k.startswith(b"j:")] == [
+        f"j:{s2[1].job_id}".encode()]
+
+
+async def test_an_ack_batch_the_script_refuses_changes_nothing(store: Store) -> None:
+    await register(store, "n1")
+    d = await store.dispatch(job("s1"))
+    await store.complete(d.job_id, "n1", 1, "completed", payload="{}")
+    ck = store.cells["c0"]
+    before = await snapshot(store.client)
+    for groups in (["s1", 1, d.job_id, "s2", 2, "j-x"], ["s1", "one", d.job_id], ["", 1, d.job_id],
+                   ["s1", 1, d.job_id, "s2"]):
+        with pytest.raises(ScriptError, match="dragoman"):
+            await store._call("ack_outcomes", ck, [ck.nodes], [store.proc, *groups], Reply)
+    assert await snapshot(store.client) == before
