@@ -475,8 +475,8 @@ class Store:
         check_name("session_id", session_id)
         groups = self._by_cell(job_ids)
         if batched:
-            futures = [self.acks.submit_soon(self.cells[cell], (session_id, ids)) for cell, ids in groups.items()]
-            return sum([await f for f in futures])
+            return sum(await asyncio.gather(*(self.acks.submit_soon(self.cells[cell], (session_id, ids))
+                                              for cell, ids in groups.items())))
         acked = 0
         for cell, ids in groups.items():
             acked += (await self._ack_batch(self.cells[cell], [(session_id, ids)]))[0]

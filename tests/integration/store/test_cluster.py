@@ -106,6 +106,12 @@ async def test_session_lifecycle_across_cells_on_a_cluster(cstore: Store) -> Non
     owed = {j.job for r in replies for j in r.jobs}
     assert owed == {d.job_id for d in placed}
     assert await cstore.ack("sx", [placed[0].job_id]) == 1
+    # a batched ack naming jobs of two cells: one call per cell, the counts summed
+    other = next(d for d in placed[2:] if d.cell != placed[0].cell)
+    for d in (placed[0], other):
+        await cstore.complete(d.job_id, d.node, 1, "completed", payload="{}")
+    assert await cstore.ack("sx", [placed[0].job_id, other.job_id], batched=True) == 2
+    assert await cstore.job(other.job_id) is None
     relay = await cstore.relay_partial(placed[1].job_id, placed[1].node, "sx", 1, "{}")
     assert relay.status == "relayed"
     await cstore.close_session("sx", 2, detach=False, cells={r.cell for r in replies})
