@@ -494,3 +494,17 @@ async def test_an_ack_batch_the_script_refuses_changes_nothing(store: Store) -> 
         with pytest.raises(ScriptError, match="dragoman"):
             await store._call("ack_outcomes", ck, [ck.nodes], [store.proc, *groups], Reply)
     assert await snapshot(store.client) == before
+
+
+async def test_a_refused_job_gives_its_slot_to_the_oldest_waiting_job_not_back_to_itself(store: Store) -> None:
+    """Found by the state machine: the slot a refusal gives back went to nobody while a job waited
+    for that node (only a result handed it on)."""
+    await register(store, "n1", max_c=1, pools=(ZH_EN, "en>zh"))
+    first = await store.dispatch(job("s1", 0))
+    waiting = await store.dispatch(job("s2", 0, pool="en>zh", tgt="zh"))
+    assert (first.status, waiting.status) == ("assigned", "queued")
+    r = await store.complete(first.job_id, "n1", 1, "refused")
+    assert r.status == "refused"
+    assert [(e.kind, e.job, e.node) for e in r.effects] == [("assign", waiting.job_id, "n1")]
+    assert (await store.job(waiting.job_id))["state"] == "assigned"
+    assert (await store.job(first.job_id))["state"] == "queued"  # no other node: it waits, not on n1

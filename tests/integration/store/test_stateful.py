@@ -734,3 +734,27 @@ def test_an_outcome_of_no_node_is_heard(server_url: str) -> None:
         assert sorted(o.state for job in state.jobs.values() for o in job.outcomes) == ["completed", "failed"]
     finally:
         state.teardown()
+
+
+def test_a_refusal_hands_the_slot_to_a_waiting_job(server_url: str) -> None:
+    """Found by the machine: a job refused by a one-slot node in three pools went back to the queue,
+    and the slot it gave back stayed free while another job waited for that node."""
+    state = StoreMachine(server_url)
+    steps = [  # (as the machine ran them)
+        lambda: state.first_nodes(caps=[1]),
+        lambda: state.session_acknowledges(session="s3"),
+        state.next_utterance,
+        lambda: state.finish_work(node="n4", outcome="completed"),
+        state.next_utterance,  # queued: n1's one slot is taken
+        lambda: state.drain(node="n4", on=False),
+        lambda: state.reap(batch=100),
+        lambda: state.complete_by_holder(extras="retry", pick=139, result="refused"),
+        lambda: state.reap(batch=2),
+        lambda: state.drain(node="n1", on=False),  # (where the machine looked again)
+    ]
+    try:
+        for step in steps:
+            step()
+            state.redis_agrees_with_the_invariants()
+    finally:
+        state.teardown()

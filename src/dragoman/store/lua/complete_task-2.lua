@@ -5,7 +5,8 @@
   and the freed slot goes to the oldest job waiting in the node's pools, in this same call.
 
   Outcome "refused" is a node saying it cannot take the job (full, or it already runs another target
-  of that utterance): the slot comes back and the job moves on to another node, like a lost holder.
+  of that utterance): the slot comes back (to the oldest job waiting for the node's pools, as after
+  a result) and the job moves on to another node, like a lost holder.
 
   A result for a stale attempt, from another node, or for an unknown job is rejected and changes
   nothing. A repeat of the accepted result is answered "duplicate" and changes nothing (I8); the
@@ -65,6 +66,9 @@ release_slot(ctx, nid, jid, j.pool)
 if outcome == 'refused' then
   count(ctx, 'refused')
   log_event(ctx, 'job_refused', { job = jid, node = nid, code = code })
+  -- the slot goes to the oldest job already waiting (the refused one is not waiting yet: it never
+  -- goes straight back to the node that refused it), then the refused job moves on
+  fill_from_queues(ctx, nid)
   reassign_or_fail(ctx, jid, j, { [nid] = true }, 'NODE_OVERLOADED')
   return reply(ctx, { status = 'refused', state = j.state })
 end
