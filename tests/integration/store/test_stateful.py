@@ -35,6 +35,7 @@ import dataclasses
 import itertools
 import json
 import os
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -714,6 +715,13 @@ def test_store_state_machine(server_url: str) -> None:
     )
 
 
+def play(state: StoreMachine, steps: list[Callable[[], object]]) -> None:
+    """A sequence the machine found, checked as between the machine's steps (I3: one outcome each)."""
+    for step in steps:
+        step()
+        state.redis_agrees_with_the_invariants()
+
+
 def test_an_outcome_of_no_node_is_heard(server_url: str) -> None:
     """Found by the machine: a queued job that times out while a node's heartbeat fills its freed
     slot ends with an outcome addressed to no node; the process's sink hears it (the heartbeat's
@@ -728,9 +736,7 @@ def test_an_outcome_of_no_node_is_heard(server_url: str) -> None:
         lambda: state.time_passes(silent=set(), step=10_000, then_reap=False),  # past the queued job's deadline
     ]
     try:
-        for step in steps:
-            step()
-            state.redis_agrees_with_the_invariants()  # (as between the machine's steps; I3: one outcome each)
+        play(state, steps)
         assert sorted(o.state for job in state.jobs.values() for o in job.outcomes) == ["completed", "failed"]
     finally:
         state.teardown()
@@ -753,8 +759,6 @@ def test_a_refusal_hands_the_slot_to_a_waiting_job(server_url: str) -> None:
         lambda: state.drain(node="n1", on=False),  # (where the machine looked again)
     ]
     try:
-        for step in steps:
-            step()
-            state.redis_agrees_with_the_invariants()
+        play(state, steps)
     finally:
         state.teardown()
