@@ -41,6 +41,13 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+try:  # (what the hiredis reader returns for "no whole reply yet", as redis-py configures it)
+    from redis._parsers.hiredis import NOT_ENOUGH_DATA as _NOT_ENOUGH_DATA
+    from redis._parsers.hiredis import _AsyncHiredisParser
+except ImportError:  # another redis-py layout: its own read path
+    _NOT_ENOUGH_DATA = _AsyncHiredisParser = None
+_PUSH = getattr(hiredis, "PushNotification", None)
+
 Settle = Callable[[Any], None]  # gets the reply, or the exception to raise in the caller
 
 
@@ -52,6 +59,51 @@ def _pack(conn: Any, commands: list[tuple[Any, ...]]) -> bytes | list[bytes]:
         return b"".join([hiredis.pack_command(args) for args in commands])
     except TypeError:
         return conn.pack_commands(commands)  # type: ignore[no-any-return]
+
+
+class _DirectReader:
+    """The replies of a connection read straight from its hiredis reader: what redis-py's
+    ``read_response`` does (an error reply comes back as its exception,
+    which the owed call raises), without a timeout context, a host name formatted and three
+    coroutines per reply; a turn's replies come out of one socket read."""
+
+    __slots__ = ("parser", "reader", "stream", "more")
+
+    def __init__(self, parser: Any) -> None:
+        self.parser = parser
+        self.reader = parser._reader
+        self.stream = parser._stream
+        self.more = _NOT_ENOUGH_DATA
+
+    async def next_reply(self) -> Any:
+        reader = self.reader
+        while True:
+            reply = reader.gets()
+            while reply is self.more:
+                if not self.parser._connected or self.parser._reader is not reader:  # (closed, or connected anew)
+                    raise RedisConnectionError("Connection closed by server.")
+                data = await self.stream.read(65536)
+                if not data:
+                    raise RedisConnectionError("Connection closed by server.")
+                reader.feed(data)
+                reply = reader.gets()
+            if _PUSH is None or not isinstance(reply, _PUSH):
+                break
+            # (RESP3: a push is nobody's reply; a pipeline connection subscribes to nothing)
+        if isinstance(reply, RedisConnectionError) or (type(reply) is list and reply
+                                                       and isinstance(reply[0], RedisConnectionError)):
+            raise reply if isinstance(reply, RedisConnectionError) else reply[0]  # (as redis-py does)
+        return reply
+
+
+def _direct_reader(conn: Any) -> _DirectReader | None:
+    """A direct reader for a connection parsed by hiredis; None: redis-py's own path."""
+    parser = getattr(conn, "_parser", None)
+    if (_NOT_ENOUGH_DATA is None or type(parser) is not _AsyncHiredisParser
+            or not isinstance(getattr(parser, "_reader", None), hiredis.Reader)
+            or getattr(parser, "_stream", None) is None):
+        return None
+    return _DirectReader(parser)
 
 
 class ReplicasBehind(RedisConnectionError):
@@ -221,6 +273,7 @@ class AutoPipeline:
     # ------------------------------------------------------------------ reading
     async def _read_loop(self, line: _Line) -> None:
         loop = asyncio.get_running_loop()
+        direct = _direct_reader(line.conn)
         try:
             while True:
                 if not line.owed:
@@ -230,10 +283,13 @@ class AutoPipeline:
                     line.has_owed.clear()
                     await line.has_owed.wait()
                     continue
-                try:
-                    reply: Any = await line.conn.read_response(timeout=math.inf)  # (the watchdog's)
-                except ResponseError as exc:  # an error reply: that call's alone
-                    reply = exc
+                if direct is not None:
+                    reply: Any = await direct.next_reply()
+                else:
+                    try:
+                        reply = await line.conn.read_response(timeout=math.inf)  # (the watchdog's)
+                    except ResponseError as exc:  # an error reply: that call's alone
+                        reply = exc
                 line.progress = loop.time()
                 line.owed.popleft()(reply)
         except asyncio.CancelledError:
