@@ -22,6 +22,7 @@ class Metrics:
                                           buckets=LATENCY_BUCKETS, registry=r)
         self.e2e_latency = Histogram("dragoman_e2e_seconds", "Utterance cut to result ready for the client",
                                      buckets=LATENCY_BUCKETS, registry=r)
+        self._outcome_children: dict[tuple[str, str], Any] = {}
         self.outcomes = Counter("dragoman_job_outcomes", "Jobs by terminal outcome (seen by this process)",
                                 ["state", "code"], registry=r)
         self.reassignments = Counter("dragoman_reassignments", "Jobs sent again with a new attempt", registry=r)
@@ -51,7 +52,10 @@ class Metrics:
 
     def settled(self, state: str, code: str) -> None:
         """A session took a job's one outcome (``dragoman.types.Observer``)."""
-        self.outcomes.labels(state, code or "").inc()
+        child = self._outcome_children.get((state, code))
+        if child is None:  # (``labels`` takes a lock and builds a key: a job's outcome is counted once per job)
+            child = self._outcome_children[(state, code)] = self.outcomes.labels(state, code or "")
+        child.inc()
 
     def observe(self, name: str, seconds: float) -> None:
         """A session's measurement (``dragoman.types.Observer``)."""

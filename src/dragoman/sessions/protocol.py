@@ -554,7 +554,8 @@ class SessionProtocol:
             if isinstance(item, _Fanout):
                 out.append(RoomCall("speak", self.room or ""))
             else:
-                out.append(Dispatch(dataclasses.replace(item, avoid=tuple(self._avoid.get(item.utt, ())))))
+                avoid = self._avoid.get(item.utt)
+                out.append(Dispatch(dataclasses.replace(item, avoid=tuple(avoid)) if avoid else item))
         self._maybe_finish(now, out)
 
     def dispatched(self, request: JobRequest, result: DispatchResult, now: int) -> list[Action]:
