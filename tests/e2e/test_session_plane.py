@@ -9,6 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from dragoman.app.sockets import MAX_STRIKES
 from dragoman.client import SessionClient
 from dragoman.core.audio import join_opus, pcm16_silence
 from dragoman.wire import (
@@ -207,6 +208,23 @@ async def test_bad_session_input(scheduler) -> None:
         # the connection survived all of it
         await client.send(ClientHeartbeat(session_id=client.session_id, timestamp=1))
         await client.wait_for((ServerHeartbeat,))
+
+
+async def test_invalid_frames_close_the_socket_only_when_they_come_in_a_row(scheduler) -> None:
+    """Each good frame forgives the invalid ones before it, including a good frame handed to the
+    session in the socket's own callback (``session_ws.hand_over_in_place``)."""
+    base = scheduler()
+    async with SessionClient.connect(ws(base) + "/ws/session", src_lang="zh", tgt_langs=["en"],
+                                     resume=False) as client:
+        for i in range(MAX_STRIKES + 5):  # interleaved: never two strikes in a row
+            await client.transport.send('{"type":"no_such_message"}')
+            err = await client.wait_for((ErrorMessage,))
+            assert err.code == "INVALID_MESSAGE"
+            await client.send(ClientHeartbeat(session_id=client.session_id, timestamp=i))
+            await client.wait_for((ServerHeartbeat,))
+        for _ in range(MAX_STRIKES + 1):  # in a row: the socket is closed after MAX_STRIKES + 1
+            await client.transport.send('{"type":"no_such_message"}')
+        await asyncio.wait_for(client.closed.wait(), 10)
 
 
 async def test_two_scheduler_processes_share_one_redis(scheduler) -> None:

@@ -51,6 +51,33 @@ log = structlog.get_logger(__name__)
 _BACKGROUND: set[asyncio.Task[Any]] = set()
 
 
+class FrameSlots:
+    """A semaphore for one taker (the session's socket reader) that can also be taken without
+    waiting (``try_acquire``: a frame handed over in the socket's own callback, ``session_ws``)."""
+
+    __slots__ = ("free", "_freed")
+
+    def __init__(self, n: int) -> None:
+        self.free = n
+        self._freed = Flag()
+
+    def try_acquire(self) -> bool:
+        if self.free <= 0:
+            return False
+        self.free -= 1
+        return True
+
+    async def acquire(self) -> None:
+        while self.free <= 0:
+            self._freed.clear()
+            await self._freed.wait()
+        self.free -= 1
+
+    def release(self) -> None:
+        self.free += 1
+        self._freed.set()
+
+
 class SessionActor:
     def __init__(self, proto: SessionProtocol, store: SessionStore, transport: Transport, *,
                  observer: Observer | None = None, grace_ms: int = 0, cells: set[str] | None = None,
@@ -64,9 +91,11 @@ class SessionActor:
         self.cells: set[str] = set(cells or ())  # cells where the session has records
         self.inbox: deque[tuple[str, Any]] = deque()  # what the session's loop has yet to take
         self._inbox_ready = Flag()
+        self._timer: asyncio.TimerHandle | None = None  # wakes the loop at the protocol's next deadline
+        self._timer_at = 0
         # Client frames waiting in the inbox are bounded: the socket reader takes a slot before
         # posting one, so a client that sends faster than we dispatch is slowed down by TCP.
-        self.frame_slots = asyncio.Semaphore(64)
+        self.frame_slots = FrameSlots(64)
         self.finished = Flag()
         self.close_code: int | None = None
         self.opened = False
@@ -115,15 +144,16 @@ class SessionActor:
             self.opened = True
             await self.perform(proto.start(monotonic_ms()))
             while not proto.finished:
-                deadline = proto.next_deadline()
-                timeout = None if deadline is None else max(0.0, (deadline - monotonic_ms()) / 1000)
-                # (a queued item is taken without a timer or a wait)
-                if not self.inbox and not await self._inbox_ready.wait(timeout):
-                    await self.perform(proto.tick(monotonic_ms()))
-                    continue
-                kind, item = self.inbox.popleft()
-                if not self.inbox:
+                if not self.inbox:  # (a queued item is taken without a timer or a wait)
+                    deadline, now = proto.next_deadline(), monotonic_ms()
+                    if deadline is not None and deadline <= now:
+                        await self.perform(proto.tick(now))
+                        continue
+                    self._alarm(deadline, now)
                     self._inbox_ready.clear()
+                    await self._inbox_ready.wait()
+                    continue  # an item, or the alarm (then the deadline is looked at again)
+                kind, item = self.inbox.popleft()
                 await self.perform(self._handle(kind, item))
         except asyncio.CancelledError:
             raise
@@ -135,7 +165,24 @@ class SessionActor:
                 proto.finished = True
                 self._close_later(detach=True)
         finally:
+            if self._timer is not None:
+                self._timer.cancel()
             self.finished.set()
+
+    def _alarm(self, deadline: int | None, now: int) -> None:
+        """Wake the loop by ``deadline`` (monotonic ms). One timer serves many waits: it is replaced
+        only by an earlier deadline (a later one just wakes the loop early, to look again), since a
+        timer made and cancelled around every wait cost a few µs of each job."""
+        if deadline is None or (self._timer is not None and self._timer_at <= deadline):
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = deadline
+        self._timer = asyncio.get_running_loop().call_later(max(0.001, (deadline - now) / 1000), self._ring)
+
+    def _ring(self) -> None:
+        self._timer = None
+        self._inbox_ready.set()
 
     def _handle(self, kind: str, item: Any) -> list[Action]:
         now = monotonic_ms()
@@ -168,6 +215,7 @@ class SessionActor:
         proto, sid = self.proto, self.proto.session_id
         while queue:
             action = queue.popleft()
+            # (the common actions of a job first: every one tested costs an isinstance call)
             if isinstance(action, Send):
                 if action.soon:
                     self.transport.send_soon(encode(action.message))
@@ -175,6 +223,17 @@ class SessionActor:
                     self.transport.send(encode(action.message))
             elif isinstance(action, Dispatch):
                 queue.extend(await self._dispatch(action))
+            elif isinstance(action, Settled):
+                if self.observer is not None:
+                    self.observer.settled(action.state, action.code)
+            elif isinstance(action, Observe):
+                if self.observer is not None:
+                    self.observer.observe(action.name, action.seconds)
+            elif isinstance(action, Ack):  # nothing waits on it: it goes with the other sessions' acks
+                self._background(self._best_effort("ack", self.store.ack(sid, action.job_ids, batched=True)))
+            elif isinstance(action, Count):
+                if self.observer is not None:
+                    self.observer.count(action.name)
             elif isinstance(action, CheckJobs):
                 try:
                     statuses = await self.store.get_jobs(action.job_ids)
@@ -182,8 +241,6 @@ class SessionActor:
                     log.warning("job check failed", session=sid, error=str(exc))
                     statuses = {}
                 queue.extend(proto.checked(statuses, monotonic_ms()))
-            elif isinstance(action, Ack):  # nothing waits on it: it goes with the other sessions' acks
-                self._background(self._best_effort("ack", self.store.ack(sid, action.job_ids, batched=True)))
             elif isinstance(action, RoomCall):
                 queue.extend(await self._room(action))
             elif isinstance(action, CancelJob):
@@ -195,15 +252,6 @@ class SessionActor:
                 self._close_later(detach=isinstance(action, Detach))
             elif isinstance(action, CloseSocket):
                 self.close_code = action.code
-            elif isinstance(action, Observe):
-                if self.observer is not None:
-                    self.observer.observe(action.name, action.seconds)
-            elif isinstance(action, Count):
-                if self.observer is not None:
-                    self.observer.count(action.name)
-            elif isinstance(action, Settled):
-                if self.observer is not None:
-                    self.observer.settled(action.state, action.code)
 
     async def _dispatch(self, action: Dispatch) -> list[Action]:
         req, proto = action.request, self.proto

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 
+from hypothesis import given
+from hypothesis import strategies as st
 from starlette.websockets import WebSocketState
+from websockets.frames import Frame, Opcode
 
-from dragoman.app.sockets import Link
+from dragoman.app.sockets import Link, text_frame
 
 
 class StuckSocket:
@@ -78,3 +81,15 @@ async def _fired(timer: asyncio.TimerHandle) -> None:
     done = loop.create_future()
     loop.call_at(timer.when(), lambda: loop.call_soon(done.set_result, None))
     await done
+
+
+@given(st.one_of(st.text(), st.text(min_size=60, max_size=70).map(lambda t: t * 1100)))
+def test_a_text_frame_is_the_frame_websockets_would_send(text: str) -> None:
+    """Every length form of the header (7-bit, 16-bit and 64-bit lengths) and any UTF-8 text."""
+    assert text_frame(text) == Frame(Opcode.TEXT, text.encode()).serialize(mask=False)
+
+
+def test_text_frames_of_every_header_length_match_websockets() -> None:
+    for n in (0, 125, 126, 65535, 65536):
+        text = "x" * n
+        assert text_frame(text) == Frame(Opcode.TEXT, text.encode()).serialize(mask=False)
