@@ -168,12 +168,12 @@ class NodeConnection:
         return self.node_id
 
     async def handle(self, msg: msgspec.Struct, text: str) -> None:
-        if isinstance(msg, NodeRegister):
+        if isinstance(msg, JobResult):  # (the frame of every job first)
+            await self.result(msg, text)
+        elif isinstance(msg, NodeRegister):
             await self.register(msg, text)
         elif isinstance(msg, NodeHeartbeat):
             await self.heartbeat(msg)
-        elif isinstance(msg, JobResult):
-            await self.result(msg, text)
         elif isinstance(msg, JobAck | JobStarted):
             node_id = self._require_node(msg.node_id)
             await self.hub.store.start_job(msg.job_id, node_id, msg.attempt_id)

@@ -23,9 +23,16 @@ def check_name(kind: str, value: str) -> str:
 
 def check_pool(value: str) -> str:
     """Pool ids are ``src>tgt`` (one direction) or ``a<>b`` (both directions); see core/pools.py."""
+    if value in _GOOD_POOLS:  # (a network has a few dozen pools; every job names one)
+        return value
     if not _POOL.match(value):
         raise ValueError(f"pool id {value!r} must look like 'zh>en' or 'en<>zh'")
+    if len(_GOOD_POOLS) < 4096:
+        _GOOD_POOLS.add(value)
     return value
+
+
+_GOOD_POOLS: set[str] = set()
 
 
 class CellKeys:
