@@ -341,13 +341,16 @@ class SessionProtocol:
         return list(self._by_job)
 
     def next_deadline(self) -> int | None:
-        times = [t for t in (self.segmenter.next_deadline_ms(), self._ack_at, self._rejoin_at) if t is not None]
+        best = self.segmenter.next_deadline_ms()
+        for t in (self._ack_at, self._rejoin_at):
+            if t is not None and (best is None or t < best):
+                best = t
         for slot in self._slots.values():
-            if slot.job_id and not slot.checking:
-                times.append(slot.check_at)
-            if slot.hard_at:
-                times.append(slot.hard_at)
-        return min(times) if times else None
+            if slot.job_id and not slot.checking and (best is None or slot.check_at < best):
+                best = slot.check_at
+            if slot.hard_at and (best is None or slot.hard_at < best):
+                best = slot.hard_at
+        return best
 
     def describe(self) -> dict[str, Any]:
         return {"session_id": self.spec.session_id, "src_lang": self.spec.src_lang,

@@ -152,8 +152,10 @@ class AutoPipeline:
         self.writes = 0  # batches written (commands / writes = the pipelining achieved)
         self.commands = 0
 
-    async def execute(self, *args: Any) -> Any:
-        """Send one command with the others of this loop turn; its reply (an error reply raises)."""
+    def execute(self, *args: Any) -> asyncio.Future[Any]:
+        """Send one command with the others of this loop turn: a future of its reply (an error reply
+        raises). (A plain function returning the future: a coroutine here would be one more frame
+        that every resumption of its caller passes through.)"""
         loop = self._loop
         if loop is None or loop.is_closed():  # (asyncio.get_running_loop() costs a getpid call)
             loop = self._loop = asyncio.get_running_loop()
@@ -164,7 +166,7 @@ class AutoPipeline:
         if self._writer is None or self._writer.done():
             self._writer = loop.create_task(self._write_loop(), name="redis-pipeline-writer")
         self._wake.set()
-        return await fut
+        return fut
 
     async def aclose(self) -> None:
         if self._writer is not None:

@@ -175,6 +175,8 @@ class Scripts:
             raise ScriptError(f"{name} takes {spec.num_keys} keys, got {len(keys)}")
         command = ("FCALL", self.library.functions[name], len(keys), *keys, *args)
         try:
+            if self.pipeline is not None:  # (awaited here: one coroutine frame less per call)
+                return await self.pipeline.execute(*command)
             return await self._run(name, command)
         except ResponseError as exc:
             if not _function_missing(exc):
