@@ -228,7 +228,7 @@ class Hub:
             nonlocal last_id
             entries = await self.store.read_inbox(cell, last_id, block_ms=1000)
             if entries:
-                await self.deliver([effect for _, effect in entries if effect.kind])
+                self.deliver([effect for _, effect in entries if effect.kind])
                 last_id = entries[-1][0]
                 await self.store.trim_inbox(cell, [entry_id for entry_id, _ in entries])
             return 0.0  # the read itself blocked: go straight back to it
@@ -264,7 +264,7 @@ class Hub:
             actor.post_reset()
 
     # ------------------------------------------------------------------ delivery
-    async def deliver(self, effects: list[Effect]) -> None:
+    def deliver(self, effects: list[Effect]) -> None:
         """Carry out effects for sockets this process holds. An effect for a socket that has gone is
         dropped: the job's lease recovers an assignment, and an outcome waits in Redis for the
         session (a resume, or its own check). One effect failing does not stop the others."""

@@ -76,7 +76,7 @@ from dragoman.wire.codes import ErrorCode
 
 log = structlog.get_logger(__name__)
 R = TypeVar("R", bound=Reply)
-Sink = Callable[[list[Effect]], Awaitable[None]]
+Sink = Callable[[list[Effect]], None]  # carries effects out without waiting on anything
 
 # Errors after which a call may be repeated: the server could not be reached or could not take
 # writes for a moment (restart, loading, a failover's demoted primary). Any other error is final.
@@ -218,7 +218,7 @@ class Store:
                 if status.p > 0:
                     status.result = payloads[status.p - 1]
         if reply.effects and self.sink is not None:
-            await self.sink(reply.effects)
+            self.sink(reply.effects)
         return reply
 
     def _effects(self, name: str, raw: bytes, payloads: list[str], cell: str, own_payload: str | None,

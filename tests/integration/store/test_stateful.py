@@ -127,7 +127,7 @@ class StoreMachine(RuleBasedStateMachine):
         # job that timed out in the queue while the node's free slot was being filled is no node's).
         self.heard: list[Effect] = []
 
-        async def hear(effects: list[Effect]) -> None:
+        def hear(effects: list[Effect]) -> None:
             self.heard.extend(effects)
 
         self.store.sink = hear
