@@ -14,7 +14,6 @@ import structlog
 from starlette.requests import HTTPConnection
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
-from websockets.frames import apply_mask
 from websockets.protocol import OPEN, SERVER
 
 from dragoman.errors import ProtocolError
@@ -86,7 +85,7 @@ class _Inbound:
     of what arrived and, while the reader waits, one future. ``size`` is the length of the text or
     bytes waiting, which bounds the memory it holds together with ``len``."""
 
-    __slots__ = ("_items", "_waiter", "size", "direct", "split", "partial")
+    __slots__ = ("_items", "_waiter", "size", "direct")
 
     def __init__(self) -> None:
         self._items: list[Any] = []
@@ -95,10 +94,6 @@ class _Inbound:
         # Takes a message in place of the reader, when the reader waits with nothing before it
         # (so order is kept); returns False to leave it to the reader (see ``session_ws``).
         self.direct: Callable[[Any], bool] | None = None
-        # FrameWriterProtocol.data_received: whether it cuts the bytes into frames itself (None:
-        # not decided yet), and the start of a frame not complete yet.
-        self.split: bool | None = None
-        self.partial: bytearray | None = None
 
     @staticmethod
     def _size(item: Any) -> int:
@@ -158,78 +153,6 @@ class FrameWriterProtocol(WebSocketsSansIOProtocol):
         self.queue = _Inbound()  # type: ignore[assignment]  # (memory per socket: see _Inbound)
         self.writable = Flag()  # type: ignore[assignment]  # (memory per socket: see dragoman.flag)
         self.writable.set()
-
-    def data_received(self, data: bytes) -> None:
-        """Whole text frames from the client are taken here, the rest is websockets' to parse.
-
-        websockets parses a frame through three generators and a frame object: a tenth of the
-        scheduler's CPU for a job's two frames in. Here the bytes are cut into frames first; a
-        masked, final, uncompressed text frame of an open connection, not inside a fragmented
-        message, goes straight to the app (unmasked in C, decoded by uvicorn's own
-        ``send_receive_event_to_app``); any other frame (control, binary, fragment, too large)
-        goes to websockets whole, so its parser only ever sees whole frames and stays in step.
-        Cutting starts with the first bytes after the handshake, when websockets holds nothing
-        (a client that sent frames before its handshake's answer, which RFC 6455 forbids, is
-        left to websockets entirely), and never with an extension (compression) in use."""
-        inbound: _Inbound = self.queue  # type: ignore[assignment]
-        split = inbound.split
-        if split is None:
-            conn = self.conn
-            if not self.handshake_initiated:  # (the upgrade request)
-                super().data_received(data)
-                return
-            split = inbound.split = conn.state is OPEN and not conn.extensions and not conn.reader.buffer
-        if not split:
-            super().data_received(data)
-            return
-        partial = inbound.partial
-        if partial is not None:
-            partial += data
-            buf: bytes | bytearray = partial
-        else:
-            buf = data
-        end = self._take_frames(buf)
-        if end == len(buf):
-            inbound.partial = None
-        elif partial is not None:
-            del partial[:end]
-        else:
-            inbound.partial = bytearray(memoryview(buf)[end:])
-
-    def _take_frames(self, buf: bytes | bytearray) -> int:
-        """Hand on the whole frames at the start of ``buf``; how many bytes they took."""
-        conn, n, pos = self.conn, len(buf), 0
-        limit = conn.max_message_size
-        while n - pos >= 2:
-            b0, b1 = buf[pos], buf[pos + 1]
-            length, head = b1 & 0x7F, pos + 2
-            if length == 126:
-                if n - pos < 4:
-                    break
-                length, head = int.from_bytes(buf[pos + 2:pos + 4], "big"), pos + 4
-            elif length == 127:
-                if n - pos < 10:
-                    break
-                length, head = int.from_bytes(buf[pos + 2:pos + 10], "big"), pos + 10
-            if limit is not None and length > limit:  # websockets' to refuse (1009), from here on
-                self.queue.split = False  # type: ignore[attr-defined]
-                super().data_received(bytes(buf[pos:]))
-                return n
-            masked = b1 & 0x80
-            end = head + (4 if masked else 0) + length
-            if end > n:
-                break
-            if (b0 == 0x81 and masked and conn.state is OPEN and conn.current_size is None
-                    and not self.transport.is_closing()):
-                self.curr_msg_data_type = "text"
-                self.frames = [apply_mask(buf[head + 4:end], buf[head:head + 4])]
-                self.send_receive_event_to_app()
-            else:
-                super().data_received(bytes(buf[pos:end]))
-            pos = end
-            if self.transport.is_closing():  # a frame made the connection fail: nothing more is read
-                return n
-        return pos
 
     def send_receive_event_to_app(self) -> None:
         # uvicorn stops reading the socket after every message until the app has taken it, then
