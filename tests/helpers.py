@@ -60,3 +60,17 @@ async def uvicorn_serving(app: Any, **config: Any) -> AsyncIterator[str]:
     finally:
         server.should_exit = True
         await task
+
+
+@contextlib.asynccontextmanager
+async def serving_endpoints(**endpoints: Any) -> AsyncIterator[str]:
+    """WebSocket endpoints (``path=endpoint``, each at ``/path``) served by uvicorn on the scheduler's
+    WebSocket protocol (``FrameWriterProtocol``, no compression); yields the ``ws://`` base URL."""
+    from starlette.applications import Starlette
+    from starlette.routing import WebSocketRoute
+
+    from dragoman.app.sockets import FrameWriterProtocol
+
+    app = Starlette(routes=[WebSocketRoute(f"/{path}", endpoint) for path, endpoint in endpoints.items()])
+    async with uvicorn_serving(app, ws=FrameWriterProtocol, ws_per_message_deflate=False) as url:
+        yield url

@@ -11,13 +11,10 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from starlette.applications import Starlette
-from starlette.routing import WebSocketRoute
 from starlette.websockets import WebSocket
 from websockets.asyncio.client import connect
 
-from dragoman.app.sockets import FrameWriterProtocol
-from tests.helpers import uvicorn_serving
+from tests.helpers import serving_endpoints
 
 FRAMES = 200
 
@@ -53,8 +50,7 @@ async def mixed(ws: WebSocket) -> None:
 
 @pytest.fixture
 async def server() -> AsyncIterator[str]:
-    app = Starlette(routes=[WebSocketRoute("/mixed", mixed)])
-    async with uvicorn_serving(app, ws=FrameWriterProtocol, ws_per_message_deflate=False) as url:
+    async with serving_endpoints(mixed=mixed) as url:
         yield url
 
 

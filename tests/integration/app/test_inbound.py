@@ -10,13 +10,11 @@ import os
 from collections.abc import AsyncIterator
 
 import pytest
-from starlette.applications import Starlette
-from starlette.routing import WebSocketRoute
 from starlette.websockets import WebSocket
 from websockets.asyncio.client import connect
 
-from dragoman.app.sockets import INBOUND_HIGH_WATER, INBOUND_HIGH_WATER_SIZE, FrameWriterProtocol
-from tests.helpers import uvicorn_serving, wait_for
+from dragoman.app.sockets import INBOUND_HIGH_WATER, INBOUND_HIGH_WATER_SIZE
+from tests.helpers import serving_endpoints, wait_for
 
 LARGE = 100 * 1024  # characters per frame: three of them pass INBOUND_HIGH_WATER_SIZE
 LARGE_FRAMES = 6  # fewer than INBOUND_HIGH_WATER: only the size can stop reading
@@ -45,8 +43,7 @@ async def held_until_reading_stops(ws: WebSocket) -> None:
 
 @pytest.fixture
 async def server() -> AsyncIterator[str]:
-    app = Starlette(routes=[WebSocketRoute("/held", held_until_reading_stops)])
-    async with uvicorn_serving(app, ws=FrameWriterProtocol, ws_per_message_deflate=False) as url:
+    async with serving_endpoints(held=held_until_reading_stops) as url:
         yield url
 
 
