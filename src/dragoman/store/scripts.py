@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import re
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
 
@@ -175,8 +176,6 @@ class Scripts:
             raise ScriptError(f"{name} takes {spec.num_keys} keys, got {len(keys)}")
         command = ("FCALL", self.library.functions[name], len(keys), *keys, *args)
         try:
-            if self.pipeline is not None:  # (awaited here: one coroutine frame less per call)
-                return await self.pipeline.execute(*command)
             return await self._run(name, command)
         except ResponseError as exc:
             if not _function_missing(exc):
@@ -184,11 +183,16 @@ class Scripts:
         await self.load_all(self.client)  # a new or flushed server: nothing ran; load and call again
         return await self._run(name, command)
 
-    async def _run(self, name: str, command: tuple[Any, ...]) -> Any:
+    def _run(self, name: str, command: tuple[Any, ...]) -> Awaitable[Any]:
+        """The reply to await: through the pipeline, its future (no coroutine frame of its own
+        between the caller and the reply, on the path of every script call)."""
         if self.pipeline is not None:
-            return await self.pipeline.execute(*command)
+            return self.pipeline.execute(*command)
         if self.replicas <= 0:
-            return await self.client.execute_command(*command)
+            return self.client.execute_command(*command)  # type: ignore[no-any-return]
+        return self._run_waited(name, command)
+
+    async def _run_waited(self, name: str, command: tuple[Any, ...]) -> Any:
         pipe = self.client.pipeline(transaction=False)
         pipe.execute_command(*command)
         pipe.execute_command("WAIT", self.replicas, self.replica_wait_ms)
