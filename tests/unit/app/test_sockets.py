@@ -85,7 +85,8 @@ async def _fired(timer: asyncio.TimerHandle) -> None:
 
 @given(st.one_of(st.text(), st.text(min_size=60, max_size=70).map(lambda t: t * 1100)))
 def test_a_text_frame_is_the_frame_websockets_would_send(text: str) -> None:
-    """Every length form of the header (7-bit, 16-bit and 64-bit lengths) and any UTF-8 text."""
+    """Any UTF-8 text, short (7-bit length) or over 64 kB (64-bit length); the next test has each
+    boundary of the three header forms."""
     assert text_frame(text) == Frame(Opcode.TEXT, text.encode()).serialize(mask=False)
 
 
