@@ -33,14 +33,13 @@ async def audit(rc: aioredis.Redis) -> Audit:
     out = Audit()
     try:
         async for key in rc.scan_iter(match="dragoman:*:node:*", count=1000):
-            if key.endswith(b":jobs") or await rc.type(key) != b"hash":
+            if await rc.type(key) != b"hash":
                 continue
             out.nodes += 1
-            used = int(await rc.hget(key, "used") or 0)
-            held = int(await rc.scard(key + b":jobs"))
-            out.leaked += max(used, held, 0)
-            if used != held or used < 0:
-                out.violations.append(f"{key.decode().rsplit(':', 1)[-1]}: used={used} held={held}")
+            held = (await rc.hget(key, "jobs") or b"").split()  # the jobs it holds: its slots in use
+            out.leaked += len(held)
+            if len(set(held)) != len(held):
+                out.violations.append(f"{key.decode().rsplit(':', 1)[-1]}: holds a job twice: {held}")
         async for key in rc.scan_iter(match="dragoman:*:job:*", count=1000):
             if await rc.type(key) != b"hash":
                 continue

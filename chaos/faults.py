@@ -61,7 +61,7 @@ async def busiest_node(ctx: Ctx) -> str:
         if not proc.alive():
             continue
         nid = ctx.topo.node_id(tag)
-        held = int(await ctx.topo.rc.scard(ctx.topo.node_cell(nid).node_jobs(nid)))
+        held = len((await ctx.topo.rc.hget(ctx.topo.node_cell(nid).node(nid), "jobs") or b"").split())
         if held > most:
             best, most = tag, held
     ctx.notes["target node"] = f"{ctx.topo.node_id(best)} (holding {most} jobs)"

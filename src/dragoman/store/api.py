@@ -283,7 +283,7 @@ class Store:
         check_name("node_id", node_id)
         pool_arg = self.check_pools(pools)
         ck = self.keys_for_node(node_id)
-        return await self._call("register_node", ck, [ck.nodes, ck.node(node_id), ck.node_jobs(node_id)], [
+        return await self._call("register_node", ck, [ck.nodes, ck.node(node_id)], [
             self.proc, node_id, conn, max_concurrency, pool_arg, json.dumps(info or {}),
             node_ttl_ms or self.settings.node_ttl_ms, owner, "force" if force else "", self.call_id()],
             RegisterReply)
@@ -597,7 +597,7 @@ class Store:
         ck = self.keys_for_node(node_id)
         n = await self._hash(ck.node(node_id))
         if n is not None:
-            n["used"] = str(await self.retrying("scard", lambda: self.client.scard(ck.node_jobs(node_id))))
+            n["used"] = str(len(n.get("jobs", "").split()))
         return n
 
     async def nodes(self) -> list[dict[str, str]]:
@@ -664,8 +664,7 @@ class Store:
         used_total = max_total = 0
         for n in await self.nodes():
             ck = self.cells[n["cell"]]
-            held = [_text(j) for j in await self.retrying("smembers", lambda ck=ck, n=n: self.client.smembers(
-                ck.node_jobs(n["id"])))]
+            held = n.get("jobs", "").split()
             used, cap = len(held), int(n.get("max", 0))
             if n.get("state") != "offline":
                 used_total += used

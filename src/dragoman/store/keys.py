@@ -56,7 +56,7 @@ class CellKeys:
         return self.base + "pools_gone"
 
     @property
-    def leases(self) -> str:  # zset job_id -> lease deadline (assigned jobs)
+    def leases(self) -> str:  # zset node_id -> no later than the earliest lease of the jobs it holds
         return self.base + "leases"
 
     @property
@@ -96,11 +96,8 @@ class CellKeys:
         return self.base + "clock"
 
     # keys per entity
-    def node(self, node_id: str) -> str:
+    def node(self, node_id: str) -> str:  # hash; its "jobs" field: the jobs it holds, space separated
         return f"{self.base}node:{node_id}"
-
-    def node_jobs(self, node_id: str) -> str:
-        return f"{self.base}node:{node_id}:jobs"
 
     def pool(self, pool_id: str) -> str:
         return f"{self.base}pool:{pool_id}"

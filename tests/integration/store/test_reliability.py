@@ -164,8 +164,9 @@ async def test_a_node_registering_again_gets_back_the_jobs_it_holds(store: Store
     a = await store.dispatch(job(utt=0))
     b = await store.dispatch(job(utt=1))
     await store.complete(a.job_id, "n1", 1, "completed", payload="{}")
-    # a job the node's set names but Redis no longer has (lost writes) leaves the set
-    await store.client.sadd(store.cells["c0"].node_jobs("n1"), "c0.gone")
+    # a job the node's record names but Redis no longer has (lost writes) leaves it
+    held = await store.client.hget(store.cells["c0"].node("n1"), "jobs")
+    await store.client.hset(store.cells["c0"].node("n1"), "jobs", held.decode() + " c0.gone")
     again = await register(store, "n1", max_c=2, conn="conn-new")
     assert (again.used, again.held) == (1, 1)
     assert [(e.kind, e.job, e.attempt, e.payload) for e in again.effects] == [

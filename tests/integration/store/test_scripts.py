@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 from pathlib import Path
 
@@ -170,6 +171,62 @@ async def test_lease_expiry_cancels_and_reassigns(store: Store, settings) -> Non
     assert assign[0].node != holder
 
 
+async def test_the_lease_index_wakes_the_reaper_early_never_late(store: Store, settings, redis_url: str) -> None:
+    """The lease index scores a node, not each job: no later than the earliest lease of the jobs it
+    holds. A job taken with a later lease writes nothing to it, a slot given back neither; a node
+    whose score comes due with nothing expired is scored again from its jobs, and a job taken with
+    an earlier lease lowers the score at once."""
+    ck = store.cells["c0"]
+
+    async def index() -> tuple[int | None, str | None]:
+        score = await store.client.zscore(ck.leases, "n1")
+        at = await store.client.hget(ck.node("n1"), "lease_at")
+        return (int(score) if score is not None else None), (at.decode() if at is not None else None)
+
+    await register(store, "n1", max_c=3)
+    a = await store.dispatch(job(utt=0))
+    lease_a = int((await store.job(a.job_id))["lease"])
+    assert await index() == (lease_a, str(lease_a))
+    half = settings.job_timeout_ms // 2
+    await store.set_clock_offset(half)
+    await store.heartbeat("n1", conn="conn-n1")
+    b = await store.dispatch(job(utt=1))
+    lease_b = int((await store.job(b.job_id))["lease"])
+    assert lease_b > lease_a and await index() == (lease_a, str(lease_a))  # (later: nothing written)
+    await store.complete(a.job_id, "n1", 1, "completed", payload="{}")
+    assert await index() == (lease_a, str(lease_a))  # (given back: nothing written)
+
+    # a's lease time passes: nothing expired, n1 is scored from b
+    await store.set_clock_offset(settings.job_timeout_ms + 1)
+    await store.heartbeat("n1", conn="conn-n1")
+    effects = await reap_all(store)
+    assert [e for e in effects if e.kind == "cancel"] == []
+    assert await index() == (lease_b, str(lease_b))
+    assert (await store.job(b.job_id))["state"] == "assigned"
+
+    # a job whose lease ends earlier (a shorter job_timeout) lowers the score
+    hurried = Store.from_url(redis_url, dataclasses.replace(settings, job_timeout_ms=1_000), proc=store.proc,
+                             test_clock=True)
+    try:
+        c = await hurried.dispatch(job(utt=2))
+        lease_c = int((await store.job(c.job_id))["lease"])
+        assert c.node == "n1" and lease_c < lease_b and await index() == (lease_c, str(lease_c))
+    finally:
+        await hurried.aclose()
+
+    # b's lease passes: b is cancelled on n1 and placed again (n1 is the only node: attempt 2)
+    await store.set_clock_offset(half + settings.job_timeout_ms + 1)
+    await store.heartbeat("n1", conn="conn-n1")
+    effects = await reap_all(store)
+    assert sorted((e.kind, e.job, e.attempt) for e in effects if e.job == b.job_id) == [
+        ("assign", b.job_id, 2), ("cancel", b.job_id, 1)]
+    # (c's lease passed long before: it was placed again too, with its own 1 s lease)
+    held = [await store.job(j.job_id) for j in (b, c)]
+    assert [(h["state"], h["node"], h["attempt"]) for h in held] == [("assigned", "n1", "2")] * 2
+    first = min(int(h["lease"]) for h in held)
+    assert await index() == (first, str(first))
+
+
 async def test_pending_timeout_fails_queued_job(store: Store, settings) -> None:
     await register(store, "n1")
     await store.dispatch(job(utt=0))
@@ -328,7 +385,7 @@ async def test_effects_for_sockets_on_other_processes_go_to_their_inbox(store: S
 
 async def test_lua_key_names_match_keys_py(store: Store) -> None:
     src = (Path(__file__).parents[3] / "src/dragoman/store/lua/includes/keys.lua").read_text()
-    names = ["node", "node_jobs", "pool", "queue", "job", "sess", "inbox", "proc_nodes", "proc_sessions", "reply"]
+    names = ["node", "pool", "queue", "job", "sess", "inbox", "proc_nodes", "proc_sessions", "reply"]
     fixed = ["nodes", "pools", "pools_gone", "leases", "pending", "orphans", "stats", "events", "procs", "clock",
              "offline", "boot"]
     body = src + "\nreturn {" + ",".join(f"k_{n}(ARGV[1], 'X')" for n in names) + "," + ",".join(

@@ -92,7 +92,7 @@ end
 
 local place_only = ARGV[15] == 'place_only'
 local avoid = word_set(ARGV[11])
-local n = pick_node(ctx, KEYS[3], s[3] or nil, avoid)
+local n = pick_node(ctx, pid, s[3] or nil, avoid)
 -- a node whose process cannot hear of it now (gone, or its inbox full) is skipped; with none left,
 -- the job waits in the queue like any job that finds no free slot
 local exclude = nil
@@ -101,7 +101,7 @@ for _ = 1, 8 do
   exclude = exclude or {}
   exclude[n.id] = true
   count(ctx, 'unreachable')
-  n = pick_node(ctx, KEYS[3], nil, avoid, exclude)
+  n = pick_node(ctx, pid, nil, avoid, exclude)
 end
 if place_only and not n then return reply(ctx, { status = 'no_capacity' }) end
 

@@ -29,13 +29,13 @@ if ARGV[3] == '1' then
   if n.state ~= 'draining' then
     rcall('HSET', KEYS[2], 'state', 'draining', 'drain_source', ARGV[4])
     log_event(ctx, 'node_draining', { node = nid, source = ARGV[4] })
+    n.state = 'draining'
   end
   unpool(ctx, nid, n.pools)
 elseif n.state == 'draining' then
   rcall('HSET', KEYS[2], 'state', 'ready', 'drain_source', '')
   n.state = 'ready'
   score_pools(ctx, n)
-  fill_from_queues(ctx, nid)
+  fill_from_queues(ctx, nid, n)
 end
-n = node_fields(ctx, nid)
-return reply(ctx, { status = 'ok', state = n.state, used = node_used(ctx, nid) })
+return reply(ctx, { status = 'ok', state = n.state, used = n.used })

@@ -95,11 +95,11 @@ local function heartbeat(nid, conn, drain, set_pools, pools, usage)
       score_pools(ctx, n)
       rcall('HSET', nk, 'scored_at', ctx.now)
     end
-    fill_from_queues(ctx, nid)
+    fill_from_queues(ctx, nid, n)
   else
     unpool(ctx, nid, n.pools)
   end
-  return { status = 'ok', state = n.state, used = node_used(ctx, nid), max = n.max, deadline = deadline }
+  return { status = 'ok', state = n.state, used = n.used, max = n.max, deadline = deadline }
 end
 
 local out = {}

@@ -4,7 +4,8 @@
     1. nodes past their heartbeat deadline go offline; each job they held is reassigned
        (attempt + 1, to another node when one is free), queued, or failed after the attempt cap;
     2. jobs past their lease (job_timeout from assignment) get a job_cancel for their node and are
-       reassigned the same way; the node's freed slot may take waiting work;
+       reassigned the same way; the node's freed slot may take waiting work (a batch counts nodes
+       whose lease index score came due, each looked at whole);
     3. queued jobs past their pending timeout fail with JOB_TIMEOUT;
     4. scheduler processes whose registration expired more than proc_ttl ago: their nodes go
        offline (their jobs move on at once), their sessions become orphans (kept for a client that
@@ -57,22 +58,36 @@ for _, nid in ipairs(dead) do
 end
 if #dead == batch then more = true end
 
-local expired = rcall('ZRANGE', k_leases(base), '-inf', ctx.now - 1, 'BYSCORE', 'LIMIT', 0, batch)
-for _, jid in ipairs(expired) do
-  local j = job_fields(ctx, jid)
-  if not j or not ACTIVE[j.state] or j.node == '' then
-    rcall('ZREM', k_leases(base), jid)
+-- Leases: the index scores nodes, each no later than the earliest lease of its jobs (see
+-- includes/nodes.lua); a node due is looked at whole, and scored exactly again.
+local due = rcall('ZRANGE', k_leases(base), '-inf', ctx.now - 1, 'BYSCORE', 'LIMIT', 0, batch)
+local expired = 0
+for _, nid in ipairs(due) do
+  local n = node_fields(ctx, nid)
+  if not n then
+    rcall('ZREM', k_leases(base), nid)
   else
-    local old = j.node
-    local n = node_fields(ctx, old)
-    emit(ctx, n and n.proc or '', { kind = 'cancel', job = jid, node = old, attempt = j.attempt, reason = 'lease_expired' })
-    count(ctx, 'lease_expired')
-    release_slot(ctx, old, jid, j.pool)
-    reassign_or_fail(ctx, jid, j)
-    fill_from_queues(ctx, old)
+    local lapsed = {}
+    for _, jid in ipairs(split_words(n.jobs)) do
+      local j = job_fields(ctx, jid)
+      if j and ACTIVE[j.state] and j.node == nid and (tonumber(rcall('HGET', j.key, 'lease')) or 0) < ctx.now then
+        lapsed[#lapsed + 1] = { jid, j }
+      end
+    end
+    for _, job in ipairs(lapsed) do
+      local jid, j = job[1], job[2]
+      emit(ctx, n.proc, { kind = 'cancel', job = jid, node = nid, attempt = j.attempt, reason = 'lease_expired' })
+      count(ctx, 'lease_expired')
+      release_slot(ctx, nid, jid, j.pool)
+      reassign_or_fail(ctx, jid, j)
+    end
+    expired = expired + #lapsed
+    if #lapsed > 0 then fill_from_queues(ctx, nid) end
+    n = node_fields(ctx, nid)  -- (its jobs now: it may have taken others meanwhile)
+    if n then reindex_leases(ctx, n) end
   end
 end
-if #expired == batch then more = true end
+if #due == batch then more = true end
 
 local waited = rcall('ZRANGE', k_pending(base), '-inf', ctx.now - 1, 'BYSCORE', 'LIMIT', 0, batch)
 for _, jid in ipairs(waited) do
@@ -130,6 +145,6 @@ if #gone == batch then more = true end
 
 rcall('ZREMRANGEBYSCORE', k_offline(base), '-inf', ctx.now - 3600000)
 
-return reply(ctx, { status = 'ok', dead_nodes = #dead, expired_leases = #expired,
+return reply(ctx, { status = 'ok', dead_nodes = #dead, expired_leases = expired,
   expired_pending = #waited, dead_procs = #procs, abandoned = #gone, rooms_expired = #quiet, more = more,
   boot = rcall('GET', k_boot(base)) or '' })

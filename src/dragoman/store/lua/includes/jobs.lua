@@ -57,11 +57,7 @@ local function finish_job(ctx, jid, j, state, code, payload, own, extra)
   else
     rcall('HSET', k_job(ctx.base, jid), 'state', state, 'code', code or '', 'data', '', unpack(extra or NONE))
   end
-  if j.state == 'queued' then
-    rcall('ZREM', k_pending(ctx.base), jid)
-  elseif ACTIVE[j.state] then
-    rcall('ZREM', k_leases(ctx.base), jid)
-  end
+  if j.state == 'queued' then rcall('ZREM', k_pending(ctx.base), jid) end
   if state == 'failed' then
     count(ctx, 'jobs_failed')
     count(ctx, 'failed_' .. code)
@@ -96,9 +92,9 @@ local function assign_job(ctx, jid, j, n, extra, known_reachable)
     count(ctx, 'unreachable')
     return false
   end
-  take_slot(ctx, n, jid, j.pool)
   local attempt = j.attempt + 1
   local lease = ctx.now + j.job_timeout
+  take_slot(ctx, n, jid, j.pool, lease)
   local tried = j.tried
   if tried == '' then
     tried = n.id
@@ -107,7 +103,6 @@ local function assign_job(ctx, jid, j, n, extra, known_reachable)
   end
   rcall('HSET', k_job(ctx.base, jid), 'state', 'assigned', 'node', n.id, 'attempt', attempt,
     'assigned_at', ctx.now, 'lease', lease, 'tried', tried, unpack(extra or NONE))
-  rcall('ZADD', k_leases(ctx.base), lease, jid)
   if attempt > 1 then
     count(ctx, 'reassigned')
     log_event(ctx, 'job_reassigned', { job = jid, node = n.id, attempt = attempt, from = j.node })
@@ -132,7 +127,6 @@ local function enqueue_job(ctx, jid, j, extra)
   if rcall('LLEN', qk) >= j.queue_max then return false end
   rcall('RPUSH', qk, jid)
   rcall('ZADD', k_pending(ctx.base), ctx.now + j.pending_timeout, jid)
-  if ACTIVE[j.state] then rcall('ZREM', k_leases(ctx.base), jid) end
   rcall('HSET', k_job(ctx.base, jid), 'state', 'queued', 'node', '', 'queued_at', ctx.now, unpack(extra or NONE))
   count(ctx, 'queued')
   j.state, j.node = 'queued', ''
@@ -149,7 +143,7 @@ local function reassign_or_fail(ctx, jid, j, exclude, fail_code)
     return 'failed'
   end
   for _ = 1, 8 do
-    local n = pick_node(ctx, k_pool(ctx.base, j.pool), nil, word_set(j.tried), exclude)
+    local n = pick_node(ctx, j.pool, nil, word_set(j.tried), exclude)
     if not n then break end
     if assign_job(ctx, jid, j, n) then return 'reassigned' end
     exclude[n.id] = true
@@ -172,13 +166,14 @@ local function queue_head(ctx, pid)
   return nil, nil
 end
 
--- Hand a node's free slots to the oldest jobs waiting in its pools' queues.
-local function fill_from_queues(ctx, nid)
+-- Hand a node's free slots to the oldest jobs waiting in its pools' queues. ``n``: the node's
+-- fields as this call left them, when the caller has them (they are kept up to date).
+local function fill_from_queues(ctx, nid, n)
   if rcall('ZCARD', k_pending(ctx.base)) == 0 then return end
-  local n = node_fields(ctx, nid)
+  n = n or node_fields(ctx, nid)
   if not node_is_live(ctx, n) or not reachable(ctx, n.proc) then return end
   for _ = 1, 64 do
-    if n.max - node_used(ctx, nid) < 1 then return end
+    if n.max - n.used < 1 then return end
     local best_jid, best_pid, best_deadline = nil, nil, nil
     for _, pid in ipairs(split_words(n.pools)) do
       local jid, deadline = queue_head(ctx, pid)
@@ -214,7 +209,7 @@ local function node_down(ctx, nid, reason)
   if n.proc ~= '' then rcall('SREM', k_proc_nodes(ctx.base, n.proc), nid) end
   count(ctx, 'nodes_lost')
   log_event(ctx, 'node_offline', { node = nid, reason = reason })
-  local jobs = rcall('SMEMBERS', k_node_jobs(ctx.base, nid))
+  local jobs = split_words(n.jobs)
   for _, jid in ipairs(jobs) do
     release_slot(ctx, nid, jid)
     local j = job_fields(ctx, jid)
@@ -223,6 +218,10 @@ local function node_down(ctx, nid, reason)
       emit(ctx, n.proc, { kind = 'cancel', job = jid, node = nid, attempt = j.attempt, reason = reason })
       reassign_or_fail(ctx, jid, j, { [nid] = true })
     end
+  end
+  if n.lease_at then
+    rcall('HDEL', nk, 'lease_at')
+    rcall('ZREM', k_leases(ctx.base), nid)
   end
   rcall('PEXPIRE', nk, 3600000)
   return #jobs

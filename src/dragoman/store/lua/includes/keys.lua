@@ -3,7 +3,6 @@
   Every name starts with the cell base "PREFIX:{CELL}:", so all keys of a cell share one hash slot.
 ]]
 local function k_node(base, nid) return base .. 'node:' .. nid end
-local function k_node_jobs(base, nid) return base .. 'node:' .. nid .. ':jobs' end
 local function k_pool(base, pid) return base .. 'pool:' .. pid end
 local function k_queue(base, pid) return base .. 'queue:' .. pid end
 local function k_job(base, jid) return base .. 'job:' .. jid end

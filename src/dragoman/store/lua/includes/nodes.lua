@@ -1,8 +1,16 @@
 --[[
   Nodes, slots and selection.
 
-  Slot accounting (I1): a node's slots in use are its job set "node:<id>:jobs" (used = SCARD); a
-  slot is taken by SADD and given back by SREM, so giving back twice can never free a slot twice.
+  Slot accounting (I1): the jobs a node holds are its record's "jobs" field (job ids, space
+  separated; used = how many), read with the rest of the node in one HMGET and written with one
+  HSET. A slot is taken by adding the job and given back by removing it; giving back a job the node
+  does not hold changes nothing, so a slot is never freed twice.
+
+  Lease index: the cell's "leases" scores each node that holds jobs with a time no later than the
+  earliest lease among them (its record's "lease_at" is the same score). Taking a slot writes it
+  only when the new lease is earlier; giving one back never does. So the index may wake the reaper
+  early for a node (which then scores it exactly again: reindex_leases), never late, and a job
+  costs no index write in the common case.
 
   Pools are sorted sets of ready nodes keyed by free slots (max - used). Selection reads the top of
   the set, so its cost grows with log(pool size), never with a scan. Registration, heartbeats and
@@ -11,35 +19,52 @@
 
   A slot taken or given back re-scores the node in the job's pool only, not in each of its pools: a
   node serving ten languages is in a hundred pools, and one job must not cost a hundred writes. Its
-  other pools may then over-state its free slots (selection counts the real ones for a node in
-  several pools, and skips a full one), but never hide a free slot: the slot that fills the node
-  scores every pool 0, and the first one given back scores every pool exactly again. So while a node
-  has a free slot, its score is at least 1 in each of its pools. A node in one pool is always exact.
+  other pools may then over-state its free slots (selection counts the real ones, and corrects a
+  full node's score on the way), but never hide a free slot: the slot that fills the node scores
+  every pool 0, and the first one given back scores every pool exactly again. So while a node has a
+  free slot, its score is at least 1 in each of its pools. A node in one pool is always exact.
 
   The cell's "pools" hash counts the registered (not offline) nodes of each pool: the operators'
   list of pools, which shrinks when no node serves a pool any more.
 ]]
+
+-- Is ``word`` one of the space-separated words of ``list``? (ids never hold a space)
+local function has_word(list, word)
+  return string.find(' ' .. list .. ' ', ' ' .. word .. ' ', 1, true) ~= nil
+end
+
+local function count_words(list)
+  if list == '' then return 0 end
+  local _, spaces = string.gsub(list, ' ', '')
+  return spaces + 1
+end
+
+-- ``list`` without ``word``, or nil when it is not there.
+local function without_word(list, word)
+  local padded = ' ' .. list .. ' '
+  local at = string.find(padded, ' ' .. word .. ' ', 1, true)
+  if not at then return nil end
+  return string.sub(string.sub(padded, 1, at) .. string.sub(padded, at + #word + 2), 2, -2)
+end
 
 -- The node's fields, plus ``more`` (a list of field names) read in the same HMGET into n.more.
 local NO_MORE = {}
 local function node_fields(ctx, nid, more)
   more = more or NO_MORE
   local f = rcall('HMGET', k_node(ctx.base, nid), 'state', 'max', 'deadline', 'pools', 'proc', 'max_target',
-    unpack(more))
+    'jobs', 'lease_at', unpack(more))
   if not f[1] then return nil end
   local extra = NO_MORE
   if #more > 0 then
     extra = {}
-    for i, name in ipairs(more) do extra[name] = f[6 + i] end
+    for i, name in ipairs(more) do extra[name] = f[8 + i] end
   end
+  local jobs = f[7] or ''
   return {
     id = nid, state = f[1], max = tonumber(f[2]) or 0, deadline = tonumber(f[3]) or 0,
-    pools = f[4] or '', proc = f[5] or '', max_target = tonumber(f[6]), more = extra,
+    pools = f[4] or '', proc = f[5] or '', max_target = tonumber(f[6]), jobs = jobs, used = count_words(jobs),
+    lease_at = tonumber(f[8]), more = extra,
   }
-end
-
-local function node_used(ctx, nid)
-  return rcall('SCARD', k_node_jobs(ctx.base, nid))
 end
 
 local function node_is_live(ctx, n)
@@ -47,7 +72,7 @@ local function node_is_live(ctx, n)
 end
 
 local function score_pools(ctx, n)
-  local free = n.max - node_used(ctx, n.id)
+  local free = n.max - n.used
   if free < 0 then free = 0 end
   for _, pid in ipairs(split_words(n.pools)) do
     rcall('ZADD', k_pool(ctx.base, pid), free, n.id)
@@ -63,14 +88,14 @@ local function rescore(ctx, n, pid, free)
   rcall('ZADD', k_pool(ctx.base, pid), 'XX', free, n.id)
 end
 
--- After a slot moved for a job of pool ``pid`` (nil: unknown), with ``used`` slots now in use.
-local function slot_moved(ctx, n, pid, used, delta)
+-- After a slot moved (delta -1 taken, +1 given back) for a job of pool ``pid`` (nil: unknown).
+local function slot_moved(ctx, n, pid, delta)
   if n.state ~= 'ready' then return end
   if in_one_pool(n) then
     rcall('ZADD', k_pool(ctx.base, n.pools), 'XX', 'INCR', delta, n.id)
     return
   end
-  local free = n.max - used
+  local free = n.max - n.used
   if pid and free > 0 and not (delta > 0 and free == 1) then
     rescore(ctx, n, pid, free)
   else  -- the node just filled up, or just left full: every pool learns it
@@ -99,33 +124,61 @@ local function count_pools(ctx, pools, delta)
   end
 end
 
--- ``n.used``, when the caller counted it (selection), saves counting again.
-local function take_slot(ctx, n, jid, pid)
-  if rcall('SADD', k_node_jobs(ctx.base, n.id), jid) == 0 then return end
-  local used = nil
-  if not in_one_pool(n) then
-    used = n.used and (n.used + 1) or node_used(ctx, n.id)
-    n.used = used
+-- The job's slot on node n (read in this call), with its lease: one HSET, and an index write only
+-- when this lease is the node's earliest.
+local function take_slot(ctx, n, jid, pid, lease)
+  if has_word(n.jobs, jid) then return end
+  n.jobs = (n.jobs == '') and jid or (n.jobs .. ' ' .. jid)
+  n.used = n.used + 1
+  if n.lease_at and n.lease_at <= lease then
+    rcall('HSET', k_node(ctx.base, n.id), 'jobs', n.jobs)
+  else
+    n.lease_at = lease
+    rcall('HSET', k_node(ctx.base, n.id), 'jobs', n.jobs, 'lease_at', lease)
+    rcall('ZADD', k_leases(ctx.base), lease, n.id)
   end
-  slot_moved(ctx, n, pid, used, -1)
+  slot_moved(ctx, n, pid, -1)
 end
 
--- Returns the node's fields (nil when the job was not in its set: nothing changed).
+-- Returns the node's fields (nil when it does not hold the job: nothing changed).
 local function release_slot(ctx, nid, jid, pid)
   if not nid or nid == '' then return nil end
-  if rcall('SREM', k_node_jobs(ctx.base, nid), jid) == 0 then return nil end
   local n = node_fields(ctx, nid)
   if not n then return nil end
+  local rest = without_word(n.jobs, jid)
+  if not rest then return nil end
+  n.jobs, n.used = rest, n.used - 1
+  local nk = k_node(ctx.base, nid)
   if n.max_target and n.max > n.max_target then
     -- capacity lowered while the node held more jobs: shrink with each slot given back (I1 holds)
-    n.max = math.max(n.max_target, node_used(ctx, nid))
-    rcall('HSET', k_node(ctx.base, nid), 'max', n.max)
-    if n.max == n.max_target then rcall('HDEL', k_node(ctx.base, nid), 'max_target') end
+    n.max = math.max(n.max_target, n.used)
+    rcall('HSET', nk, 'jobs', rest, 'max', n.max)
+    if n.max == n.max_target then rcall('HDEL', nk, 'max_target') end
     if n.state == 'ready' then score_pools(ctx, n) end
-  elseif n.state == 'ready' then
-    slot_moved(ctx, n, pid, (not in_one_pool(n)) and node_used(ctx, nid) or nil, 1)
+  else
+    rcall('HSET', nk, 'jobs', rest)
+    slot_moved(ctx, n, pid, 1)
   end
   return n
+end
+
+-- Score node n in the lease index exactly: the earliest lease of the jobs it holds (none: out).
+-- The reaper does this for a node whose score came due; registration for the jobs a node brings.
+local function reindex_leases(ctx, n)
+  local first = nil
+  for _, jid in ipairs(split_words(n.jobs)) do
+    local lease = tonumber(rcall('HGET', k_job(ctx.base, jid), 'lease'))
+    if lease and (not first or lease < first) then first = lease end
+  end
+  if first == n.lease_at then return end
+  if first then
+    rcall('HSET', k_node(ctx.base, n.id), 'lease_at', first)
+    rcall('ZADD', k_leases(ctx.base), first, n.id)
+  else
+    rcall('HDEL', k_node(ctx.base, n.id), 'lease_at')
+    rcall('ZREM', k_leases(ctx.base), n.id)
+  end
+  n.lease_at = first
 end
 
 --[[
@@ -141,25 +194,22 @@ end
 local SCAN_LIMIT = 16
 local SCAN_STEPS = { 4, SCAN_LIMIT - 4 }  -- (a second read starts after the first: see pick_node)
 
--- Has the node a free slot? A node in one pool: its score says so. In several: count (the score may
--- over-state it), and a full node's score in this pool is corrected on the way.
-local function has_free_slot(ctx, n, pool_key)
-  if in_one_pool(n) then return true end
-  n.used = node_used(ctx, n.id)
+-- Has the node a free slot? Its score said so; a node in several pools may be full all the same
+-- (its score here over-stated it), and is scored 0 here on the way.
+local function has_free_slot(n, pool_key)
   if n.used < n.max then return true end
   rcall('ZADD', pool_key, 'XX', 0, n.id)
   return false
 end
 
 local NO_NODES = {}
-local function pick_node(ctx, pool_key, affinity_nid, avoid, exclude)
+local function pick_node(ctx, pid, affinity_nid, avoid, exclude)
   exclude = exclude or NO_NODES
+  local pool_key = k_pool(ctx.base, pid)
   if affinity_nid and not avoid[affinity_nid] and not exclude[affinity_nid] then
-    local score = rcall('ZSCORE', pool_key, affinity_nid)
-    if score and tonumber(score) >= 1 then
-      local n = node_fields(ctx, affinity_nid)
-      if node_is_live(ctx, n) and has_free_slot(ctx, n, pool_key) then return n end
-    end
+    -- (ready, live and serving the pool: in the pool's set, which need not be read)
+    local n = node_fields(ctx, affinity_nid)
+    if node_is_live(ctx, n) and n.used < n.max and has_word(n.pools, pid) then return n end
   end
   -- The first few candidates nearly always do; only when none of them can are more read (those
   -- already read are not read again, short of an excluded one: each was dropped, scored 0 or chosen).
@@ -171,7 +221,7 @@ local function pick_node(ctx, pool_key, affinity_nid, avoid, exclude)
         local n = node_fields(ctx, nid)
         if not node_is_live(ctx, n) then
           rcall('ZREM', pool_key, nid)
-        elseif not has_free_slot(ctx, n, pool_key) then  -- luacheck: ignore (skipped: full)
+        elseif not has_free_slot(n, pool_key) then  -- luacheck: ignore (skipped: full)
         elseif not avoid[nid] then
           return n
         else

@@ -36,7 +36,6 @@ local function session_abandon(ctx, sid, reason)
           emit(ctx, holder and holder.proc or '', { kind = 'cancel', job = jid, node = j.node,
             attempt = j.attempt, reason = reason })
           release_slot(ctx, j.node, jid, j.pool)
-          rcall('ZREM', k_leases(ctx.base), jid)
           freed[j.node] = true
         end
       end

@@ -8,14 +8,14 @@
   stays bound to the token that first registered it ("forbidden" for any other).
 
   Jobs it holds stay with it, reconciled with what Redis knows: a job that no longer exists, has
-  ended, or moved to another holder leaves its set, so `used` is exactly the jobs it holds (I1). The
+  ended, or moved to another holder leaves its "jobs", so `used` is exactly the jobs it holds (I1),
+  and its lease index score is set again from theirs. The
   ones it holds are sent to it again over this connection: a node that never received one (it was
   assigned through a scheduler process that then died) runs it now; a node that has it ignores it.
 
   Input:
     KEYS[1] cell node registry  "<base>nodes"  (zset node_id -> heartbeat deadline ms)
     KEYS[2] node hash           "<base>node:<node_id>"
-    KEYS[3] node job set        "<base>node:<node_id>:jobs"
     ARGV[1] calling process id
     ARGV[2] node_id
     ARGV[3] connection id (fences heartbeats and offline calls from an older socket)
@@ -37,7 +37,7 @@
 
 local base = base_of(KEYS[1])
 local nid, conn, pools, owner = ARGV[2], ARGV[3], ARGV[5], ARGV[8]
-if nid == '' or KEYS[2] ~= k_node(base, nid) or KEYS[3] ~= k_node_jobs(base, nid) then
+if nid == '' or KEYS[2] ~= k_node(base, nid) then
   error('ERR dragoman: node key does not match node_id')
 end
 local max = tonumber(ARGV[4])
@@ -68,13 +68,12 @@ end
 local state, drain_source = 'ready', ''
 if old and old.state == 'draining' then state, drain_source = 'draining', meta[3] or '' end
 
-local held = {}
-for _, jid in ipairs(rcall('SMEMBERS', KEYS[3])) do
+local held, kept = {}, {}
+for _, jid in ipairs(split_words(old and old.jobs)) do
   local j = job_fields(ctx, jid)
   if j and ACTIVE[j.state] and j.node == nid then
     table.insert(held, { jid, j })
-  else
-    rcall('SREM', KEYS[3], jid)
+    table.insert(kept, jid)
   end
 end
 local used = #held
@@ -84,7 +83,7 @@ local effective = math.max(max, used)
 if effective > max then rcall('HSET', KEYS[2], 'max_target', max) else rcall('HDEL', KEYS[2], 'max_target') end
 rcall('HSET', KEYS[2], 'id', nid, 'state', state, 'max', effective, 'deadline', deadline, 'pools', pools,
   'proc', ctx.proc, 'conn', conn, 'info', ARGV[6], 'registered_at', ctx.now, 'drain_source', drain_source,
-  'last_heartbeat', ctx.now, 'owner', owner)
+  'last_heartbeat', ctx.now, 'owner', owner, 'jobs', table.concat(kept, ' '))
 rcall('PERSIST', KEYS[2])
 rcall('ZADD', KEYS[1], deadline, nid)
 rcall('ZREM', k_offline(base), nid)
@@ -93,6 +92,8 @@ count_pools(ctx, pools, 1)
 count(ctx, 'registrations')
 if not old or old.state == 'offline' then log_event(ctx, 'node_ready', { node = nid, max = max }) end
 
+local n = node_fields(ctx, nid)
+reindex_leases(ctx, n)
 for _, h in ipairs(held) do
   local jid, j = h[1], h[2]
   emit(ctx, ctx.proc, { kind = 'assign', job = jid, node = nid, attempt = j.attempt, session = j.session,
@@ -100,8 +101,8 @@ for _, h in ipairs(held) do
     rcall('HGET', k_job(base, jid), 'data'))
 end
 if state == 'ready' then
-  score_pools(ctx, node_fields(ctx, nid))
-  fill_from_queues(ctx, nid)
+  score_pools(ctx, n)
+  fill_from_queues(ctx, nid, n)
 end
 return reply(ctx, { status = 'registered', node = nid, state = state, max = effective, used = used,
   held = #held, deadline = deadline, reconnected = old ~= nil })
