@@ -36,10 +36,11 @@ async def audit(rc: aioredis.Redis) -> Audit:
             if await rc.type(key) != b"hash":
                 continue
             out.nodes += 1
-            held = (await rc.hget(key, "jobs") or b"").split()  # the jobs it holds: its slots in use
-            out.leaked += len(held)
-            if len(set(held)) != len(held):
-                out.violations.append(f"{key.decode().rsplit(':', 1)[-1]}: holds a job twice: {held}")
+            jobs, used = await rc.hmget(key, "jobs", "used")
+            held = (jobs or b"").split()  # the jobs it holds: its slots in use
+            out.leaked += max(len(held), int(used or 0))
+            if int(used or 0) != len(held) or len(set(held)) != len(held):
+                out.violations.append(f"{key.decode().rsplit(':', 1)[-1]}: used={int(used or 0)} holds {held}")
         async for key in rc.scan_iter(match="dragoman:*:job:*", count=1000):
             if await rc.type(key) != b"hash":
                 continue

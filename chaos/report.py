@@ -169,8 +169,8 @@ def page(results: list[FaultResult], *, quick: bool, command: str, load: Load, t
         "- **lost** (target 0): sent, and no outcome ever reached the client. A session whose socket is lost and "
         "not resumed leaves its owed outcomes lost; the speaker opens a new session to keep the load going.",
         "- **dup** (target 0): outcomes beyond the first for one key, whatever their content.",
-        "- **leaked** (target 0): after quiescence, the jobs every node hash still holds (its `jobs` field: "
-        "its slots in use). I1 violations (a job held twice) are listed with the fault.",
+        "- **leaked** (target 0): after quiescence, the sum over every node hash of max(`used`, the jobs its "
+        "`jobs` field names). I1 violations (`used` != jobs held, a job held twice) are listed with the fault.",
         "- **non-term** (target 0): `job:*` hashes left in a state other than completed, completed_empty, "
         "failed after quiescence.",
         "- **failed** (target 0 for every fault here): outcomes that are not a translation (missing or error). "

@@ -597,7 +597,7 @@ class Store:
         ck = self.keys_for_node(node_id)
         n = await self._hash(ck.node(node_id))
         if n is not None:
-            n["used"] = str(len(n.get("jobs", "").split()))
+            n.setdefault("used", "0")
         return n
 
     async def nodes(self) -> list[dict[str, str]]:
@@ -666,6 +666,8 @@ class Store:
             ck = self.cells[n["cell"]]
             held = n.get("jobs", "").split()
             used, cap = len(held), int(n.get("max", 0))
+            if int(n["used"]) != used or len(set(held)) != used:
+                violations.append(f"node {n['id']}: used={n['used']} but holds {held}")
             if n.get("state") != "offline":
                 used_total += used
                 max_total += cap

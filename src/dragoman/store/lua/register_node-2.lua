@@ -83,7 +83,7 @@ local effective = math.max(max, used)
 if effective > max then rcall('HSET', KEYS[2], 'max_target', max) else rcall('HDEL', KEYS[2], 'max_target') end
 rcall('HSET', KEYS[2], 'id', nid, 'state', state, 'max', effective, 'deadline', deadline, 'pools', pools,
   'proc', ctx.proc, 'conn', conn, 'info', ARGV[6], 'registered_at', ctx.now, 'drain_source', drain_source,
-  'last_heartbeat', ctx.now, 'owner', owner, 'jobs', table.concat(kept, ' '))
+  'last_heartbeat', ctx.now, 'owner', owner, 'jobs', table.concat(kept, ' '), 'used', used)
 rcall('PERSIST', KEYS[2])
 rcall('ZADD', KEYS[1], deadline, nid)
 rcall('ZREM', k_offline(base), nid)

@@ -2,8 +2,8 @@
   Nodes, slots and selection.
 
   Slot accounting (I1): the jobs a node holds are its record's "jobs" field (job ids, space
-  separated; used = how many), read with the rest of the node in one HMGET and written with one
-  HSET. A slot is taken by adding the job and given back by removing it; giving back a job the node
+  separated) and "used" how many, read with the rest of the node in one HMGET and written together
+  in one HSET. A slot is taken by adding the job and given back by removing it; giving back a job the node
   does not hold changes nothing, so a slot is never freed twice.
 
   Lease index: the cell's "leases" scores each node that holds jobs with a time no later than the
@@ -28,23 +28,32 @@
   list of pools, which shrinks when no node serves a pool any more.
 ]]
 
--- Is ``word`` one of the space-separated words of ``list``? (ids never hold a space)
-local function has_word(list, word)
-  return string.find(' ' .. list .. ' ', ' ' .. word .. ' ', 1, true) ~= nil
-end
-
-local function count_words(list)
-  if list == '' then return 0 end
-  local _, spaces = string.gsub(list, ' ', '')
-  return spaces + 1
+-- Where ``word`` is, whole, in the space-separated ``list`` (ids never hold a space), or nil.
+-- (No copy of the list is made: a node may hold up to 1,024 jobs.)
+local SPACE = 32  -- string.byte(' '); the string library is not a global at library load
+local function word_at(list, word)
+  local from = 1
+  while true do
+    local at = string.find(list, word, from, true)
+    if not at then return nil end
+    local after = at + #word
+    if (at == 1 or string.byte(list, at - 1) == SPACE) and (after > #list or string.byte(list, after) == SPACE) then
+      return at
+    end
+    from = at + 1
+  end
 end
 
 -- ``list`` without ``word``, or nil when it is not there.
 local function without_word(list, word)
-  local padded = ' ' .. list .. ' '
-  local at = string.find(padded, ' ' .. word .. ' ', 1, true)
+  local at = word_at(list, word)
   if not at then return nil end
-  return string.sub(string.sub(padded, 1, at) .. string.sub(padded, at + #word + 2), 2, -2)
+  if at == 1 then return string.sub(list, #word + 2) end
+  return string.sub(list, 1, at - 2) .. string.sub(list, at + #word)
+end
+
+local function has_word(list, word)
+  return word_at(list, word) ~= nil
 end
 
 -- The node's fields, plus ``more`` (a list of field names) read in the same HMGET into n.more.
@@ -52,18 +61,17 @@ local NO_MORE = {}
 local function node_fields(ctx, nid, more)
   more = more or NO_MORE
   local f = rcall('HMGET', k_node(ctx.base, nid), 'state', 'max', 'deadline', 'pools', 'proc', 'max_target',
-    'jobs', 'lease_at', unpack(more))
+    'jobs', 'used', 'lease_at', unpack(more))
   if not f[1] then return nil end
   local extra = NO_MORE
   if #more > 0 then
     extra = {}
-    for i, name in ipairs(more) do extra[name] = f[8 + i] end
+    for i, name in ipairs(more) do extra[name] = f[9 + i] end
   end
-  local jobs = f[7] or ''
   return {
     id = nid, state = f[1], max = tonumber(f[2]) or 0, deadline = tonumber(f[3]) or 0,
-    pools = f[4] or '', proc = f[5] or '', max_target = tonumber(f[6]), jobs = jobs, used = count_words(jobs),
-    lease_at = tonumber(f[8]), more = extra,
+    pools = f[4] or '', proc = f[5] or '', max_target = tonumber(f[6]), jobs = f[7] or '', used = tonumber(f[8]) or 0,
+    lease_at = tonumber(f[9]), more = extra,
   }
 end
 
@@ -131,10 +139,10 @@ local function take_slot(ctx, n, jid, pid, lease)
   n.jobs = (n.jobs == '') and jid or (n.jobs .. ' ' .. jid)
   n.used = n.used + 1
   if n.lease_at and n.lease_at <= lease then
-    rcall('HSET', k_node(ctx.base, n.id), 'jobs', n.jobs)
+    rcall('HSET', k_node(ctx.base, n.id), 'jobs', n.jobs, 'used', n.used)
   else
     n.lease_at = lease
-    rcall('HSET', k_node(ctx.base, n.id), 'jobs', n.jobs, 'lease_at', lease)
+    rcall('HSET', k_node(ctx.base, n.id), 'jobs', n.jobs, 'used', n.used, 'lease_at', lease)
     rcall('ZADD', k_leases(ctx.base), lease, n.id)
   end
   slot_moved(ctx, n, pid, -1)
@@ -152,11 +160,11 @@ local function release_slot(ctx, nid, jid, pid)
   if n.max_target and n.max > n.max_target then
     -- capacity lowered while the node held more jobs: shrink with each slot given back (I1 holds)
     n.max = math.max(n.max_target, n.used)
-    rcall('HSET', nk, 'jobs', rest, 'max', n.max)
+    rcall('HSET', nk, 'jobs', rest, 'used', n.used, 'max', n.max)
     if n.max == n.max_target then rcall('HDEL', nk, 'max_target') end
     if n.state == 'ready' then score_pools(ctx, n) end
   else
-    rcall('HSET', nk, 'jobs', rest)
+    rcall('HSET', nk, 'jobs', rest, 'used', n.used)
     slot_moved(ctx, n, pid, 1)
   end
   return n
