@@ -33,7 +33,14 @@ async def answering(node: ScriptedNode) -> None:
 
 def workers_of(pid: int) -> set[int]:
     children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    return {int(c) for c in children if Path(f"/proc/{c}/cmdline").read_bytes().find(b"spawn_main") >= 0}
+    return {int(c) for c in children if b"spawn_main" in _cmdline(c)}
+
+
+def _cmdline(pid: str) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (ProcessLookupError, FileNotFoundError):  # (a child that exited since it was listed)
+        return b""
 
 
 async def test_two_workers_share_the_port_and_serve_each_other_s_sockets(scheduler, redis_url: str) -> None:

@@ -230,7 +230,7 @@ class SessionActor:
                 if self.observer is not None:
                     self.observer.observe(action.name, action.seconds)
             elif isinstance(action, Ack):  # nothing waits on it: it goes with the other sessions' acks
-                self._background(self._best_effort("ack", self.store.ack(sid, action.job_ids, batched=True)))
+                self._background(self._best_effort("ack", self.store.ack(sid, action.job_ids, ended=action.ended, batched=True)))
             elif isinstance(action, Count):
                 if self.observer is not None:
                     self.observer.count(action.name)

@@ -126,7 +126,12 @@ class CheckJobs:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Ack:
+    """Outcomes delivered: ``job_ids`` are read before they are forgotten (a job that has not ended
+    is left as it is); ``ended`` are the session's own jobs whose outcome Redis gave it (so ended
+    for sure), forgotten unread."""
+
     job_ids: tuple[str, ...]
+    ended: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -266,6 +271,7 @@ class _Slot:
     cut_at: int
     job_id: str = ""
     pool: str = ""  # another speaker's job (a room listener's slot): that speaker's pool
+    room: bool = False  # another speaker's job: its listeners, together, own it
     check_at: int = 0
     hard_at: int = 0
     redispatched: bool = False
@@ -310,13 +316,15 @@ class SessionProtocol:
             max_buffer_bytes=config.max_buffer_bytes, audio_format=spec.audio_format,  # type: ignore[arg-type]
             sample_rate=spec.sample_rate), start_index=start_utt, start_seq=self._start_seq,
             skip=resume.skip if resume else 0)
-        self.orderer: ResultOrderer[Lane, tuple[list[Message], str]] = ResultOrderer()
+        # (each outcome with its job's id, and whether its ack may skip the read: see Ack)
+        self.orderer: ResultOrderer[Lane, tuple[list[Message], str, bool]] = ResultOrderer()
         self._slots: dict[tuple[Lane, int], _Slot] = {}
         self._by_job: dict[str, tuple[Lane, int]] = {}
         self._queue: deque[JobRequest | _Fanout] = deque()
         self._in_flight: JobRequest | _Fanout | None = None
         self._avoid: dict[int, list[str]] = {}
         self._acks: list[str] = []
+        self._acks_ended: list[str] = []
         self._ack_at: int | None = None
         self._chunks = TokenBucket(config.chunks_per_s, burst=config.chunks_per_s, now_ms=now)
         self.streaming: bool | None = None  # audio_chunk (True) or whole utterances (False)
@@ -613,7 +621,7 @@ class SessionProtocol:
         if outcome.state == JobState.COMPLETED:
             out.append(Observe("e2e", max(0, now - slot.cut_at) / 1000))
         out.append(Settled(outcome.state, outcome.code))
-        self._settle(slot, self._messages(slot, outcome, result, now), now, out)
+        self._settle(slot, self._messages(slot, outcome, result, now), now, out, ended=True)
 
     def _messages(self, slot: _Slot, outcome: Outcome, result: JobResult | None, now: int) -> list[Message]:
         sid, utt, wall = slot.lane[0], slot.utt, self._wall(now)
@@ -654,24 +662,26 @@ class SessionProtocol:
                     utterance_index=slot.utt, event="ERROR", status="error", error_code=code),
         ]
 
-    def _settle(self, slot: _Slot, messages: list[Message], now: int, out: list[Action]) -> None:
-        """The slot has its one outcome: forget the slot, release what is now in order."""
+    def _settle(self, slot: _Slot, messages: list[Message], now: int, out: list[Action], ended: bool = False) -> None:
+        """The slot has its one outcome: forget the slot, release what is now in order. ``ended``:
+        the outcome is the job's own, from Redis (not one this session gave it: a deadline's)."""
         self._slots.pop((slot.lane, slot.utt), None)
         if slot.job_id:
             self._by_job.pop(slot.job_id, None)
-        for released in self.orderer.push(slot.lane, slot.utt, (messages, slot.job_id)):
-            messages_out, job_id = released.outcome
+        for released in self.orderer.push(slot.lane, slot.utt, (messages, slot.job_id, ended and not slot.room)):
+            messages_out, job_id, unread = released.outcome
             out.extend(Send(m) for m in messages_out)
             if job_id:
-                self._acks.append(job_id)
+                (self._acks_ended if unread else self._acks).append(job_id)
         self._flush_acks(now, out)
 
     def _flush_acks(self, now: int, out: list[Action], force: bool = False) -> None:
-        if not self._acks:
+        owed = len(self._acks) + len(self._acks_ended)
+        if not owed:
             self._ack_at = None
-        elif force or len(self._acks) >= self.config.ack_batch or (self._ack_at is not None and now >= self._ack_at):
-            out.append(Ack(tuple(self._acks)))
-            self._acks, self._ack_at = [], None
+        elif force or owed >= self.config.ack_batch or (self._ack_at is not None and now >= self._ack_at):
+            out.append(Ack(tuple(self._acks), tuple(self._acks_ended)))
+            self._acks, self._acks_ended, self._ack_at = [], [], None
         elif self._ack_at is None:
             self._ack_at = now + self.config.ack_interval_ms
 
@@ -843,7 +853,7 @@ class SessionProtocol:
         if last is not None and utt <= last:
             return out
         self.orderer.expect(lane, utt)
-        self._track(_Slot(lane, utt, tgt, "", now, pool=pool), job, now)
+        self._track(_Slot(lane, utt, tgt, "", now, pool=pool, room=True), job, now)
         return out
 
     # ------------------------------------------------------------------ deadlines

@@ -467,26 +467,32 @@ class Store:
                 self.proc, session_id, epoch, "detach" if detach else "end", grace_ms, self.call_id()], CloseReply))
         return out
 
-    async def ack(self, session_id: str, job_ids: Iterable[str], *, batched: bool = False) -> int:
+    async def ack(self, session_id: str, job_ids: Iterable[str] = (), *, ended: Iterable[str] = (),
+                  batched: bool = False) -> int:
         """The session delivered these outcomes: they are no longer owed (and the jobs are forgotten);
-        how many were (a job that has not ended is left as it is). ``batched``: the ack joins the
-        other sessions' acks of the next ACK_LINGER_S in one script call (for a caller that does not
-        wait on it)."""
+        how many were (a job of ``job_ids`` that has not ended is left as it is). ``ended``: the
+        session's own jobs (not room jobs) whose outcome Redis gave it, so ended for sure: forgotten
+        without being read first. ``batched``: the ack joins the other sessions' acks of the next
+        ACK_LINGER_S in one script call (for a caller that does not wait on it)."""
         check_name("session_id", session_id)
-        groups = self._by_cell(job_ids)
+        groups: dict[str, tuple[list[str], list[str]]] = {}
+        for cell, ids in self._by_cell(job_ids).items():
+            groups[cell] = (ids, [])
+        for cell, ids in self._by_cell(ended).items():
+            groups.setdefault(cell, ([], []))[1].extend(ids)
         if batched:
-            return sum(await asyncio.gather(*(self.acks.submit_soon(self.cells[cell], (session_id, ids))
-                                              for cell, ids in groups.items())))
+            return sum(await asyncio.gather(*(self.acks.submit_soon(self.cells[cell], (session_id, *both))
+                                              for cell, both in groups.items())))
         acked = 0
-        for cell, ids in groups.items():
-            acked += (await self._ack_batch(self.cells[cell], [(session_id, ids)]))[0]
+        for cell, (ids, done) in groups.items():
+            acked += (await self._ack_batch(self.cells[cell], [(session_id, ids, done)]))[0]
         return acked
 
-    async def _ack_batch(self, ck: CellKeys, items: list[tuple[str, list[str]]]) -> list[int]:
+    async def _ack_batch(self, ck: CellKeys, items: list[tuple[str, list[str], list[str]]]) -> list[int]:
         """One ``ack_outcomes`` call for the acks of one cell's sessions: each gets its own count."""
         args: list[Any] = [self.proc]
-        for session_id, ids in items:
-            args += [session_id, len(ids), *ids]
+        for session_id, ids, done in items:
+            args += [session_id, len(ids), len(done), *ids, *done]
         reply = await self._call("ack_outcomes", ck, [ck.nodes], args, AckReply)
         if len(reply.acked) != len(items):
             raise ScriptError(f"ack_outcomes: {len(items)} sessions, {len(reply.acked)} counts")

@@ -540,14 +540,48 @@ async def test_acks_of_several_sessions_within_a_few_milliseconds_are_one_script
         f"j:{s2[1].job_id}".encode()]
 
 
+async def test_ended_jobs_named_by_their_session_are_forgotten_unread(store: Store) -> None:
+    await register(store, "n1", max_c=4)
+    done = [await store.dispatch(job("s1", i)) for i in range(3)]
+    for d in done:
+        await store.complete(d.job_id, "n1", 1, "completed", payload="{}")
+    before = (await store.client.info("commandstats")).get("cmdstat_hmget", {}).get("calls", 0)
+    assert await store.ack("s1", [done[0].job_id], ended=[d.job_id for d in done[1:]]) == 3
+    after = (await store.client.info("commandstats")).get("cmdstat_hmget", {}).get("calls", 0)
+    assert after == before + 1  # only the job named to be read was read
+    for d in done:
+        assert await store.job(d.job_id) is None
+    assert not [k for k in await store.client.hkeys(store.cells["c0"].sess("s1")) if k.startswith(b"j:")]
+    assert await store.ack("s1", ended=[d.job_id for d in done]) == 3  # a repeat changes nothing more
+
+
+async def test_a_slot_held_for_a_job_that_is_gone_is_given_back_by_the_reaper(store: Store, settings) -> None:
+    """Only a faulty ack (a running job named as ended) can forget a job a node holds: its holder's
+    result is then refused, and once the lease index wakes the reaper the slot comes back (I1)."""
+    await register(store, "n1", max_c=1)
+    d = await store.dispatch(job("s1"))
+    await store.ack("s1", ended=[d.job_id])
+    assert await store.job(d.job_id) is None
+    r = await store.complete(d.job_id, "n1", 1, "completed", payload="{}")
+    assert (r.status, r.reason) == ("rejected", "unknown_job")
+    assert (await store.node("n1"))["used"] == "1"
+    await store.set_clock_offset(settings.job_timeout_ms + 1)
+    await store.heartbeat("n1", conn="conn-n1")
+    await reap_all(store)
+    assert (await store.node("n1"))["used"] == "0"
+    assert (await store.slot_report())["violations"] == []
+    assert (await store.dispatch(job("s2"))).node == "n1"
+
+
 async def test_an_ack_batch_the_script_refuses_changes_nothing(store: Store) -> None:
     await register(store, "n1")
     d = await store.dispatch(job("s1"))
     await store.complete(d.job_id, "n1", 1, "completed", payload="{}")
     ck = store.cells["c0"]
     before = await snapshot(store.client)
-    for groups in (["s1", 1, d.job_id, "s2", 2, "j-x"], ["s1", "one", d.job_id], ["", 1, d.job_id],
-                   ["s1", 1, d.job_id, "s2"]):
+    for groups in (["s1", 1, 0, d.job_id, "s2", 2, 0, "j-x"], ["s1", "one", 0, d.job_id], ["", 1, 0, d.job_id],
+                   ["s1", 1, 0, d.job_id, "s2"], ["s1", 0, 2, d.job_id], ["s1", 1, -1, d.job_id],
+                   ["s1", 1, d.job_id]):
         with pytest.raises(ScriptError, match="dragoman"):
             await store._call("ack_outcomes", ck, [ck.nodes], [store.proc, *groups], Reply)
     assert await snapshot(store.client) == before
@@ -565,3 +599,37 @@ async def test_a_refused_job_gives_its_slot_to_the_oldest_waiting_job_not_back_t
     assert [(e.kind, e.job, e.node) for e in r.effects] == [("assign", waiting.job_id, "n1")]
     assert (await store.job(waiting.job_id))["state"] == "assigned"
     assert (await store.job(first.job_id))["state"] == "queued"  # no other node: it waits, not on n1
+
+
+async def test_a_job_refused_by_the_only_node_goes_back_to_it_with_the_next_slot_it_gives_back(store: Store) -> None:
+    """The refusing node keeps a free slot while the job waits: it is marked, so its next result
+    (given back by a node that was not full) still looks at the queue."""
+    await register(store, "n1", max_c=2)
+    first = await store.dispatch(job("s1", 0))
+    refused = await store.dispatch(job("s2", 0))
+    assert (first.node, refused.node) == ("n1", "n1")
+    assert (await store.complete(refused.job_id, "n1", 1, "refused")).status == "refused"
+    assert (await store.job(refused.job_id))["state"] == "queued"
+    assert (await store.node("n1")).get("waits") == "1"
+    done = await store.complete(first.job_id, "n1", 1, "completed", payload="{}")
+    assert ("assign", refused.job_id, "n1") in [(e.kind, e.job, e.node) for e in done.effects]
+    j = await store.job(refused.job_id)
+    assert (j["state"], j["node"], j["attempt"]) == ("assigned", "n1", "2")
+    assert "waits" not in await store.node("n1")  # nothing waits any more: the mark is gone
+
+
+async def _zcard_calls(store: Store) -> int:
+    return int((await store.client.info("commandstats")).get("cmdstat_zcard", {}).get("calls", 0))
+
+
+async def test_a_result_reads_the_queues_only_when_the_node_was_full_or_is_marked(store: Store) -> None:
+    await register(store, "n1", max_c=2)
+    first = await store.dispatch(job("s1", 0))
+    before = await _zcard_calls(store)
+    await store.complete(first.job_id, "n1", 1, "completed", payload="{}")
+    assert await _zcard_calls(store) == before  # a free slot, no mark: no job can wait for this node
+    a, b = await store.dispatch(job("s1", 1)), await store.dispatch(job("s2", 0))
+    assert (a.node, b.node) == ("n1", "n1")
+    before = await _zcard_calls(store)
+    await store.complete(a.job_id, "n1", 1, "completed", payload="{}")
+    assert await _zcard_calls(store) == before + 1  # it was full: a job may wait for it

@@ -441,13 +441,18 @@ class StoreMachine(RuleBasedStateMachine):
         assert r2.status == "finished", r2
 
     # ------------------------------------------------------------------ sessions
-    @rule(session=st.sampled_from(SESSIONS))
-    def session_acknowledges(self, session: str) -> None:
-        """The session delivered its ended jobs' outcomes: they are forgotten (and nothing else moves)."""
+    @rule(session=st.sampled_from(SESSIONS), unread=st.booleans())
+    def session_acknowledges(self, session: str, unread: bool) -> None:
+        """The session delivered its ended jobs' outcomes: they are forgotten (and nothing else moves).
+        ``unread``: it names them as ended (as it does for outcomes Redis gave it); the others it
+        names are read first, and those not ended are left as they are."""
         self._refresh_states()
         done = [j for j in self._jobs_in(TERMINAL) if self.jobs[j].spec.session_id == session]
         live = [j for j in self.jobs if j not in done and self.jobs[j].spec.session_id == session]
-        acked = self.loop.run_until_complete(self.store.ack(session, done + live))
+        if unread:
+            acked = self.loop.run_until_complete(self.store.ack(session, live, ended=done))
+        else:
+            acked = self.loop.run_until_complete(self.store.ack(session, done + live))
         assert acked == len(done), (acked, done)
         for jid in done:
             assert not self.sync.exists(CK.job(jid)), f"{jid} acknowledged but kept"
@@ -694,6 +699,13 @@ class StoreMachine(RuleBasedStateMachine):
             assert len([j for j in queued_ids if jobs[j]["pool"] == pid]) <= STORE_SETTINGS.queue_max
         for nid, n in nodes.items():
             live = n["state"] == "ready" and int(n["deadline"]) >= now
+            if live and len(jobsets[nid]) < int(n["max"]):
+                # a job waits in a pool where this node, ready, has a free slot (one that refused
+                # it): the node is marked, so the next slot it gives back looks at the queues
+                for pid in n["pools"].split():
+                    waiting = [j for j in queued_ids if jobs[j]["pool"] == pid]
+                    assert not waiting or n.get("waits") == "1", (
+                        f"{waiting} wait in {pid}; {nid} has a free slot and no 'waits' mark: {n}")
             if not live or nid in self.refused:
                 continue
             for pid in n["pools"].split():
@@ -754,7 +766,7 @@ def test_a_refusal_hands_the_slot_to_a_waiting_job(server_url: str) -> None:
     state = StoreMachine(server_url)
     steps = [  # (as the machine ran them)
         lambda: state.first_nodes(caps=[1]),
-        lambda: state.session_acknowledges(session="s3"),
+        lambda: state.session_acknowledges(session="s3", unread=False),
         state.next_utterance,
         lambda: state.finish_work(node="n4", outcome="completed"),
         state.next_utterance,  # queued: n1's one slot is taken

@@ -188,7 +188,8 @@ class TestOutcomes:
         assert Settled("completed", "") in actions
         assert not [a for a in actions if isinstance(a, Ack)]  # acknowledgements are batched
         assert p.next_deadline() == 2 + CONFIG.ack_interval_ms
-        assert Ack(("c0.a",)) in p.tick(2 + CONFIG.ack_interval_ms)
+        # (its outcome came from Redis: an ended job of its own, forgotten without a read)
+        assert Ack((), ("c0.a",)) in p.tick(2 + CONFIG.ack_interval_ms)
 
 
 class TestDeadlines:
@@ -235,6 +236,8 @@ class TestDeadlines:
         actions = p.tick(CONFIG.job_bound_ms)
         assert CancelJob("c0.a", "JOB_TIMEOUT") in actions
         assert [m.code for m in sent(actions) if isinstance(m, ErrorMessage)] == ["JOB_TIMEOUT"]
+        # the job may still run (the cancel is on its way): its ack reads it first, never forgets it unread
+        assert Ack(("c0.a",), ()) in p.tick(CONFIG.job_bound_ms + CONFIG.ack_interval_ms)
 
     def test_after_redis_lost_its_data_the_record_is_reopened_and_every_job_checked(self) -> None:
         p = proto()
@@ -262,7 +265,7 @@ class TestEnd:
         [r] = dispatches(p.receive(chunk(0), 0))
         assigned(p, r, "c0.a", 0)
         p.outcome(Outcome("c0.a", "completed", result=result("c0.a")), 1)
-        assert p.socket_lost(2) == [Ack(("c0.a",)), Detach()]
+        assert p.socket_lost(2) == [Ack((), ("c0.a",)), Detach()]
         assert p.socket_lost(3) == []
 
 
@@ -428,6 +431,18 @@ class TestRooms:
         [own, _] = sent(p.dispatched(r, DispatchResult("failed", "c0.x", code="NO_AVAILABLE_NODE"), 9)
                         + p.outcome(Outcome("c0.x", "failed", "NO_AVAILABLE_NODE"), 10))
         assert own.details["session_id"] == "s1"  # its own utterance: its own id
+
+    def test_a_room_jobs_ack_is_read_first_an_own_jobs_is_not(self) -> None:
+        """A room job is its listeners' together: each ack counts toward forgetting it (ack_outcomes
+        reads it); the session's own job, ended as Redis said, is forgotten unread."""
+        p = self.in_room("en")
+        p.expect_room_job("c0.a0", "alice", 0, "en", 5)
+        p.outcome(Outcome("c0.a0", "completed", result=result("c0.a0")), 6)
+        [r] = dispatches(p.receive(RoomLeave(room_code=p.room or ""), 7) + p.receive(chunk(0), 8))
+        p.dispatched(r, DispatchResult("assigned", "c0.x", node="n1"), 9)
+        p.outcome(Outcome("c0.x", "completed", result=result("c0.x")), 10)
+        acks = [a for a in p.tick(10 + CONFIG.ack_interval_ms) if isinstance(a, Ack)]
+        assert acks == [Ack(("c0.a0",), ("c0.x",))]
 
     def test_a_listeners_error_names_the_speakers_pool(self) -> None:
         p = self.in_room("en")  # the listener speaks zh; the speaker speaks fr

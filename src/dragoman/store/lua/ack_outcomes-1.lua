@@ -5,6 +5,12 @@
   job remembers it as "acked:<session>"), so a repeat cannot forget the job before the other
   listeners have it; an ack from a session that is not one of its listeners does not count.
 
+  A session names apart the jobs it knows to have ended and to be its own (not room jobs): those
+  whose outcome it was given, which only an ended job has. They are forgotten without a look at
+  them (a read per job saved on every utterance); the others are read first, as above. (A job
+  named there that in fact still runs is forgotten all the same: its holder's result is then
+  refused, and the reaper gives back the slot of a job that is gone: see reap.)
+
   One call takes the acks of many sessions of the cell (a process collects them for a moment: see
   Store.ack), so that under a light load acks do not cost a script call per session each; each
   session's record loses its fields in one HDEL, and the forgotten jobs go in one DEL.
@@ -12,7 +18,8 @@
   Input:
     KEYS[1] cell node registry "<base>nodes"
     ARGV[1] calling process id
-    ARGV[2..] groups, one per session: session_id, n, then n job ids
+    ARGV[2..] groups, one per session: session_id, n, m, then n job ids (read first), then m ids of
+              the session's own jobs that have ended (forgotten unread)
   Output: [body, effects], body {status:"ok", acked: [count per group], now}
 ]]
 --- @include "includes/keys"
@@ -28,9 +35,10 @@ while i <= #ARGV do
   local sid = ARGV[i]
   if sid == '' then error('ERR dragoman: session_id must not be empty') end
   local n = need_number(ARGV[i + 1], 'job count')
-  if i + 1 + n > #ARGV then error('ERR dragoman: session ' .. sid .. ' names fewer job ids than its count') end
-  groups[#groups + 1] = { sid = sid, first = i + 2, last = i + 1 + n }
-  i = i + 2 + n
+  local m = need_number(ARGV[i + 2], 'ended job count')
+  if i + 2 + n + m > #ARGV then error('ERR dragoman: session ' .. sid .. ' names fewer job ids than its counts') end
+  groups[#groups + 1] = { sid = sid, first = i + 3, last = i + 2 + n, ended = i + 2 + n + m }
+  i = i + 3 + n + m
 end
 local ctx = new_context(base, ARGV[1])
 
@@ -69,6 +77,12 @@ for g, group in ipairs(groups) do
       owed[#owed + 1] = 'j:' .. jid
       count = count + 1
     end
+  end
+  for a = group.last + 1, group.ended do
+    local jid = ARGV[a]
+    forget[#forget + 1] = k_job(base, jid)
+    owed[#owed + 1] = 'j:' .. jid
+    count = count + 1
   end
   in_slices('HDEL', k_sess(base, sid), owed)
   acked[g] = count

@@ -2,7 +2,8 @@
   A node's result for a job. Accepted only from the node and attempt the job is assigned to (I2):
   the job ends in its one terminal state (I3), its outcome is emitted for the session together with
   the result (and kept with the job until the session acknowledges it), its slot is released (I1),
-  and the freed slot goes to the oldest job waiting in the node's pools, in this same call.
+  and the freed slot goes to the oldest job waiting in the node's pools, in this same call (the
+  queues are read only when one may hold such a job: see fill_after_release).
 
   Outcome "refused" is a node saying it cannot take the job (full, or it already runs another target
   of that utterance): the slot comes back (to the oldest job waiting for the node's pools, as after
@@ -62,7 +63,7 @@ if not ACTIVE[j.state] then
   return reply(ctx, { status = 'rejected', reason = 'not_active', state = j.state })
 end
 
-release_slot(ctx, nid, jid, j.pool)
+local n = release_slot(ctx, nid, jid, j.pool)
 if outcome == 'refused' then
   count(ctx, 'refused')
   log_event(ctx, 'job_refused', { job = jid, node = nid, code = code })
@@ -73,5 +74,5 @@ if outcome == 'refused' then
   return reply(ctx, { status = 'refused', state = j.state })
 end
 finish_job(ctx, jid, j, outcome, code, payload, true)
-fill_from_queues(ctx, nid)
+fill_after_release(ctx, nid, n)
 return reply(ctx, { status = 'completed', state = outcome })

@@ -5,7 +5,9 @@
        (attempt + 1, to another node when one is free), queued, or failed after the attempt cap;
     2. jobs past their lease (job_timeout from assignment) get a job_cancel for their node and are
        reassigned the same way; the node's freed slot may take waiting work (a batch counts nodes
-       whose lease index score came due, each looked at whole);
+       whose lease index score came due, each looked at whole); a slot the node holds for a job
+       that is gone or is no longer its own is given back (I1: none is held for nothing; only a
+       faulty ack can leave one: see ack_outcomes);
     3. queued jobs past their pending timeout fail with JOB_TIMEOUT;
     4. scheduler processes whose registration expired more than proc_ttl ago: their nodes go
        offline (their jobs move on at once), their sessions become orphans (kept for a client that
@@ -67,10 +69,14 @@ for _, nid in ipairs(due) do
   if not n then
     rcall('ZREM', k_leases(base), nid)
   else
-    local lapsed = {}
+    local lapsed, stray = {}, 0
     for _, jid in ipairs(split_words(n.jobs)) do
       local j = job_fields(ctx, jid)
-      if j and ACTIVE[j.state] and j.node == nid and (tonumber(rcall('HGET', j.key, 'lease')) or 0) < ctx.now then
+      if not j or not ACTIVE[j.state] or j.node ~= nid then
+        release_slot(ctx, nid, jid, j and j.pool or nil)
+        count(ctx, 'stray_slots')
+        stray = stray + 1
+      elseif (tonumber(rcall('HGET', j.key, 'lease')) or 0) < ctx.now then
         lapsed[#lapsed + 1] = { jid, j }
       end
     end
@@ -82,7 +88,7 @@ for _, nid in ipairs(due) do
       reassign_or_fail(ctx, jid, j)
     end
     expired = expired + #lapsed
-    if #lapsed > 0 then fill_from_queues(ctx, nid) end
+    if #lapsed + stray > 0 then fill_from_queues(ctx, nid) end
     n = node_fields(ctx, nid)  -- (its jobs now: it may have taken others meanwhile)
     if n then reindex_leases(ctx, n) end
   end

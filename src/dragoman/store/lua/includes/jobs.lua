@@ -122,12 +122,25 @@ local function assign_job(ctx, jid, j, n, extra, known_reachable)
   return true
 end
 
+-- A job waits in pool ``pid``: each node of the pool that still claims a free slot there (one the
+-- placement could not use: its process cannot hear of it now, the job was just taken from it, or
+-- it lay past the scan) is marked "waits", so that the next slot it gives back looks at the queues
+-- (see fill_after_release). A node with no free slot needs no mark: the next slot it gives back is
+-- looked at anyway. (Heartbeats look at the queues whatever the marks say: a mark lost past
+-- WAITS_MARK_MAX delays a job by a heartbeat at most.)
+local WAITS_MARK_MAX = 64
+local function mark_waiting(ctx, pid)
+  local free = rcall('ZRANGE', k_pool(ctx.base, pid), '+inf', 1, 'BYSCORE', 'REV', 'LIMIT', 0, WAITS_MARK_MAX)
+  for _, nid in ipairs(free) do rcall('HSET', k_node(ctx.base, nid), 'waits', '1') end
+end
+
 local function enqueue_job(ctx, jid, j, extra)
   local qk = k_queue(ctx.base, j.pool)
   if rcall('LLEN', qk) >= j.queue_max then return false end
   rcall('RPUSH', qk, jid)
   rcall('ZADD', k_pending(ctx.base), ctx.now + j.pending_timeout, jid)
   rcall('HSET', k_job(ctx.base, jid), 'state', 'queued', 'node', '', 'queued_at', ctx.now, unpack(extra or NONE))
+  mark_waiting(ctx, j.pool)
   count(ctx, 'queued')
   j.state, j.node = 'queued', ''
   return true
@@ -166,10 +179,18 @@ local function queue_head(ctx, pid)
   return nil, nil
 end
 
+-- The node no longer needs to look at the queues: none of its pools has a job waiting.
+local function unmark_waiting(ctx, n)
+  if n and n.waits then
+    rcall('HDEL', k_node(ctx.base, n.id), 'waits')
+    n.waits = false
+  end
+end
+
 -- Hand a node's free slots to the oldest jobs waiting in its pools' queues. ``n``: the node's
 -- fields as this call left them, when the caller has them (they are kept up to date).
 local function fill_from_queues(ctx, nid, n)
-  if rcall('ZCARD', k_pending(ctx.base)) == 0 then return end
+  if rcall('ZCARD', k_pending(ctx.base)) == 0 then return unmark_waiting(ctx, n) end
   n = n or node_fields(ctx, nid)
   if not node_is_live(ctx, n) or not reachable(ctx, n.proc) then return end
   for _ = 1, 64 do
@@ -181,7 +202,7 @@ local function fill_from_queues(ctx, nid, n)
         best_jid, best_pid, best_deadline = jid, pid, deadline
       end
     end
-    if not best_jid then return end
+    if not best_jid then return unmark_waiting(ctx, n) end
     rcall('LPOP', k_queue(ctx.base, best_pid))
     rcall('ZREM', k_pending(ctx.base), best_jid)
     local j = job_fields(ctx, best_jid)
@@ -193,6 +214,19 @@ local function fill_from_queues(ctx, nid, n)
       end
     end
   end
+  -- (64 handed out and a free slot left: the next slot given back looks again)
+  if n.max - n.used >= 1 and not n.waits then
+    rcall('HSET', k_node(ctx.base, nid), 'waits', '1')
+    n.waits = true
+  end
+end
+
+-- A slot came back to node ``n`` (as release_slot left it, nil when it gave nothing back). While a
+-- job waits in a pool, every node of the pool either has no free slot or is marked "waits" (see
+-- mark_waiting): so the queues need a look only when the node was full or is marked, and the
+-- common result costs no read of them at all.
+local function fill_after_release(ctx, nid, n)
+  if not n or n.was_full or n.waits then fill_from_queues(ctx, nid, n) end
 end
 
 -- A node is gone (socket closed, heartbeat deadline passed, its scheduler process died): nothing

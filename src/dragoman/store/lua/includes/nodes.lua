@@ -24,6 +24,10 @@
   every pool 0, and the first one given back scores every pool exactly again. So while a node has a
   free slot, its score is at least 1 in each of its pools. A node in one pool is always exact.
 
+  "waits" on a node's record: a job waits in one of its pools although the node claimed a free slot
+  there (see mark_waiting in jobs.lua); the next slot it gives back then looks at the queues, as the
+  next one of a full node always does. Any other slot given back needs no look.
+
   The cell's "pools" hash counts the registered (not offline) nodes of each pool: the operators'
   list of pools, which shrinks when no node serves a pool any more.
 ]]
@@ -61,17 +65,17 @@ local NO_MORE = {}
 local function node_fields(ctx, nid, more)
   more = more or NO_MORE
   local f = rcall('HMGET', k_node(ctx.base, nid), 'state', 'max', 'deadline', 'pools', 'proc', 'max_target',
-    'jobs', 'used', 'lease_at', unpack(more))
+    'jobs', 'used', 'lease_at', 'waits', unpack(more))
   if not f[1] then return nil end
   local extra = NO_MORE
   if #more > 0 then
     extra = {}
-    for i, name in ipairs(more) do extra[name] = f[9 + i] end
+    for i, name in ipairs(more) do extra[name] = f[10 + i] end
   end
   return {
     id = nid, state = f[1], max = tonumber(f[2]) or 0, deadline = tonumber(f[3]) or 0,
     pools = f[4] or '', proc = f[5] or '', max_target = tonumber(f[6]), jobs = f[7] or '', used = tonumber(f[8]) or 0,
-    lease_at = tonumber(f[9]), more = extra,
+    lease_at = tonumber(f[9]), waits = f[10] and true or false, more = extra,
   }
 end
 
@@ -148,13 +152,15 @@ local function take_slot(ctx, n, jid, pid, lease)
   slot_moved(ctx, n, pid, -1)
 end
 
--- Returns the node's fields (nil when it does not hold the job: nothing changed).
+-- Returns the node's fields (nil when it does not hold the job: nothing changed); n.was_full says
+-- whether the node had no free slot before this one came back.
 local function release_slot(ctx, nid, jid, pid)
   if not nid or nid == '' then return nil end
   local n = node_fields(ctx, nid)
   if not n then return nil end
   local rest = without_word(n.jobs, jid)
   if not rest then return nil end
+  n.was_full = n.used >= n.max
   n.jobs, n.used = rest, n.used - 1
   local nk = k_node(ctx.base, nid)
   if n.max_target and n.max > n.max_target then
