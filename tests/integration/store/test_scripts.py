@@ -618,6 +618,25 @@ async def test_a_job_refused_by_the_only_node_goes_back_to_it_with_the_next_slot
     assert "waits" not in await store.node("n1")  # nothing waits any more: the mark is gone
 
 
+async def test_a_node_that_could_not_read_past_stale_queue_entries_stays_marked(store: Store) -> None:
+    """A freed slot drops at most 64 queue entries no longer waiting (none are left by the scripts
+    themselves: here, entries Redis kept of jobs it lost); a job behind them still waits, so the
+    node keeps its mark and looks again, at its heartbeat at the latest."""
+    await register(store, "n1", max_c=1)
+    running = await store.dispatch(job("s1", 0))
+    waiting = await store.dispatch(job("s1", 1))
+    assert waiting.status == "queued"
+    await store.client.lpush(store.cells["c0"].queue(ZH_EN), *[f"c0.lost{i}" for i in range(65)])
+    await store.complete(running.job_id, "n1", 1, "completed", payload="{}")
+    assert (await store.job(waiting.job_id))["state"] == "queued"  # 64 stale entries dropped, one left
+    assert (await store.node("n1")).get("waits") == "1"
+    await store.heartbeat("n1", conn="conn-n1")
+    j = await store.job(waiting.job_id)
+    assert (j["state"], j["node"]) == ("assigned", "n1")
+    await store.complete(waiting.job_id, "n1", int(j["attempt"]), "completed", payload="{}")
+    assert "waits" not in await store.node("n1")  # nothing waits any more
+
+
 async def _zcard_calls(store: Store) -> int:
     return int((await store.client.info("commandstats")).get("cmdstat_zcard", {}).get("calls", 0))
 

@@ -166,7 +166,8 @@ local function reassign_or_fail(ctx, jid, j, exclude, fail_code)
   return 'failed'
 end
 
--- The oldest job still waiting in a pool's queue; entries no longer waiting (cancelled, failed) are dropped.
+-- The oldest job still waiting in a pool's queue; entries no longer waiting (cancelled, failed) are
+-- dropped, 64 at most: then nil, nil, true (more may wait behind them).
 local function queue_head(ctx, pid)
   local qk = k_queue(ctx.base, pid)
   for _ = 1, 64 do
@@ -176,7 +177,7 @@ local function queue_head(ctx, pid)
     if deadline then return jid, deadline end
     rcall('LPOP', qk)
   end
-  return nil, nil
+  return nil, nil, true
 end
 
 -- The node no longer needs to look at the queues: none of its pools has a job waiting.
@@ -195,14 +196,18 @@ local function fill_from_queues(ctx, nid, n)
   if not node_is_live(ctx, n) or not reachable(ctx, n.proc) then return end
   for _ = 1, 64 do
     if n.max - n.used < 1 then return end
-    local best_jid, best_pid, best_deadline = nil, nil, nil
+    local best_jid, best_pid, best_deadline, more = nil, nil, nil, false
     for _, pid in ipairs(split_words(n.pools)) do
-      local jid, deadline = queue_head(ctx, pid)
+      local jid, deadline, unread = queue_head(ctx, pid)
       if jid and (not best_deadline or deadline < best_deadline) then
         best_jid, best_pid, best_deadline = jid, pid, deadline
       end
+      more = more or unread
     end
-    if not best_jid then return unmark_waiting(ctx, n) end
+    if not best_jid then
+      if more then break end  -- (the mark stays, or is made, below: the next slot looks further)
+      return unmark_waiting(ctx, n)
+    end
     rcall('LPOP', k_queue(ctx.base, best_pid))
     rcall('ZREM', k_pending(ctx.base), best_jid)
     local j = job_fields(ctx, best_jid)
@@ -214,7 +219,8 @@ local function fill_from_queues(ctx, nid, n)
       end
     end
   end
-  -- (64 handed out and a free slot left: the next slot given back looks again)
+  -- (64 handed out, or stale entries left unread, and a free slot left: the next slot given back
+  -- looks again)
   if n.max - n.used >= 1 and not n.waits then
     rcall('HSET', k_node(ctx.base, nid), 'waits', '1')
     n.waits = true
