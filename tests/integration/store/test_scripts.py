@@ -28,6 +28,11 @@ async def register(store: Store, nid: str, max_c: int = 1, pools=(ZH_EN,)) -> No
     assert r.status == "registered"
 
 
+async def command_calls(store: Store, name: str) -> int:
+    """How many times the server ran command ``name`` so far (scripts' own calls included)."""
+    return int((await store.client.info("commandstats")).get(f"cmdstat_{name}", {}).get("calls", 0))
+
+
 async def reap_all(store: Store):
     effects = []
     while True:
@@ -545,10 +550,9 @@ async def test_ended_jobs_named_by_their_session_are_forgotten_unread(store: Sto
     done = [await store.dispatch(job("s1", i)) for i in range(3)]
     for d in done:
         await store.complete(d.job_id, "n1", 1, "completed", payload="{}")
-    before = (await store.client.info("commandstats")).get("cmdstat_hmget", {}).get("calls", 0)
+    before = await command_calls(store, "hmget")
     assert await store.ack("s1", [done[0].job_id], ended=[d.job_id for d in done[1:]]) == 3
-    after = (await store.client.info("commandstats")).get("cmdstat_hmget", {}).get("calls", 0)
-    assert after == before + 1  # only the job named to be read was read
+    assert await command_calls(store, "hmget") == before + 1  # only the job named to be read was read
     for d in done:
         assert await store.job(d.job_id) is None
     assert not [k for k in await store.client.hkeys(store.cells["c0"].sess("s1")) if k.startswith(b"j:")]
@@ -637,18 +641,14 @@ async def test_a_node_that_could_not_read_past_stale_queue_entries_stays_marked(
     assert "waits" not in await store.node("n1")  # nothing waits any more
 
 
-async def _zcard_calls(store: Store) -> int:
-    return int((await store.client.info("commandstats")).get("cmdstat_zcard", {}).get("calls", 0))
-
-
 async def test_a_result_reads_the_queues_only_when_the_node_was_full_or_is_marked(store: Store) -> None:
     await register(store, "n1", max_c=2)
     first = await store.dispatch(job("s1", 0))
-    before = await _zcard_calls(store)
+    before = await command_calls(store, "zcard")
     await store.complete(first.job_id, "n1", 1, "completed", payload="{}")
-    assert await _zcard_calls(store) == before  # a free slot, no mark: no job can wait for this node
+    assert await command_calls(store, "zcard") == before  # a free slot, no mark: no job can wait for this node
     a, b = await store.dispatch(job("s1", 1)), await store.dispatch(job("s2", 0))
     assert (a.node, b.node) == ("n1", "n1")
-    before = await _zcard_calls(store)
+    before = await command_calls(store, "zcard")
     await store.complete(a.job_id, "n1", 1, "completed", payload="{}")
-    assert await _zcard_calls(store) == before + 1  # it was full: a job may wait for it
+    assert await command_calls(store, "zcard") == before + 1  # it was full: a job may wait for it

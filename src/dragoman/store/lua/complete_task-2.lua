@@ -69,7 +69,7 @@ if outcome == 'refused' then
   log_event(ctx, 'job_refused', { job = jid, node = nid, code = code })
   -- the slot goes to the oldest job already waiting (the refused one is not waiting yet: it never
   -- goes straight back to the node that refused it), then the refused job moves on
-  fill_from_queues(ctx, nid)
+  fill_from_queues(ctx, nid, n)
   reassign_or_fail(ctx, jid, j, { [nid] = true }, 'NODE_OVERLOADED')
   return reply(ctx, { status = 'refused', state = j.state })
 end

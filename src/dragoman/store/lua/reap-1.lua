@@ -72,7 +72,7 @@ for _, nid in ipairs(due) do
     local lapsed, stray = {}, 0
     for _, jid in ipairs(split_words(n.jobs)) do
       local j = job_fields(ctx, jid)
-      if not j or not ACTIVE[j.state] or j.node ~= nid then
+      if not held_by(j, nid) then
         release_slot(ctx, nid, jid, j and j.pool or nil)
         count(ctx, 'stray_slots')
         stray = stray + 1

@@ -71,7 +71,7 @@ if old and old.state == 'draining' then state, drain_source = 'draining', meta[3
 local held, kept = {}, {}
 for _, jid in ipairs(split_words(old and old.jobs)) do
   local j = job_fields(ctx, jid)
-  if j and ACTIVE[j.state] and j.node == nid then
+  if held_by(j, nid) then
     table.insert(held, { jid, j })
     table.insert(kept, jid)
   end

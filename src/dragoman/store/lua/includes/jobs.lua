@@ -15,6 +15,11 @@
 local TERMINAL = { completed = true, completed_empty = true, failed = true }
 local ACTIVE = { assigned = true, running = true }
 
+-- Is job ``j`` (job_fields, nil when gone) running on node ``nid`` now, so that a slot there is its?
+local function held_by(j, nid)
+  return j ~= nil and ACTIVE[j.state] == true and j.node == nid
+end
+
 -- What only a job's next placement needs (a retry, the queue), read when first asked for: a result
 -- or a start never does.
 local LATER = { max_attempts = true, job_timeout = true, pending_timeout = true, queue_max = true, tried = true }
@@ -253,7 +258,7 @@ local function node_down(ctx, nid, reason)
   for _, jid in ipairs(jobs) do
     release_slot(ctx, nid, jid)
     local j = job_fields(ctx, jid)
-    if j and ACTIVE[j.state] and j.node == nid then
+    if held_by(j, nid) then
       -- a node declared gone that is in fact alive (a stall) stops the work that moved on
       emit(ctx, n.proc, { kind = 'cancel', job = jid, node = nid, attempt = j.attempt, reason = reason })
       reassign_or_fail(ctx, jid, j, { [nid] = true })
