@@ -22,6 +22,11 @@ own), one round per tree per round, read from its JSON: per job, the commands (t
 issue included), the server's execution time of the script calls and of every command, and
 valkey-server's CPU, in the closed loop (50 in flight) and the open loop (200 jobs/s).
 
+Last, where valgrind is installed, the work itself, free of this machine's noise: the same pair loop
+in each tree against a valkey-server run under ``valgrind --tool=callgrind``, which counts the
+instructions the server executes (the same count for the same binary and calls, whatever else the
+machine is doing). Counting is zeroed after a warm-up and read after ``INSTR_PAIRS`` pairs.
+
 Both trees run with this tree's virtualenv and the same server binary; only the code differs.
 """
 
@@ -91,6 +96,74 @@ asyncio.run(main(sys.argv[1], int(sys.argv[2]), *map(float, sys.argv[3:5]), *map
 """
 
 
+# Runs inside one tree: the pair loop against a server under callgrind; prints instructions per pair.
+INSTR_DRIVER = r"""
+import asyncio, glob, json, subprocess, sys, time, types
+from bench.run import Bench, FULL
+
+url, pid, outdir, n, warm = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+
+def dump_total():
+    before = set(glob.glob(outdir + "/cg.out*"))
+    subprocess.run(["callgrind_control", "-d", str(pid)], check=True, capture_output=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        for path in set(glob.glob(outdir + "/cg.out*")) - before:
+            with open(path) as f:
+                for line in f:
+                    if line.startswith(("totals:", "summary:")):
+                        return int(line.split()[1])
+        time.sleep(0.1)  # callgrind writes the dump file on its own schedule: no event to await
+    raise RuntimeError("callgrind wrote no dump")
+
+async def main():
+    b = Bench(types.SimpleNamespace(url=url, proc=types.SimpleNamespace(pid=pid)), FULL)
+    await b.fresh_db()
+    await b.register_nodes(50, 4, parallel=4)
+
+    async def run(count, tag):
+        async def session(w):
+            for k in range(count // 16):
+                await b.pair(f"{tag}-{w}", k)
+        await asyncio.gather(*(session(w) for w in range(16)))
+
+    await run(warm, "warm")
+    subprocess.run(["callgrind_control", "-z", str(pid)], check=True, capture_output=True)
+    await run(n, "m")
+    print(json.dumps({"pairs": n, "instructions": dump_total()}))
+
+asyncio.run(main())
+"""
+INSTR_PAIRS = 1600  # counted, after a warm-up of a fifth as many
+
+
+def _instructions(tree: Path, workdir: Path, pairs: int) -> float | None:
+    """Server instructions per dispatch+complete pair of ``tree``'s code (None without valgrind)."""
+    if pairs <= 0 or shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
+        return None
+    from dragoman.embedded import _ping, _wait_until, find_server_binary, free_port
+
+    out = workdir / f"callgrind-{tree.name}"
+    out.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    server = subprocess.Popen(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}/cg.out.%p",
+                               find_server_binary(), "--port", str(port), "--save", "", "--appendonly", "no"],
+                              cwd=out, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_until("valkey-server under callgrind", lambda: _ping(port), timeout=60)
+        env = dict(os.environ, PYTHONPATH=f"{tree / 'src'}{os.pathsep}{tree}")
+        run = subprocess.run([sys.executable, "-c", INSTR_DRIVER, f"redis://127.0.0.1:{port}/0", str(server.pid),
+                              str(out), str(pairs), str(max(16, pairs // 5))], env=env, cwd=tree, capture_output=True, text=True,
+                             timeout=600)
+        if run.returncode != 0:
+            raise RuntimeError(f"the instruction count failed in {tree}: {run.stderr.strip()[-2000:]}")
+        got = json.loads(run.stdout.strip().splitlines()[-1])
+        return float(got["instructions"]) / got["pairs"]
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+
+
 def window_figures(raw: dict[str, Any]) -> dict[str, float]:
     """One window's figures per dispatch+complete pair."""
     pairs = raw["pairs"]
@@ -147,7 +220,7 @@ def _alternating(trees: dict[str, Path], rounds: int) -> list[tuple[int, str]]:
 
 
 def run(rounds: int = 5, ref: str = BASE_REF, warmup_s: float = 1.0, window_s: float = 3.0,
-        e2e_rounds: int = 3) -> dict[str, Any]:
+        e2e_rounds: int = 3, instr_pairs: int = INSTR_PAIRS) -> dict[str, Any]:
     if shutil.which("git") is None or not (ROOT / ".git").exists():
         raise RuntimeError("needs a git checkout (the earlier commit is read from its history)")
     base_dir = Path(tempfile.mkdtemp(prefix="dragoman-baseline-")) / "tree"
@@ -166,6 +239,8 @@ def run(rounds: int = 5, ref: str = BASE_REF, warmup_s: float = 1.0, window_s: f
         for r, name in _alternating(trees, e2e_rounds):
             e2e[name].append(_run_e2e(trees[name], base_dir.parent / f"e2e-{name}-{r}.json"))
             print(f"baseline e2e round {r + 1}: {name} {e2e[name][-1]}", file=sys.stderr, flush=True)
+        instructions = {name: _instructions(tree, base_dir.parent, instr_pairs) for name, tree in trees.items()}
+        print(f"baseline instructions per pair: {instructions}", file=sys.stderr, flush=True)
     finally:
         subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(base_dir)], check=False,
                        capture_output=True)
@@ -182,7 +257,8 @@ def run(rounds: int = 5, ref: str = BASE_REF, warmup_s: float = 1.0, window_s: f
                 e2e_med.setdefault(name, {})[loop] = {k: statistics.median(g[k] for g in got) for k in got[0]}
     return {"ref": ref, "base_commit": base_commit, "rounds": rounds, "window_s": window_s,
             "windows": per, "median": med, "ratio": ratio, "rounds_ratio": rounds_ratio,
-            "e2e_rounds": e2e_rounds, "e2e": e2e, "e2e_median": e2e_med}
+            "e2e_rounds": e2e_rounds, "e2e": e2e, "e2e_median": e2e_med, "instructions": instructions,
+            "instr_pairs": instr_pairs}
 
 
 ROWS = (("commands_per_pair", "Redis commands the scripts issue", "{:.1f}"),
@@ -193,10 +269,13 @@ ROWS = (("commands_per_pair", "Redis commands the scripts issue", "{:.1f}"),
 
 
 def summary(res: dict[str, Any]) -> str:
-    r = res["ratio"]
-    return (f"Redis work per job vs {res['base_commit'].split()[0]} (same run, {res['rounds']} rounds): commands "
+    r, ins = res["ratio"], res.get("instructions") or {}
+    line = (f"Redis work per job vs {res['base_commit'].split()[0]} (same run, {res['rounds']} rounds): commands "
             f"{r['commands_per_pair']:.2f}x, script server µs {r['script_us_per_pair']:.2f}x, "
             f"server CPU {r['server_cpu_us_per_pair']:.2f}x")
+    if ins.get("now") and ins.get("before"):
+        line += f", server instructions {ins['now'] / ins['before']:.2f}x (callgrind)"
+    return line
 
 
 def markdown(res: dict[str, Any]) -> str:
@@ -211,6 +290,13 @@ def markdown(res: dict[str, Any]) -> str:
     for key, label, fmt in ROWS:
         L.append(f"| {label} | {fmt.format(med['before'][key])} | {fmt.format(med['now'][key])} | "
                  f"**{ratio[key]:.2f}x** | {', '.join(f'{x:.2f}' for x in rr[key])} |")
+    ins = res.get("instructions") or {}
+    if ins.get("now") and ins.get("before"):
+        L.append(f"| server instructions (callgrind: {res['instr_pairs']:,} pairs after a warm-up; the same count on any "
+                 f"day) | {ins['before']:,.0f} | {ins['now']:,.0f} | **{ins['now'] / ins['before']:.2f}x** | one "
+                 "count each |")
+    else:
+        L.append("| server instructions (callgrind) | | | not measured (valgrind not installed, or no pairs asked) | |")
     em = res.get("e2e_median") or {}
     if "before" in em and "now" in em:
         L += ["", f"End to end (`python -m bench.e2e --systems dragoman --rounds 1` in each tree, alternating, "
@@ -238,9 +324,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--window", type=float, default=3.0, help="seconds per window")
     ap.add_argument("--e2e-rounds", type=int, default=3, help="end-to-end rounds per tree (0: none)")
+    ap.add_argument("--instr-pairs", type=int, default=INSTR_PAIRS,
+                    help="pairs counted under callgrind per tree (0: no instruction count)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
-    res = run(args.rounds, args.ref, window_s=args.window, e2e_rounds=args.e2e_rounds)
+    res = run(args.rounds, args.ref, window_s=args.window, e2e_rounds=args.e2e_rounds, instr_pairs=args.instr_pairs)
     print(markdown(res))
     print(summary(res))
     if args.json:

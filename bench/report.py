@@ -46,6 +46,10 @@ def _headline(s: dict[str, Any]) -> list[str]:
                 line += (f"; end to end, {loop} loop: scripts µs **{n['scripts_us'] / b['scripts_us']:.2f}x**, "
                          f"server CPU {n['redis_cpu_us'] / b['redis_cpu_us']:.2f}x, commands "
                          f"{n['redis_calls_per_job'] / b['redis_calls_per_job']:.2f}x")
+        ins = base.get("instructions") or {}
+        if ins.get("now") and ins.get("before"):
+            line += (f"; the server's instructions per store-level job (callgrind, the same count on any day) "
+                     f"{ins['now'] / ins['before']:.2f}x")
         out.append(line + ".")
     dur = s.get("durability")
     if dur and "ratio" in dur:

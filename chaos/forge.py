@@ -30,6 +30,8 @@ from typing import Any
 
 from websockets.asyncio.client import ClientConnection, connect
 
+from dragoman.store.api import job_view
+
 from .load import Ledger
 from .topology import Topology
 
@@ -90,8 +92,7 @@ class Forger:
         raw = await self.topo.rc.hgetall(f"dragoman:{{c0}}:job:{job_id}")
         if not raw:
             return None
-        job = {k.decode(): v.decode() for k, v in raw.items()}
-        job["id"] = job_id
+        job = job_view(job_id, raw)
         job["utt"] = int(job.get("utt") or 0)
         job["attempt"] = int(job.get("attempt") or 0)
         return job

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -38,7 +39,7 @@ def test_the_baseline_section_runs_both_trees(tmp_path: Path) -> None:
         pytest.skip("not a git checkout: the earlier commit cannot be read")
     out = tmp_path / "baseline.json"
     run = subprocess.run([sys.executable, "-m", "bench.baseline", "--rounds", "1", "--window", "0.5", "--e2e-rounds", "0",
-                          "--json", str(out)],
+                          "--instr-pairs", "32", "--json", str(out)],
                          capture_output=True, text=True, timeout=300, cwd=root)
     assert run.returncode == 0, run.stderr[-3000:]
     res = json.loads(out.read_text())
@@ -47,6 +48,9 @@ def test_the_baseline_section_runs_both_trees(tmp_path: Path) -> None:
         # dispatch and complete, one call each (calls in flight at the window's edges aside)
         assert res["median"][tree]["script_calls_per_pair"] == pytest.approx(2.0, abs=0.1)
         assert res["median"][tree]["commands_per_pair"] > 0
+    if shutil.which("valgrind"):  # the server's instructions, counted under callgrind
+        assert res["instructions"]["now"] > 0 and res["instructions"]["before"] > 0
+        assert "| server instructions (callgrind: 32 pairs" in run.stdout
     assert res["base_commit"].startswith("03bc8cc")
     assert "| Redis commands the scripts issue |" in run.stdout
     assert not any("dragoman-baseline-" in line for line in

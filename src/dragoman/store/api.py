@@ -122,6 +122,19 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+# A job's write-once fields, packed in its "spec" field in this order (see includes/jobs.lua).
+JOB_SPEC_FIELDS = ("pool", "session", "utt", "tgt", "max_attempts", "job_timeout", "pending_timeout", "queue_max",
+                   "created")
+
+
+def job_view(job_id: str, fields: dict[Any, Any]) -> dict[str, str]:
+    """A job's hash as operators read it: its spec spread into named fields, its id, no audio."""
+    job = {_text(k): _text(v) for k, v in fields.items()}
+    job.pop("data", None)
+    job |= dict(zip(JOB_SPEC_FIELDS, job.pop("spec", "").split(), strict=False))
+    return {"id": job_id} | job
+
+
 class Store:
     def __init__(self, client: Any, settings: Settings, proc: str | None = None, *,
                  test_clock: bool = False) -> None:
@@ -639,10 +652,8 @@ class Store:
         ck = self.keys_for_job(job_id)
         if ck is None:
             return None
-        job = await self._hash(ck.job(job_id))
-        if job is not None:
-            job.pop("data", None)  # the audio
-        return job
+        raw = await self._hash(ck.job(job_id))
+        return job_view(job_id, raw) if raw is not None else None
 
     async def session(self, session_id: str) -> dict[str, str] | None:
         """A session's record in its home cell (ValueError for an id that cannot be one)."""
@@ -692,11 +703,11 @@ class Store:
         out = []
         for ck in self.cells.values():
             async for key in self.client.scan_iter(match=ck.base + "job:*", count=1000):
-                fields = await self.client.hmget(key, "id", "state", "session", "utt", "tgt", "node")
-                job = {k: _text(v) if v is not None else "" for k, v in
-                       zip(("id", "state", "session", "utt", "tgt", "node"), fields, strict=True)}
+                state, spec, node = await self.client.hmget(key, "state", "spec", "node")
+                job = job_view(_text(key).removeprefix(ck.base + "job:"),
+                               {"state": state or "", "spec": spec or "", "node": node or ""})
                 if job["state"] not in ("completed", "completed_empty", "failed"):
-                    out.append(job)
+                    out.append({k: job.get(k, "") for k in ("id", "state", "session", "utt", "tgt", "node")})
         return out
 
     # ---------------------------------------------------------------- test support

@@ -202,6 +202,28 @@ async def test_a_dead_process_sessions_wait_for_a_resume_then_are_abandoned(stor
     assert (await store.slot_report())["used"] == 0
 
 
+async def test_a_resume_point_is_one_field_written_with_the_dispatch_and_read_back_by_a_resume(store: Store) -> None:
+    await register(store, "n1")
+    await store.open_session("s1", "{}")
+    key = store.cells["c0"].sess("s1")
+    assert await store.client.hget(key, "resume") == b"0 0 0 -1"
+    await store.dispatch(job("s1", 0, commit=(1, 10, 3, -1)))
+    assert await store.client.hget(key, "resume") == b"1 10 3 -1"
+    assert not await store.client.hexists(key, "next_utt")
+    [home] = await store.resume_session("s1")
+    assert (home.next_utt, home.seq, home.skip, home.cutt) == (1, 10, 3, -1)
+
+
+async def test_a_session_recorded_before_its_resume_point_was_one_field_resumes_where_it_was(store: Store) -> None:
+    """A rolling upgrade: the record was written by the earlier version, one field each."""
+    await store.open_session("s1", "{}")
+    key = store.cells["c0"].sess("s1")
+    await store.client.hdel(key, "resume")
+    await store.client.hset(key, mapping={"next_utt": 4, "seq": 9, "skip": 2, "cutt": -1})
+    [home] = await store.resume_session("s1")
+    assert (home.status, home.next_utt, home.seq, home.skip, home.cutt) == (Status.RESUMED, 4, 9, 2, -1)
+
+
 async def test_resume_takes_the_session_over_with_everything_it_is_owed(store: Store, p2: Store) -> None:
     """Loss path 4: a client that resumes (on any process) gets each outcome still owed, its kept
     result included, and the outcomes still to come now go to the new process."""
@@ -351,7 +373,8 @@ async def test_a_refused_dispatch_changes_nothing(store: Store, settings) -> Non
     await register(store, "n1")
     ck = store.cells["c0"]
     before = await snapshot(store.client)
-    for bad in ({"i": 7, "v": 0}, {"i": 10, "v": 0}, {"i": 5, "v": -1}, {"i": 16, "v": "1 2"}):
+    for bad in ({"i": 7, "v": 0}, {"i": 10, "v": 0}, {"i": 5, "v": -1}, {"i": 16, "v": "1 2"},
+                {"i": 16, "v": "1 2 3 -2"}, {"i": 16, "v": "1 2 3 x"}, {"i": 16, "v": "1  2 3 4"}):
         args = [store.proc, "c0.x", ZH_EN, "s1", 0, "en", 1000, 1000, 4, 3, "", "p1", 1, "{}", "", "", 0]
         args[bad["i"] - 1] = bad["v"]
         with pytest.raises(Exception, match="dragoman"):

@@ -652,3 +652,58 @@ async def test_a_result_reads_the_queues_only_when_the_node_was_full_or_is_marke
     before = await command_calls(store, "zcard")
     await store.complete(a.job_id, "n1", 1, "completed", payload="{}")
     assert await command_calls(store, "zcard") == before + 1  # it was full: a job may wait for it
+
+
+async def test_a_job_is_created_with_one_hset_of_a_few_fields_and_read_back_whole(store: Store, settings) -> None:
+    await register(store, "n1")
+    before = await command_calls(store, "hset")
+    d = await store.dispatch(job("s1", 7, tgt="de"))
+    raw = await store.client.hgetall(store.cells["c0"].job(d.job_id))
+    fields = {k.decode() for k in raw}
+    # write-once fields packed into one ("spec"); the placement's own; the audio; no field written twice
+    assert fields == {"spec", "sproc", "data", "state", "node", "attempt", "assigned_at", "lease", "tried"}, fields
+    assert await command_calls(store, "hset") == before + 3  # the session, the node, the job
+    view = await store.job(d.job_id)
+    assert view is not None and "data" not in view and "spec" not in view
+    assert {k: view[k] for k in ("id", "pool", "session", "utt", "tgt", "max_attempts", "job_timeout",
+                                 "pending_timeout", "queue_max", "state", "node", "attempt")} == {
+        "id": d.job_id, "pool": ZH_EN, "session": "s1", "utt": "7", "tgt": "de",
+        "max_attempts": str(settings.max_attempts), "job_timeout": str(settings.job_timeout_ms),
+        "pending_timeout": str(settings.pending_timeout_ms), "queue_max": str(settings.queue_max),
+        "state": "assigned", "node": "n1", "attempt": "1"}
+    assert int(view["created"]) == int(view["assigned_at"])
+    status = (await store.get_jobs([d.job_id]))[d.job_id]
+    assert (status.state, status.node, status.attempt, status.utt, status.tgt) == ("assigned", "n1", 1, 7, "de")
+
+
+async def test_a_job_written_before_its_fields_were_packed_is_read_and_finished(store: Store, settings) -> None:
+    """A rolling upgrade: jobs in flight were written by the earlier version, one field each."""
+    await register(store, "n1")
+    d = await store.dispatch(job("s1", 3))
+    key = store.cells["c0"].job(d.job_id)
+    spec = (await store.client.hget(key, "spec")).decode().split()
+    await store.client.hdel(key, "spec")
+    await store.client.hset(key, mapping=dict(zip(
+        ("pool", "session", "utt", "tgt", "max_attempts", "job_timeout", "pending_timeout", "queue_max", "created"),
+        spec, strict=True)))
+    c = await store.complete(d.job_id, "n1", 1, "completed", payload='{"text":"x"}')
+    assert c.status == "completed"
+    [outcome] = [e for e in c.effects if e.kind == "outcome"]
+    assert (outcome.session, outcome.utt, outcome.tgt) == ("s1", 3, "en")
+    assert (await store.client.hget(key, "spec")).decode().split() == spec  # packed on its first read
+
+
+@pytest.mark.parametrize(("index", "value", "what"), [(5, "0x10", "utterance_index"), (5, " 4", "utterance_index"),
+                                                      (7, "60000.0", "job_timeout_ms"), (6, "e n", "tgt_lang"),
+                                                      (6, "", "tgt_lang")])
+async def test_numbers_must_be_decimal_digits_and_words_must_be_words(store: Store, index: int, value: str,
+                                                                      what: str) -> None:
+    """A job's spec keeps some arguments as given: one that is not plain digits, or a word, is refused."""
+    await register(store, "n1")
+    ck = store.cells["c0"]
+    before = await snapshot(store.client)
+    args = [store.proc, "c0.x", ZH_EN, "s1", 0, "en", 1000, 1000, 4, 3, "", "p1", 1, "{}", "", "", 0]
+    args[index - 1] = value
+    with pytest.raises(Exception, match=what):
+        await store.scripts.call("dispatch_task", [ck.nodes, ck.job("c0.x"), ck.pool(ZH_EN), ck.sess("s1")], args)
+    assert await snapshot(store.client) == before

@@ -53,7 +53,7 @@ from hypothesis.stateful import (
 
 from dragoman.config import Settings
 from dragoman.embedded import EmbeddedServer
-from dragoman.store.api import Effect, JobSpec, Reply, Store
+from dragoman.store.api import Effect, JobSpec, Reply, Store, job_view
 from dragoman.store.keys import CellKeys
 
 NODE_IDS = ("n1", "n2", "n3", "n4")
@@ -599,7 +599,7 @@ class StoreMachine(RuleBasedStateMachine):
         for jid in ids:
             h, data = next(res), next(res)
             assert h, f"job {jid} vanished from Redis"
-            jobs[jid] = h
+            jobs[jid] = job_view(jid, h)
             has_data[jid] = bool(data)
         leases = dict(next(res))
         pending = dict(next(res))

@@ -61,13 +61,9 @@ local queue_max = need_number(ARGV[9], 'queue_max')
 local max_attempts = need_number(ARGV[10], 'max_attempts', 1)
 local epoch = need_number(ARGV[13], 'epoch')
 local warmup = need_number(ARGV[17], 'warmup_ms')
-local commit = nil
-if ARGV[16] ~= '' then
-  commit = split_words(ARGV[16])
-  if #commit ~= 4 then error('ERR dragoman: resume point must be "next_utt seq skip cutt"') end
-  for i = 1, 4 do need_number(commit[i], 'resume point', -1) end
-end
+local commit = ARGV[16] ~= '' and need_resume_point(ARGV[16]) or nil
 if ARGV[12] == '' then error('ERR dragoman: the session process must be named') end
+if not string.find(ARGV[6], '^%S+$') then error('ERR dragoman: tgt_lang must be a word') end
 
 local ctx = new_context(base, ARGV[1])
 local sk = KEYS[4]
@@ -115,18 +111,14 @@ if not s[1] or s[2] ~= ARGV[12] then
   put(sess, 'state', 'live')
   rcall('SADD', k_proc_sessions(base, ARGV[12]), sid)
 end
-if commit then
-  put(sess, 'next_utt', commit[1])
-  put(sess, 'seq', commit[2])
-  put(sess, 'skip', commit[3])
-  put(sess, 'cutt', commit[4])
-end
-if n then put(sess, 'a:' .. pid, n.id) end
+if commit then put(sess, 'resume', commit) end
+if n and n.id ~= s[3] then put(sess, 'a:' .. pid, n.id) end  -- (unchanged: not written again)
 if #sess > 0 then rcall('HSET', sk, unpack(sess)) end
 
 ctx.own_job, ctx.own_payload = jid, ARGV[14]
+local spec = make_spec(pid, sid, ARGV[5], ARGV[6], ARGV[10], ARGV[7], ARGV[8], ARGV[9], ctx.now)
 local j = {
-  state = 'new', node = '', attempt = 0, pool = pid, session = sid, utt = utt, tgt = ARGV[6],
+  state = 'new', node = '', attempt = 0, pool = pid, session = sid, utt = utt, tgt = ARGV[6], spec = spec,
   sproc = ARGV[12], max_attempts = max_attempts, job_timeout = job_timeout,
   pending_timeout = pending_timeout, queue_max = queue_max, tried = '', listeners = listeners,
 }
@@ -136,11 +128,9 @@ if listeners ~= '' then
     emit(ctx, lproc, { kind = 'expect', job = jid, session = lsid, speaker = sid, utt = utt, tgt = ARGV[6], pool = pid })
   end)
 end
--- The job's write-once fields, written with its first state. A room job also counts the
--- acknowledgements it waits for (see ack_outcomes).
-local creation = { 'data', ARGV[14], 'id', jid, 'pool', pid, 'session', sid, 'utt', utt, 'tgt', ARGV[6],
-  'sproc', ARGV[12], 'max_attempts', max_attempts, 'job_timeout', job_timeout,
-  'pending_timeout', pending_timeout, 'queue_max', queue_max, 'created', ctx.now }
+-- The job's write-once fields (its spec, see jobs.lua), written with its first state. A room job
+-- also counts the acknowledgements it waits for (see ack_outcomes).
+local creation = { 'data', ARGV[14], 'spec', spec, 'sproc', ARGV[12] }
 if listeners ~= '' then
   put(creation, 'listeners', listeners)
   put(creation, 'acks_left', #split_words(listeners))

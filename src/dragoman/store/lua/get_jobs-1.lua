@@ -10,19 +10,21 @@
 ]]
 --- @include "includes/keys"
 --- @include "includes/context"
+--- @include "includes/jobs"
 
 local base = base_of(KEYS[1])
 local ctx = new_context(base, '')
 local out = {}
 for _, jid in ipairs(ARGV) do
-  local f = rcall('HMGET', k_job(base, jid), 'state', 'code', 'node', 'attempt', 'utt', 'tgt', 'result')
-  if not f[1] then
+  local j = job_fields(ctx, jid)
+  if not j then
     table.insert(out, { job = jid, state = 'missing' })
   else
-    local item = { job = jid, state = f[1], code = f[2] or '', node = f[3] or '', attempt = tonumber(f[4]) or 0,
-      utt = tonumber(f[5]) or 0, tgt = f[6] or '' }
-    if f[7] then
-      table.insert(ctx.payloads, f[7])
+    local f = rcall('HMGET', j.key, 'code', 'result')
+    local item = { job = jid, state = j.state, code = f[1] or '', node = j.node, attempt = j.attempt, utt = j.utt,
+      tgt = j.tgt }
+    if f[2] then
+      table.insert(ctx.payloads, f[2])
       item.p = #ctx.payloads
     end
     table.insert(out, item)

@@ -43,8 +43,8 @@ local sk = KEYS[2]
 
 if mode == 'open' then
   if rcall('EXISTS', sk) == 1 then return reply(ctx, { status = 'exists' }) end
-  rcall('HSET', sk, 'proc', ctx.proc, 'epoch', 1, 'state', 'live', 'spec', ARGV[4], 'next_utt', 0, 'seq', 0,
-    'skip', 0, 'cutt', -1, 'opened', ctx.now)
+  rcall('HSET', sk, 'proc', ctx.proc, 'epoch', 1, 'state', 'live', 'spec', ARGV[4], 'resume', '0 0 0 -1',
+    'opened', ctx.now)
   rcall('SADD', k_proc_sessions(base, ctx.proc), sid)
   return reply(ctx, { status = 'opened', epoch = 1 })
 end
@@ -56,7 +56,7 @@ if mode == 'reclaim' then
   local old = rcall('HGET', sk, 'proc')
   if old and old ~= '' and old ~= ctx.proc then rcall('SREM', k_proc_sessions(base, old), sid) end
   if not current then
-    rcall('HSET', sk, 'spec', ARGV[4], 'next_utt', -1, 'seq', 0, 'skip', 0, 'cutt', -1, 'opened', ctx.now)
+    rcall('HSET', sk, 'spec', ARGV[4], 'resume', '-1 0 0 -1', 'opened', ctx.now)
   end
   rcall('HSET', sk, 'proc', ctx.proc, 'epoch', epoch, 'state', 'live')
   rcall('HDEL', sk, 'orphan_at')
@@ -67,13 +67,11 @@ end
 
 if mode == 'commit' then
   local epoch = need_number(ARGV[4], 'epoch')
-  local point = split_words(ARGV[5])
-  if #point ~= 4 then error('ERR dragoman: resume point must be "next_utt seq skip cutt"') end
-  for i = 1, 4 do need_number(point[i], 'resume point', -1) end
+  local point = need_resume_point(ARGV[5])
   local current = tonumber(rcall('HGET', sk, 'epoch') or '')
   if not current then return reply(ctx, { status = 'unknown' }) end
   if current > epoch then return reply(ctx, { status = 'superseded' }) end
-  rcall('HSET', sk, 'next_utt', point[1], 'seq', point[2], 'skip', point[3], 'cutt', point[4])
+  rcall('HSET', sk, 'resume', point)
   return reply(ctx, { status = 'committed' })
 end
 
@@ -116,6 +114,8 @@ for _, jid in ipairs(jids) do
   end
 end
 count(ctx, 'sessions_resumed')
-return reply(ctx, { status = 'resumed', epoch = epoch, spec = rec.spec or '', next_utt = tonumber(rec.next_utt) or -1,
-  seq = tonumber(rec.seq) or 0, skip = tonumber(rec.skip) or 0, cutt = tonumber(rec.cutt) or -1,
+-- (a record written before the resume point was one field holds it in four: a rolling upgrade)
+local point = rec.resume and split_words(rec.resume) or { rec.next_utt, rec.seq, rec.skip, rec.cutt }
+return reply(ctx, { status = 'resumed', epoch = epoch, spec = rec.spec or '', next_utt = tonumber(point[1]) or -1,
+  seq = tonumber(point[2]) or 0, skip = tonumber(point[3]) or 0, cutt = tonumber(point[4]) or -1,
   jobs = (#owed > 0) and owed or nil })

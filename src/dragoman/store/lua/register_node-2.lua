@@ -81,9 +81,10 @@ local deadline = ctx.now + ttl
 -- A capacity lowered below the jobs the node already holds takes effect as they finish (I1).
 local effective = math.max(max, used)
 if effective > max then rcall('HSET', KEYS[2], 'max_target', max) else rcall('HDEL', KEYS[2], 'max_target') end
-rcall('HSET', KEYS[2], 'id', nid, 'state', state, 'max', effective, 'deadline', deadline, 'pools', pools,
-  'proc', ctx.proc, 'conn', conn, 'info', ARGV[6], 'registered_at', ctx.now, 'drain_source', drain_source,
-  'last_heartbeat', ctx.now, 'owner', owner, 'jobs', table.concat(kept, ' '), 'used', used)
+-- (the fields every job reads first: a small record is a list the server scans field by field)
+rcall('HSET', KEYS[2], 'state', state, 'max', effective, 'deadline', deadline, 'pools', pools, 'proc', ctx.proc,
+  'jobs', table.concat(kept, ' '), 'used', used, 'id', nid, 'conn', conn, 'info', ARGV[6], 'registered_at', ctx.now,
+  'drain_source', drain_source, 'last_heartbeat', ctx.now, 'owner', owner)
 rcall('PERSIST', KEYS[2])
 rcall('ZADD', KEYS[1], deadline, nid)
 rcall('ZREM', k_offline(base), nid)

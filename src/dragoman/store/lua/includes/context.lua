@@ -151,9 +151,22 @@ local function base_of(anchor)
 end
 
 -- Arguments are checked before the first write: no script errors after it has changed something.
+-- A session's resume point, "next_utt seq skip cutt" (integers, -1 at least), kept as given in one
+-- field "resume" of its record: checked whole, by one match.
+local function need_resume_point(value)
+  local a, b, c, d = string.match(type(value) == 'string' and value or '', '^(%-?%d+) (%-?%d+) (%-?%d+) (%-?%d+)$')
+  for _, n in ipairs({ a or '-', b, c, d }) do
+    if string.byte(n, 1) == 45 and n ~= '-1' then  -- ('-': below -1, or none)
+      error('ERR dragoman: resume point must be "next_utt seq skip cutt", integers >= -1')
+    end
+  end
+  return value
+end
+
+-- Written in decimal digits only (a job's spec keeps some as given: see jobs.lua).
 local function need_number(value, what, min)
-  local n = tonumber(value)
-  if not n or n ~= n or n < (min or 0) or n % 1 ~= 0 then  -- (inf % 1 is nan: refused too)
+  local n = type(value) == 'string' and string.find(value, '^%-?%d+$') and value + 0
+  if not n or n < (min or 0) or n % 1 ~= 0 then  -- (inf % 1 is nan: refused too)
     error('ERR dragoman: ' .. what .. ' must be an integer >= ' .. tostring(min or 0))
   end
   return n

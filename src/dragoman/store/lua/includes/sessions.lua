@@ -3,7 +3,7 @@
   its epoch (raised by every resume: only the current holder may dispatch or close it, I11), its
   previous node per pool ("a:<pool>", affinity), and one field "j:<job id>" per job whose outcome it
   has not yet acknowledged. The home cell's record also holds the session's settings and resume
-  point (spec, next_utt, seq, skip, cutt).
+  point (spec; "resume": "next_utt seq skip cutt", one field).
 
   A session whose socket or process is lost becomes an orphan for a grace period: its jobs go on and
   their outcomes wait with the jobs, for a client that resumes. Past the grace it is abandoned:
