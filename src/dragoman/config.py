@@ -81,7 +81,7 @@ class Settings:
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
-_CELL = re.compile(r"^[A-Za-z0-9_\-]{1,32}$")
+_CELL = re.compile(r"^[A-Za-z0-9_\-]{1,32}\Z")
 
 
 def _coerce(name: str, value: Any) -> Any:

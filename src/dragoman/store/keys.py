@@ -10,8 +10,8 @@ from __future__ import annotations
 import re
 import zlib
 
-_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,128}$")
-_POOL = re.compile(r"^[A-Za-z0-9_.\-]{1,32}(>|<>)[A-Za-z0-9_.\-]{1,32}$")
+_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,128}\Z")  # (\Z: "$" lets a final newline through)
+_POOL = re.compile(r"^[A-Za-z0-9_.\-]{1,32}(>|<>)[A-Za-z0-9_.\-]{1,32}\Z")
 
 
 def check_name(kind: str, value: str) -> str:

@@ -32,7 +32,7 @@ PROTOCOL_VERSION = "1.0"
 
 # --- constrained scalars ------------------------------------------------------------------------
 
-LangCode = Annotated[str, Meta(min_length=1, max_length=16, pattern=r"^[A-Za-z0-9_.\-]+$")]
+LangCode = Annotated[str, Meta(min_length=1, max_length=16, pattern=r"^[A-Za-z0-9_.\-]+\Z")]  # (\Z: "$" lets a final newline through)
 """A language code such as ``zh``, ``en-US`` or ``auto``: letters, digits, ``_.-``, at most 16. It
 becomes part of a pool id and a Redis key, so nothing that separates words or keys gets through."""
 
@@ -554,7 +554,7 @@ class SessionCloseAck(Message, tag="session_close_ack"):
 
 # --- rooms (client <-> scheduler, /ws/session) --------------------------------------------------
 
-RoomCode = Annotated[str, Meta(pattern=r"^[0-9]{6}$")]
+RoomCode = Annotated[str, Meta(pattern=r"^[0-9]{6}\Z")]
 """Six digits, as the existing web client checks (``/^\\d{6}$/``)."""
 
 
