@@ -90,14 +90,16 @@ HEARTBEAT_BATCH_MAX = 200
 # otherwise cost a script call of its own for a job or two (see ack_outcomes-1.lua).
 ACK_LINGER_S = 0.05
 ACK_BATCH_MAX = 64  # sessions per call (each acks at most ack_batch jobs at a time)
-_effect_decoder = msgspec.json.Decoder(Effect)
-_effects_decoder = msgspec.json.Decoder(list[Effect])
+# Lenient: the scripts send the integers of hot replies as JSON strings (cjson's number formatting
+# costs the server about as much as a small command; see includes/context.lua).
+_effect_decoder = msgspec.json.Decoder(Effect, strict=False)
+_effects_decoder = msgspec.json.Decoder(list[Effect], strict=False)
 _decoders: dict[type, msgspec.json.Decoder[Any]] = {}
 
 
 def _decoder(kind: type[R]) -> msgspec.json.Decoder[R]:
     if kind not in _decoders:
-        _decoders[kind] = msgspec.json.Decoder(kind)
+        _decoders[kind] = msgspec.json.Decoder(kind, strict=False)
     return _decoders[kind]
 
 

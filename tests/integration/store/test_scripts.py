@@ -695,7 +695,7 @@ async def test_a_job_written_before_its_fields_were_packed_is_read_and_finished(
 
 @pytest.mark.parametrize(("index", "value", "what"), [(5, "0x10", "utterance_index"), (5, " 4", "utterance_index"),
                                                       (7, "60000.0", "job_timeout_ms"), (6, "e n", "tgt_lang"),
-                                                      (6, "", "tgt_lang")])
+                                                      (6, "", "tgt_lang"), (3, "zh>en x", "no spaces")])
 async def test_numbers_must_be_decimal_digits_and_words_must_be_words(store: Store, index: int, value: str,
                                                                       what: str) -> None:
     """A job's spec keeps some arguments as given: one that is not plain digits, or a word, is refused."""
@@ -705,5 +705,5 @@ async def test_numbers_must_be_decimal_digits_and_words_must_be_words(store: Sto
     args = [store.proc, "c0.x", ZH_EN, "s1", 0, "en", 1000, 1000, 4, 3, "", "p1", 1, "{}", "", "", 0]
     args[index - 1] = value
     with pytest.raises(Exception, match=what):
-        await store.scripts.call("dispatch_task", [ck.nodes, ck.job("c0.x"), ck.pool(ZH_EN), ck.sess("s1")], args)
+        await store.scripts.call("dispatch_task", [ck.nodes, ck.job("c0.x"), ck.pool(args[2]), ck.sess("s1")], args)
     assert await snapshot(store.client) == before

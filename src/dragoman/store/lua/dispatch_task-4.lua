@@ -54,16 +54,26 @@ local jid, pid, sid = ARGV[2], ARGV[3], ARGV[4]
 if jid == '' or KEYS[2] ~= k_job(base, jid) then error('ERR dragoman: job key does not match job_id') end
 if pid == '' or KEYS[3] ~= k_pool(base, pid) then error('ERR dragoman: pool key does not match pool_id') end
 if sid == '' or KEYS[4] ~= k_sess(base, sid) then error('ERR dragoman: session key does not match session_id') end
-local utt = need_number(ARGV[5], 'utterance_index')
-local job_timeout = need_number(ARGV[7], 'job_timeout_ms', 1)
-local pending_timeout = need_number(ARGV[8], 'pending_timeout_ms', 1)
-local queue_max = need_number(ARGV[9], 'queue_max')
-local max_attempts = need_number(ARGV[10], 'max_attempts', 1)
-local epoch = need_number(ARGV[13], 'epoch')
-local warmup = need_number(ARGV[17], 'warmup_ms')
+-- The numbers: one match checks them all (a dispatch's checks cost more than its session write); only
+-- when it fails is each checked on its own, so that the error names the one refused.
+local nums = (ARGV[5] or '') .. ' ' .. (ARGV[7] or '') .. ' ' .. (ARGV[8] or '') .. ' ' .. (ARGV[9] or '') .. ' ' ..
+  (ARGV[10] or '') .. ' ' .. (ARGV[13] or '') .. ' ' .. (ARGV[17] or '')
+if #nums > 100 or not string.find(nums, '^%d+ [1-9]%d* [1-9]%d* %d+ [1-9]%d* %d+ %d+$') then
+  need_number(ARGV[5], 'utterance_index')
+  need_number(ARGV[7], 'job_timeout_ms', 1)
+  need_number(ARGV[8], 'pending_timeout_ms', 1)
+  need_number(ARGV[9], 'queue_max')
+  need_number(ARGV[10], 'max_attempts', 1)
+  need_number(ARGV[13], 'epoch')
+  need_number(ARGV[17], 'warmup_ms')
+end
+local utt, job_timeout, epoch = ARGV[5], tonumber(ARGV[7]), tonumber(ARGV[13])  -- (utt: sent on as given)
 local commit = ARGV[16] ~= '' and need_resume_point(ARGV[16]) or nil
 if ARGV[12] == '' then error('ERR dragoman: the session process must be named') end
-if not string.find(ARGV[6], '^%S+$') then error('ERR dragoman: tgt_lang must be a word') end
+-- (they go into the job's spec, space separated)
+if not string.find(pid .. ' ' .. sid .. ' ' .. ARGV[6], '^%S+ %S+ %S+$') then
+  error('ERR dragoman: pool_id, session_id and tgt_lang must be words (no spaces)')
+end
 
 local ctx = new_context(base, ARGV[1])
 local sk = KEYS[4]
@@ -117,11 +127,11 @@ if #sess > 0 then rcall('HSET', sk, unpack(sess)) end
 
 ctx.own_job, ctx.own_payload = jid, ARGV[14]
 local spec = make_spec(pid, sid, ARGV[5], ARGV[6], ARGV[10], ARGV[7], ARGV[8], ARGV[9], ctx.now)
-local j = {
-  state = 'new', node = '', attempt = 0, pool = pid, session = sid, utt = utt, tgt = ARGV[6], spec = spec,
-  sproc = ARGV[12], max_attempts = max_attempts, job_timeout = job_timeout,
-  pending_timeout = pending_timeout, queue_max = queue_max, tried = '', listeners = listeners,
-}
+-- (its other limits are read from its spec if it comes to a queue: see LATER_READ)
+local j = setmetatable({
+  key = KEYS[2], state = 'new', node = '', attempt = 0, pool = pid, session = sid, utt = utt, tgt = ARGV[6],
+  spec = spec, sproc = ARGV[12], job_timeout = job_timeout, tried = '', listeners = listeners,
+}, LATER_READ)
 -- listeners learn of the job before anything can end it, through the same channel as its outcome
 if listeners ~= '' then
   each_listener(listeners, function(lsid, lproc)
@@ -142,7 +152,7 @@ if n then
 else
   -- Not placed: the job waits in the queue, or fails at once (keeping no audio); no attempt yet.
   put(creation, 'attempt', 0)
-  if rcall('ZCARD', KEYS[3]) == 0 and not warming_up(ctx, pid, warmup) then
+  if rcall('ZCARD', KEYS[3]) == 0 and not warming_up(ctx, pid, tonumber(ARGV[17])) then
     code = 'NO_AVAILABLE_NODE'
   elseif not enqueue_job(ctx, jid, j, creation) then
     code = 'NODE_OVERLOADED'
@@ -151,4 +161,4 @@ else
     finish_job(ctx, jid, j, 'failed', code, nil, false, { 'node', '', unpack(creation, 3) })
   end
 end
-return reply(ctx, { status = j.state, state = j.state, node = j.node, attempt = j.attempt, code = code })
+return reply(ctx, { status = j.state, state = j.state, node = j.node, attempt = int_s(j.attempt), code = code })

@@ -27,7 +27,7 @@ local ctx = new_context(base, ARGV[1])
 local j = job_fields(ctx, jid)
 if not j then return reply(ctx, { status = 'rejected', reason = 'unknown_job' }) end
 if j.node ~= nid or not ACTIVE[j.state] then return reply(ctx, { status = 'rejected', reason = 'not_holder' }) end
-if (ARGV[4] ~= '' and ARGV[4] ~= j.session) or (ARGV[5] ~= '' and tonumber(ARGV[5]) ~= j.utt) then
+if (ARGV[4] ~= '' and ARGV[4] ~= j.session) or (ARGV[5] ~= '' and tonumber(ARGV[5]) ~= tonumber(j.utt)) then
   return reply(ctx, { status = 'rejected', reason = 'not_this_job' })
 end
 emit(ctx, j.sproc, { kind = 'partial', job = jid, session = j.session, utt = j.utt, tgt = j.tgt, node = nid }, ARGV[6])

@@ -19,21 +19,41 @@ local TEST_CLOCK = {{test_clock}}
 local INBOX_MAX_LEN = {{inbox_max_len}}
 local REPLY_KEEP_MS = 30000  -- how long a reply is kept for a retry after a lost reply (see replay)
 
+--[[
+  Numbers in replies. cjson writes every number through printf's floating-point path, which costs
+  about as much as a small command: so the integers of the hot replies go out as JSON strings made
+  without printf (the Python side decodes them leniently, string or number): small ones from a
+  table made once at load, the time from the digits TIME answers with.
+]]
+local INT_S = {}
+for i = -1, 64 do INT_S[i] = '' .. i end  -- (tostring is not a global at library load)
+local function int_s(n)
+  return INT_S[n] or n
+end
+
+-- The server's time in ms, as a number and as its decimal digits.
 local function server_now_ms(base)
   local t = rcall('TIME')
-  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local us = t[2]
+  local ms = #us > 3 and string.sub(us, 1, #us - 3) or '0'
+  local now_s = t[1] .. string.rep('0', 3 - #ms) .. ms
+  local now = now_s + 0
   -- Test builds only: an offset the tests use to run past deadlines (production scripts skip it).
-  if TEST_CLOCK then now = now + (tonumber(rcall('GET', k_clock(base)) or '0') or 0) end
-  return now
+  if TEST_CLOCK then
+    now = now + (tonumber(rcall('GET', k_clock(base)) or '0') or 0)
+    now_s = string.format('%d', now)
+  end
+  return now, now_s
 end
 
 -- ``ctx.now`` reads the clock on first use, once per call: a call whose decisions need no time (a
--- result with nothing queued behind it) costs no TIME command.
+-- result with nothing queued behind it) costs no TIME command. ``ctx.now_s``: its digits.
 local CONTEXT = { __index = function(ctx, key)
-  if key ~= 'now' then return nil end
-  local now = server_now_ms(ctx.base)
+  if key ~= 'now' and key ~= 'now_s' then return nil end
+  local now, now_s = server_now_ms(ctx.base)
   rawset(ctx, 'now', now)
-  return now
+  rawset(ctx, 'now_s', now_s)
+  return rawget(ctx, key)
 end }
 
 local function new_context(base, proc)
@@ -50,11 +70,11 @@ local function emit(ctx, target, effect, payload, own)
   if target == nil or target == false or target == '' then return false end
   if target == ctx.proc then
     if own then
-      effect.p = -1
+      effect.p = INT_S[-1]
     elseif payload then
       local payloads = ctx.payloads
       payloads[#payloads + 1] = payload
-      effect.p = #payloads
+      effect.p = int_s(#payloads)
     end
     ctx.effects[#ctx.effects + 1] = effect
     return true
@@ -112,7 +132,7 @@ local function word_set(s)
 end
 
 local function reply(ctx, body)
-  body.now = rawget(ctx, 'now')  -- (the time the call used; none when it needed none)
+  body.now = rawget(ctx, 'now_s')  -- (the time the call used; none when it needed none)
   local out = { cjson.encode(body), (#ctx.effects > 0) and cjson.encode(ctx.effects) or '[]' }
   for _, p in ipairs(ctx.payloads) do table.insert(out, p) end
   if ctx.call_id and ctx.call_id ~= '' and (#ctx.effects > 0 or ctx.keep_always) then

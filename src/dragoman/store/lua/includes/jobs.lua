@@ -63,7 +63,7 @@ local function job_fields(ctx, jid)
   local pool, session, utt, tgt = string.match(f[4], SPEC_HEAD)
   return setmetatable({
     key = key, spec = f[4], state = f[1], node = f[2] or '', attempt = tonumber(f[3]) or 0, pool = pool,
-    session = session, utt = tonumber(utt) or 0, tgt = tgt or '', sproc = f[5] or '', listeners = f[6] or '',
+    session = session, utt = utt or '0', tgt = tgt or '', sproc = f[5] or '', listeners = f[6] or '',
   }, LATER_READ)
 end
 
@@ -96,13 +96,13 @@ local function finish_job(ctx, jid, j, state, code, payload, own, extra)
   if j.listeners ~= '' then
     each_listener(j.listeners, function(sid, proc)
       emit(ctx, proc, { kind = 'outcome', job = jid, session = sid, speaker = j.session, utt = j.utt, tgt = j.tgt,
-        state = state, code = code or '', node = j.node, attempt = j.attempt }, payload)
+        state = state, code = code or '', node = j.node, attempt = int_s(j.attempt) }, payload)
     end)
     rcall('PEXPIRE', k_job(ctx.base, jid), ROOM_JOB_KEEP_MS)
   else
     emit(ctx, j.sproc, {
       kind = 'outcome', job = jid, session = j.session, utt = j.utt, tgt = j.tgt,
-      state = state, code = code or '', node = j.node, attempt = j.attempt,
+      state = state, code = code or '', node = j.node, attempt = int_s(j.attempt),
     }, payload, own and payload ~= nil)
   end
   j.state = state
@@ -145,7 +145,7 @@ local function assign_job(ctx, jid, j, n, extra, known_reachable)
     payload = rcall('HGET', k_job(ctx.base, jid), 'data')
   end
   emit(ctx, n.proc, {
-    kind = 'assign', job = jid, node = n.id, attempt = attempt, session = j.session, utt = j.utt,
+    kind = 'assign', job = jid, node = n.id, attempt = int_s(attempt), session = j.session, utt = j.utt,
     tgt = j.tgt, lease = lease,
   }, payload, own)
   j.state, j.node, j.attempt, j.tried = 'assigned', n.id, attempt, tried
