@@ -18,6 +18,7 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from dragoman.embedded import _info
+from dragoman.store.api import job_view
 from dragoman.store.keys import CellKeys
 
 from .forge import Forger
@@ -175,7 +176,8 @@ async def first_dispatch_on(port: int, ck: CellKeys, since_ms: int, timeout: flo
         while time.monotonic() < deadline:
             with contextlib.suppress(Exception):  # still promoting, loading
                 keys = [k async for k in direct.scan_iter(match=ck.job("*"), count=1000)]
-                times = [int(t) for t in [await direct.hget(k, "assigned_at") for k in keys] if t]
+                jobs = [job_view("", await direct.hgetall(k)) for k in keys]
+                times = [int(j["assigned_at"]) for j in jobs if j.get("assigned_at")]
                 after = [t for t in times if t >= since_ms]
                 if after:
                     return (min(after) - since_ms) / 1000

@@ -134,6 +134,10 @@ def job_view(job_id: str, fields: dict[Any, Any]) -> dict[str, str]:
     job = {_text(k): _text(v) for k, v in fields.items()}
     job.pop("data", None)
     job |= dict(zip(JOB_SPEC_FIELDS, job.pop("spec", "").split(), strict=False))
+    if job.get("lease") and job.get("job_timeout"):  # (not written: its lease less its job_timeout)
+        job["assigned_at"] = str(int(job["lease"]) - int(job["job_timeout"]))
+    if job.get("node") and not job.get("tried"):  # (not written while it is its first node)
+        job["tried"] = job["node"]
     return {"id": job_id} | job
 
 

@@ -661,7 +661,8 @@ async def test_a_job_is_created_with_one_hset_of_a_few_fields_and_read_back_whol
     raw = await store.client.hgetall(store.cells["c0"].job(d.job_id))
     fields = {k.decode() for k in raw}
     # write-once fields packed into one ("spec"); the placement's own; the audio; no field written twice
-    assert fields == {"spec", "sproc", "data", "state", "node", "attempt", "assigned_at", "lease", "tried"}, fields
+    # (when it was assigned is its lease less its job_timeout; the nodes it tried, its node: neither is written)
+    assert fields == {"spec", "sproc", "data", "state", "node", "attempt", "lease"}, fields
     assert await command_calls(store, "hset") == before + 3  # the session, the node, the job
     view = await store.job(d.job_id)
     assert view is not None and "data" not in view and "spec" not in view
@@ -671,7 +672,7 @@ async def test_a_job_is_created_with_one_hset_of_a_few_fields_and_read_back_whol
         "max_attempts": str(settings.max_attempts), "job_timeout": str(settings.job_timeout_ms),
         "pending_timeout": str(settings.pending_timeout_ms), "queue_max": str(settings.queue_max),
         "state": "assigned", "node": "n1", "attempt": "1"}
-    assert int(view["created"]) == int(view["assigned_at"])
+    assert int(view["created"]) == int(view["assigned_at"]) and view["tried"] == "n1"
     status = (await store.get_jobs([d.job_id]))[d.job_id]
     assert (status.state, status.node, status.attempt, status.utt, status.tgt) == ("assigned", "n1", 1, 7, "de")
 
@@ -707,3 +708,16 @@ async def test_numbers_must_be_decimal_digits_and_words_must_be_words(store: Sto
     with pytest.raises(Exception, match=what):
         await store.scripts.call("dispatch_task", [ck.nodes, ck.job("c0.x"), ck.pool(args[2]), ck.sess("s1")], args)
     assert await snapshot(store.client) == before
+
+
+async def test_the_nodes_a_job_tried_outlive_its_wait_in_a_queue(store: Store) -> None:
+    """Its first holder is not written down (its node says it); once the job waits in a queue with no
+    node, the list is written, and the next holder is added to it."""
+    await register(store, "n1")
+    a = await store.dispatch(job("s1", 0))
+    assert a.node == "n1" and (await store.job(a.job_id))["tried"] == "n1"
+    await store.node_offline("n1", "conn-n1", "closed")
+    assert (await store.job(a.job_id))["state"] == "queued"
+    await register(store, "n2")
+    view = await store.job(a.job_id)
+    assert (view["state"], view["node"], view["attempt"], view["tried"]) == ("assigned", "n2", "2", "n1 n2")

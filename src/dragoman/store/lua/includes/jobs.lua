@@ -40,7 +40,8 @@ local LATER_READ = { __index = function(j, key)
   local a, t, p, q = string.match(j.spec, SPEC_LATER)
   j.max_attempts, j.job_timeout = tonumber(a) or 1, tonumber(t) or 60000
   j.pending_timeout, j.queue_max = tonumber(p) or 10000, tonumber(q) or 0
-  j.tried = rcall('HGET', j.key, 'tried') or ''
+  -- (a job's first holder is not written down as tried: its node says it; see assign_job)
+  j.tried = rcall('HGET', j.key, 'tried') or j.node
   return j[key]
 end }
 
@@ -131,8 +132,14 @@ local function assign_job(ctx, jid, j, n, extra, known_reachable)
   elseif not word_set(tried)[n.id] then
     tried = tried .. ' ' .. n.id
   end
-  rcall('HSET', k_job(ctx.base, jid), 'state', 'assigned', 'node', n.id, 'attempt', attempt,
-    'assigned_at', ctx.now, 'lease', lease, 'tried', tried, unpack(extra or NONE))
+  -- (when it was assigned: its lease less its job_timeout; the nodes it has tried: its node, until
+  -- there is more than one)
+  if tried == n.id then
+    rcall('HSET', j.key, 'state', 'assigned', 'node', n.id, 'attempt', attempt, 'lease', lease, unpack(extra or NONE))
+  else
+    rcall('HSET', j.key, 'state', 'assigned', 'node', n.id, 'attempt', attempt, 'lease', lease, 'tried', tried,
+      unpack(extra or NONE))
+  end
   if attempt > 1 then
     count(ctx, 'reassigned')
     log_event(ctx, 'job_reassigned', { job = jid, node = n.id, attempt = attempt, from = j.node })
@@ -169,7 +176,7 @@ local function enqueue_job(ctx, jid, j, extra)
   if rcall('LLEN', qk) >= j.queue_max then return false end
   rcall('RPUSH', qk, jid)
   rcall('ZADD', k_pending(ctx.base), ctx.now + j.pending_timeout, jid)
-  rcall('HSET', k_job(ctx.base, jid), 'state', 'queued', 'node', '', 'queued_at', ctx.now, unpack(extra or NONE))
+  rcall('HSET', j.key, 'state', 'queued', 'node', '', 'queued_at', ctx.now, 'tried', j.tried, unpack(extra or NONE))
   mark_waiting(ctx, j.pool)
   count(ctx, 'queued')
   j.state, j.node = 'queued', ''
