@@ -137,6 +137,22 @@ asyncio.run(main())
 INSTR_PAIRS = 1600  # counted, after a warm-up of a fifth as many
 
 
+def _tree_env(tree: Path) -> dict[str, str]:
+    """The environment that runs ``tree``'s own code (its src/ and bench/ first on sys.path)."""
+    return dict(os.environ, PYTHONPATH=f"{tree / 'src'}{os.pathsep}{tree}")
+
+
+def _run_driver(tree: Path, driver: str, args: list[Any], timeout: float, what: str) -> dict[str, Any]:
+    """Run ``driver`` (a DRIVER-like script) with ``tree``'s own code first on sys.path; its last line of
+    output, as JSON."""
+    env = _tree_env(tree)
+    run = subprocess.run([sys.executable, "-c", driver, *map(str, args)], env=env, cwd=tree, capture_output=True,
+                         text=True, timeout=timeout)
+    if run.returncode != 0:
+        raise RuntimeError(f"{what} failed in {tree}: {run.stderr.strip()[-2000:]}")
+    return json.loads(run.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
 def _instructions(tree: Path, workdir: Path, pairs: int) -> float | None:
     """Server instructions per dispatch+complete pair of ``tree``'s code (None without valgrind)."""
     if pairs <= 0 or shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
@@ -151,13 +167,8 @@ def _instructions(tree: Path, workdir: Path, pairs: int) -> float | None:
                               cwd=out, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         _wait_until("valkey-server under callgrind", lambda: _ping(port), timeout=60)
-        env = dict(os.environ, PYTHONPATH=f"{tree / 'src'}{os.pathsep}{tree}")
-        run = subprocess.run([sys.executable, "-c", INSTR_DRIVER, f"redis://127.0.0.1:{port}/0", str(server.pid),
-                              str(out), str(pairs), str(max(16, pairs // 5))], env=env, cwd=tree, capture_output=True, text=True,
-                             timeout=600)
-        if run.returncode != 0:
-            raise RuntimeError(f"the instruction count failed in {tree}: {run.stderr.strip()[-2000:]}")
-        got = json.loads(run.stdout.strip().splitlines()[-1])
+        got = _run_driver(tree, INSTR_DRIVER, [f"redis://127.0.0.1:{port}/0", server.pid, out, pairs,
+                                              max(16, pairs // 5)], 600, "the instruction count")
         return float(got["instructions"]) / got["pairs"]
     finally:
         server.terminate()
@@ -193,7 +204,7 @@ def e2e_figures(loop: dict[str, Any]) -> dict[str, float]:
 
 
 def _run_e2e(tree: Path, out: Path) -> dict[str, dict[str, float]]:
-    env = dict(os.environ, PYTHONPATH=f"{tree / 'src'}{os.pathsep}{tree}")
+    env = _tree_env(tree)
     run = subprocess.run([sys.executable, "-m", "bench.e2e", "--systems", "dragoman", "--rounds", "1", "--no-install",
                           "--json", str(out)], env=env, cwd=tree, capture_output=True, text=True, timeout=600)
     if run.returncode != 0 or not out.exists():
@@ -204,13 +215,8 @@ def _run_e2e(tree: Path, out: Path) -> dict[str, dict[str, float]]:
 
 def _run_tree(tree: Path, server: EmbeddedServer, warmup_s: float, window_s: float) -> dict[str, float]:
     assert server.proc is not None
-    env = dict(os.environ, PYTHONPATH=f"{tree / 'src'}{os.pathsep}{tree}")
-    out = subprocess.run([sys.executable, "-c", DRIVER, server.url, str(server.proc.pid), str(warmup_s),
-                          str(window_s), "50", "4", "16"], env=env, cwd=tree, capture_output=True, text=True,
-                         timeout=120)
-    if out.returncode != 0:
-        raise RuntimeError(f"the pair loop failed in {tree}: {out.stderr.strip()[-2000:]}")
-    return window_figures(json.loads(out.stdout.strip().splitlines()[-1]))
+    return window_figures(_run_driver(tree, DRIVER, [server.url, server.proc.pid, warmup_s, window_s, 50, 4, 16], 120,
+                                      "the pair loop"))
 
 
 def _alternating(trees: dict[str, Path], rounds: int) -> list[tuple[int, str]]:

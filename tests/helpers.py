@@ -28,6 +28,22 @@ async def snapshot(client: Any) -> dict[str, Any]:
     return out
 
 
+def dispatch_argv(proc: str, changes: dict[int, Any] | None = None) -> list[Any]:
+    """dispatch_task's arguments for job c0.x of session s1 in pool zh>en (see the script's header),
+    with those at the given 1-based positions changed."""
+    args: list[Any] = [proc, "c0.x", "zh>en", "s1", 0, "en", 1000, 1000, 4, 3, "", "p1", 1, "{}", "", "", 0]
+    for index, value in (changes or {}).items():
+        args[index - 1] = value
+    return args
+
+
+async def raw_dispatch(store: Any, changes: dict[int, Any]) -> Any:
+    """dispatch_task called straight, past the Store's own checks, with ``dispatch_argv(changes)``."""
+    args, ck = dispatch_argv(store.proc, changes), store.cells["c0"]
+    keys = [ck.nodes, ck.job(args[1]), ck.pool(args[2]), ck.sess(args[3])]
+    return await store.scripts.call("dispatch_task", keys, args)
+
+
 async def wait_for(predicate: Callable[[], Awaitable[Any]], timeout: float = 10.0, interval: float = 0.02) -> Any:
     """Poll an async predicate until it returns something truthy, or fail after ``timeout`` seconds."""
     deadline = asyncio.get_running_loop().time() + timeout

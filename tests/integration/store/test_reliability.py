@@ -13,7 +13,7 @@ from dragoman.config import Settings
 from dragoman.errors import ScriptError
 from dragoman.store.api import JobSpec, Store
 from dragoman.store.replies import DispatchReply, EffectKind, JobState, Status
-from tests.helpers import snapshot
+from tests.helpers import dispatch_argv, raw_dispatch, snapshot
 
 ZH_EN = "zh>en"
 
@@ -375,15 +375,12 @@ async def test_a_refused_dispatch_changes_nothing(store: Store, settings) -> Non
     before = await snapshot(store.client)
     for bad in ({"i": 7, "v": 0}, {"i": 10, "v": 0}, {"i": 5, "v": -1}, {"i": 16, "v": "1 2"},
                 {"i": 16, "v": "1 2 3 -2"}, {"i": 16, "v": "1 2 3 x"}, {"i": 16, "v": "1  2 3 4"}):
-        args = [store.proc, "c0.x", ZH_EN, "s1", 0, "en", 1000, 1000, 4, 3, "", "p1", 1, "{}", "", "", 0]
-        args[bad["i"] - 1] = bad["v"]
         with pytest.raises(Exception, match="dragoman"):
-            await store.scripts.call("dispatch_task", [ck.nodes, ck.job("c0.x"), ck.pool(ZH_EN), ck.sess("s1")], args)
+            await raw_dispatch(store, {bad["i"]: bad["v"]})
     assert await snapshot(store.client) == before
     with pytest.raises(ScriptError, match="job_timeout_ms"):
         await store._call("dispatch_task", ck, [ck.nodes, ck.job("c0.x"), ck.pool(ZH_EN), ck.sess("s1")],
-                          [store.proc, "c0.x", ZH_EN, "s1", 0, "en", 0, 1000, 4, 3, "", "p1", 1, "{}", "", "", 0],
-                          DispatchReply)
+                          dispatch_argv(store.proc, {7: 0}), DispatchReply)
 
 
 # --- security: only the holder speaks for a job or a node ----------------------------------------------------

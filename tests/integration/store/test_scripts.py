@@ -14,7 +14,7 @@ from dragoman.store.api import JobSpec, Store
 from dragoman.store.keys import CellKeys
 from dragoman.store.replies import Reply
 from dragoman.store.scripts import LUA_DIR, ScriptLoadError, Scripts, build_library, discover
-from tests.helpers import snapshot
+from tests.helpers import raw_dispatch, snapshot
 
 ZH_EN = "zh>en"
 
@@ -701,12 +701,9 @@ async def test_numbers_must_be_decimal_digits_and_words_must_be_words(store: Sto
                                                                       what: str) -> None:
     """A job's spec keeps some arguments as given: one that is not plain digits, or a word, is refused."""
     await register(store, "n1")
-    ck = store.cells["c0"]
     before = await snapshot(store.client)
-    args = [store.proc, "c0.x", ZH_EN, "s1", 0, "en", 1000, 1000, 4, 3, "", "p1", 1, "{}", "", "", 0]
-    args[index - 1] = value
     with pytest.raises(Exception, match=what):
-        await store.scripts.call("dispatch_task", [ck.nodes, ck.job("c0.x"), ck.pool(args[2]), ck.sess("s1")], args)
+        await raw_dispatch(store, {index: value})
     assert await snapshot(store.client) == before
 
 

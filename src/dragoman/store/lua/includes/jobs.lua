@@ -83,10 +83,10 @@ local NONE = {}
 local function finish_job(ctx, jid, j, state, code, payload, own, extra)
   if not payload or payload == '' then payload = nil end
   if payload then
-    rcall('HSET', k_job(ctx.base, jid), 'state', state, 'code', code or '', 'data', '', 'result', payload,
+    rcall('HSET', j.key, 'state', state, 'code', code or '', 'data', '', 'result', payload,
       unpack(extra or NONE))
   else
-    rcall('HSET', k_job(ctx.base, jid), 'state', state, 'code', code or '', 'data', '', unpack(extra or NONE))
+    rcall('HSET', j.key, 'state', state, 'code', code or '', 'data', '', unpack(extra or NONE))
   end
   if j.state == 'queued' then rcall('ZREM', k_pending(ctx.base), jid) end
   if state == 'failed' then
@@ -99,7 +99,7 @@ local function finish_job(ctx, jid, j, state, code, payload, own, extra)
       emit(ctx, proc, { kind = 'outcome', job = jid, session = sid, speaker = j.session, utt = j.utt, tgt = j.tgt,
         state = state, code = code or '', node = j.node, attempt = int_s(j.attempt) }, payload)
     end)
-    rcall('PEXPIRE', k_job(ctx.base, jid), ROOM_JOB_KEEP_MS)
+    rcall('PEXPIRE', j.key, ROOM_JOB_KEEP_MS)
   else
     emit(ctx, j.sproc, {
       kind = 'outcome', job = jid, session = j.session, utt = j.utt, tgt = j.tgt,
@@ -149,7 +149,7 @@ local function assign_job(ctx, jid, j, n, extra, known_reachable)
   if own then
     if n.proc ~= ctx.proc then payload = ctx.own_payload end
   elseif n.proc ~= '' then
-    payload = rcall('HGET', k_job(ctx.base, jid), 'data')
+    payload = rcall('HGET', j.key, 'data')
   end
   emit(ctx, n.proc, {
     kind = 'assign', job = jid, node = n.id, attempt = int_s(attempt), session = j.session, utt = j.utt,

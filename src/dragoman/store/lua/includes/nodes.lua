@@ -60,23 +60,29 @@ local function has_word(list, word)
   return word_at(list, word) ~= nil
 end
 
--- The node's fields, plus ``more`` (a list of field names) read in the same HMGET into n.more.
+-- A node's record as a table, from an HMGET that reads the fields choosing a node needs first, in
+-- this order (see node_to_pick); ``max_target`` and ``waits`` only a slot given back needs.
 local NO_MORE = {}
+local function node_from(nid, f, max_target, waits, more)
+  return {
+    id = nid, state = f[1], max = tonumber(f[2]) or 0, deadline = tonumber(f[3]) or 0, pools = f[4] or '',
+    proc = f[5] or '', jobs = f[6] or '', used = tonumber(f[7]) or 0, lease_at = tonumber(f[8]),
+    max_target = max_target, waits = waits, more = more,
+  }
+end
+
+-- The node's fields, plus ``more`` (a list of field names) read in the same HMGET into n.more.
 local function node_fields(ctx, nid, more)
   more = more or NO_MORE
-  local f = rcall('HMGET', k_node(ctx.base, nid), 'state', 'max', 'deadline', 'pools', 'proc', 'max_target',
-    'jobs', 'used', 'lease_at', 'waits', unpack(more))
+  local f = rcall('HMGET', k_node(ctx.base, nid), 'state', 'max', 'deadline', 'pools', 'proc', 'jobs', 'used',
+    'lease_at', 'max_target', 'waits', unpack(more))
   if not f[1] then return nil end
   local extra = NO_MORE
   if #more > 0 then
     extra = {}
     for i, name in ipairs(more) do extra[name] = f[10 + i] end
   end
-  return {
-    id = nid, state = f[1], max = tonumber(f[2]) or 0, deadline = tonumber(f[3]) or 0,
-    pools = f[4] or '', proc = f[5] or '', max_target = tonumber(f[6]), jobs = f[7] or '', used = tonumber(f[8]) or 0,
-    lease_at = tonumber(f[9]), waits = f[10] and true or false, more = extra,
-  }
+  return node_from(nid, f, tonumber(f[9]), f[10] and true or false, extra)
 end
 
 -- What choosing a node and taking a slot on it read: node_fields less what only a slot given back
@@ -85,10 +91,7 @@ local function node_to_pick(ctx, nid)
   local f = rcall('HMGET', k_node(ctx.base, nid), 'state', 'max', 'deadline', 'pools', 'proc', 'jobs', 'used',
     'lease_at')
   if not f[1] then return nil end
-  return {
-    id = nid, state = f[1], max = tonumber(f[2]) or 0, deadline = tonumber(f[3]) or 0, pools = f[4] or '',
-    proc = f[5] or '', jobs = f[6] or '', used = tonumber(f[7]) or 0, lease_at = tonumber(f[8]), more = NO_MORE,
-  }
+  return node_from(nid, f, nil, false, NO_MORE)
 end
 
 local function node_is_live(ctx, n)
