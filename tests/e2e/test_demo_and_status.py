@@ -27,6 +27,8 @@ def test_demo_runs_to_summary_with_every_slot_returned() -> None:
 async def test_status_shows_nodes_and_metrics_move(scheduler) -> None:
     base = scheduler()
     node = await ScriptedNode.connect(ws(base), node_id="shown-node", slots=3)
+    # The node must stay live (TTL 1.5 s here) while `status` starts, which can take longer on a slow host.
+    beat = asyncio.create_task(node.keep_alive())
     out = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "dragoman.cli.main", "status", "--url", base],
                                   capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
@@ -36,6 +38,7 @@ async def test_status_shows_nodes_and_metrics_move(scheduler) -> None:
     assert 'dragoman_nodes{state="ready"} 1.0' in metrics
     assert "dragoman_slots_total 3.0" in metrics
     assert 'dragoman_open_sockets{endpoint="node"} 1.0' in metrics
+    beat.cancel()
     await node.close()
 
 
