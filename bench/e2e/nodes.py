@@ -6,9 +6,10 @@ capabilities, plus the ``max_concurrency`` extension; a ``node_heartbeat`` every
 ``job_result`` (success, short texts) sent the moment each ``job_assign`` arrives: a zero-time node.
 No ``job_ack`` / ``job_started`` (the existing worker sends none).
 
-Lean on purpose, so it is never the bottleneck: the ``websockets`` asyncio client without
-compression, msgspec decoding only the fields it needs (the audio is skipped, never decoded), a
-result frame built by one ``msgspec.json.encode``, uvloop when installed.
+Lean on purpose, so it is never the bottleneck: a raw WebSocket client (``bench.e2e.rawws``: each
+``job_assign`` answered in the socket's own callback, no task woken), msgspec decoding only the
+fields it needs (the audio is skipped, never decoded), a result frame built by one
+``msgspec.json.encode``, uvloop when installed.
 
 Prints ``{"event": "ready", "nodes": K, "node_ids": [...]}`` once every node is registered, and on
 SIGTERM/SIGINT a ``{"event": "summary", ...}`` line (jobs answered, error frames, cancels).
@@ -25,8 +26,8 @@ import time
 from typing import Any
 
 import msgspec
-from websockets.asyncio.client import connect
 
+from bench.e2e.rawws import RawWebSocket
 from bench.peers.loadgen import emit, log
 
 HEARTBEAT_S = 15.0
@@ -84,9 +85,9 @@ class Stats:
 async def run_node(i: int, args: argparse.Namespace, stats: Stats, registered: asyncio.Queue[str],
                    stop: asyncio.Event) -> None:
     src, tgt = args.asr_languages.split(","), args.semantic_languages.split(",")
-    async with connect(args.url, compression=None, max_size=16 * 1024 * 1024, ping_interval=None,
-                       open_timeout=30) as ws:
-        await ws.send(register_frame(args.slots, src, tgt))
+    ws = await RawWebSocket.connect(args.url)
+    try:
+        ws.send(register_frame(args.slots, src, tgt))
         node_id = ""
         while not node_id:
             msg = _decode(await ws.recv())
@@ -99,31 +100,28 @@ async def run_node(i: int, args: argparse.Namespace, stats: Stats, registered: a
         tail = (',"text_asr":"今天天气很好","text_translated":"The weather is nice today.","tts_audio":"",'
                 '"tts_format":"pcm16","processing_time_ms":0,"extra":{"service_timings":{}}}')
 
-        async def heartbeat() -> None:
-            while True:
-                await asyncio.sleep(HEARTBEAT_S)
-                await ws.send(heartbeat_frame(node_id))
+        def on_text(raw: str) -> None:  # (in the socket's callback: the result leaves before it returns)
+            msg = _decode(raw)
+            if msg.type == "job_assign":
+                ws.send(prefix + _encode({
+                    "job_id": msg.job_id, "attempt_id": msg.attempt_id, "session_id": msg.session_id,
+                    "utterance_index": msg.utterance_index, "trace_id": msg.trace_id})[1:-1].decode() + tail)
+                stats.answered += 1
+            elif msg.type == "job_cancel":
+                stats.cancels += 1
+            elif msg.type == "error":
+                stats.errors += 1
+                if not stats.first_error:
+                    stats.first_error = f"{msg.code}: {msg.message}"
+                    log(f"node {i}: error frame {stats.first_error}")
 
-        hb = asyncio.create_task(heartbeat())
-        try:
-            async for raw in ws:
-                msg = _decode(raw)
-                if msg.type == "job_assign":
-                    await ws.send(prefix + _encode({
-                        "job_id": msg.job_id, "attempt_id": msg.attempt_id, "session_id": msg.session_id,
-                        "utterance_index": msg.utterance_index, "trace_id": msg.trace_id})[1:-1].decode() + tail)
-                    stats.answered += 1
-                elif msg.type == "job_cancel":
-                    stats.cancels += 1
-                elif msg.type == "error":
-                    stats.errors += 1
-                    if not stats.first_error:
-                        stats.first_error = f"{msg.code}: {msg.message}"
-                        log(f"node {i}: error frame {stats.first_error}")
-                if stop.is_set():
-                    break
-        finally:
-            hb.cancel()
+        ws.handle(on_text)
+        while not ws.closed.done() and not stop.is_set():
+            await asyncio.wait([ws.closed], timeout=HEARTBEAT_S)  # (the heartbeat's period, not a synchronisation)
+            if not ws.closed.done():
+                ws.send(heartbeat_frame(node_id))
+    finally:
+        await ws.close()
 
 
 async def main_async(args: argparse.Namespace) -> None:

@@ -29,9 +29,9 @@ from collections.abc import Callable
 from typing import Any
 
 import msgspec
-from websockets.asyncio.client import ClientConnection, connect
 
 from bench.e2e.nodes import run
+from bench.e2e.rawws import RawWebSocket
 from bench.peers import loadgen
 
 CHUNK_MS = 256
@@ -79,7 +79,7 @@ class JobFailed(Exception):
 
 
 class Session:
-    def __init__(self, ws: ClientConnection, session_id: str, payload_b64: str) -> None:
+    def __init__(self, ws: RawWebSocket, session_id: str, payload_b64: str) -> None:
         self.ws, self.session_id = ws, session_id
         self.next_index = 0
         self.seq = 0
@@ -94,7 +94,7 @@ class Session:
         self.next_index += 1
         frame = f"{self._head}{self.seq}{self._tail}{int(time.time() * 1000)}}}"
         self.seq += 1
-        await self.ws.send(frame)
+        self.ws.send(frame)
         await fut
 
     def settle(self, index: int | None, error: str | None, stats: dict[str, Any]) -> None:
@@ -118,36 +118,38 @@ class Session:
         else:
             fut.set_exception(JobFailed(error))
 
-    async def read(self, stats: dict[str, Any]) -> None:
-        try:
-            await self._read(stats)
-        finally:  # the socket is gone: whatever it still owed has failed
-            while self.pending:
-                _, fut = self.pending.popleft()
-                if not fut.done():
-                    fut.set_exception(JobFailed("session socket closed"))
+    def read(self, stats: dict[str, Any]) -> None:
+        """Take every frame in the socket's own callback; once the socket is gone, whatever it still
+        owed has failed."""
+        self.ws.handle(lambda raw: self._frame(raw, stats))
+        self.ws.closed.add_done_callback(lambda _: self._lost())
 
-    async def _read(self, stats: dict[str, Any]) -> None:
-        async for raw in self.ws:
-            msg = _decode(raw)
-            kind = msg.type
-            if kind == "translation_result":
-                self.settle(msg.utterance_index, None, stats)
-            elif kind == "ui_event" or kind == "server_heartbeat":
-                continue
-            elif kind == "missing_result":
-                stats["missing"] += 1
-                self.settle(msg.utterance_index, f"missing_result {msg.reason}", stats)
-            elif kind == "error":
-                stats["errors"] += 1
-                idx = (msg.details or {}).get("utterance_index")
-                if stats["first_error"] == "":
-                    stats["first_error"] = f"{msg.code}: {msg.message}"
-                    loadgen.log(f"session error frame: {stats['first_error']}")
-                if idx is not None:
-                    self.settle(int(idx), f"{msg.code}: {msg.message}", stats)
-            elif kind == "backpressure":
-                stats["backpressure"] += 1
+    def _lost(self) -> None:
+        while self.pending:
+            _, fut = self.pending.popleft()
+            if not fut.done():
+                fut.set_exception(JobFailed("session socket closed"))
+
+    def _frame(self, raw: str, stats: dict[str, Any]) -> None:
+        msg = _decode(raw)
+        kind = msg.type
+        if kind == "translation_result":
+            self.settle(msg.utterance_index, None, stats)
+        elif kind == "ui_event" or kind == "server_heartbeat":
+            return
+        elif kind == "missing_result":
+            stats["missing"] += 1
+            self.settle(msg.utterance_index, f"missing_result {msg.reason}", stats)
+        elif kind == "error":
+            stats["errors"] += 1
+            idx = (msg.details or {}).get("utterance_index")
+            if stats["first_error"] == "":
+                stats["first_error"] = f"{msg.code}: {msg.message}"
+                loadgen.log(f"session error frame: {stats['first_error']}")
+            if idx is not None:
+                self.settle(int(idx), f"{msg.code}: {msg.message}", stats)
+        elif kind == "backpressure":
+            stats["backpressure"] += 1
 
 
 def init_frame(src: str, tgt: str) -> str:
@@ -158,8 +160,8 @@ def init_frame(src: str, tgt: str) -> str:
 
 
 async def open_session(url: str, src: str, tgt: str, payload_b64: str) -> Session:
-    ws = await connect(url, compression=None, max_size=16 * 1024 * 1024, ping_interval=None, open_timeout=30)
-    await ws.send(init_frame(src, tgt))
+    ws = await RawWebSocket.connect(url)
+    ws.send(init_frame(src, tgt))
     while True:
         msg = _decode(await ws.recv())
         if msg.type == "session_init_ack" and msg.session_id:
@@ -176,7 +178,8 @@ async def main_async(args: argparse.Namespace) -> None:
                                       for _ in range(args.sessions)))
     stats: dict[str, Any] = {"errors": 0, "missing": 0, "backpressure": 0, "unexpected": 0, "out_of_order": 0,
                              "first_error": ""}
-    readers = [asyncio.create_task(s.read(stats)) for s in sessions]
+    for s in sessions:
+        s.read(stats)
     loadgen.emit("ready", role="sessions", sessions=len(sessions), open_s=time.perf_counter() - t0,
                  payload_bytes=len(payload), chunk_frame_bytes=len(sessions[0]._head) + len(sessions[0]._tail) + 20,
                  pid=os.getpid())
@@ -195,8 +198,6 @@ async def main_async(args: argparse.Namespace) -> None:
         return lambda: {"frames": {k: stats[k] - before[k] for k in stats if k != "first_error"}, "sessions": n}
 
     await loadgen.run_phases(args, one, frames)
-    for r in readers:
-        r.cancel()
     await asyncio.gather(*(s.ws.close() for s in sessions), return_exceptions=True)
 
 
