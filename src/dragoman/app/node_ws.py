@@ -8,7 +8,7 @@ import asyncio
 import contextlib
 import hashlib
 import uuid
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 import structlog
@@ -37,10 +37,10 @@ from dragoman.wire import (
 )
 
 from .hub import NodeLink
-from .sockets import MAX_STRIKES, Link, bearer, receive_text
+from .sockets import MAX_STRIKES, Link, bearer, receive_text, take_in_place
 
 if TYPE_CHECKING:
-    from dragoman.store.replies import HeartbeatReply
+    from dragoman.store.replies import CompleteReply, HeartbeatReply
 
     from .hub import Hub
 
@@ -169,11 +169,11 @@ class NodeConnection:
 
     async def handle(self, msg: msgspec.Struct, text: str) -> None:
         if isinstance(msg, JobResult):  # (the frame of every job first)
-            await self.result(msg, text)
+            self.result(msg, text)
         elif isinstance(msg, NodeRegister):
             await self.register(msg, text)
         elif isinstance(msg, NodeHeartbeat):
-            await self.heartbeat(msg)
+            self.beat(msg)
         elif isinstance(msg, JobAck | JobStarted):
             node_id = self._require_node(msg.node_id)
             await self.hub.store.start_job(msg.job_id, node_id, msg.attempt_id)
@@ -233,6 +233,7 @@ class NodeConnection:
                                                   heartbeat_interval_ms=s.heartbeat_interval_ms,
                                                   lease_ms=s.job_timeout_ms)))
         link.open()
+        take_in_place(self.link, self.in_place)
         log.info("node registered", node=node_id, pools=pools, max_concurrency=max_c, held=reply.held,
                  reconnected=reply.reconnected)
 
@@ -250,24 +251,54 @@ class NodeConnection:
             assert isinstance(msg, NodeRegister)
             await self.register(msg, self.registration, announce=False)
 
-    async def heartbeat(self, msg: NodeHeartbeat) -> None:
+    def beat(self, msg: NodeHeartbeat) -> None:
+        """A heartbeat, without waiting for its reply (it comes within HEARTBEAT_LINGER_S, see
+        ``_heartbeat_done``). Raises ProtocolError, and then has changed nothing."""
         node_id = self._require_node(msg.node_id)
         pools = None
+        seen = self.capabilities_seen
         caps = msg.language_capabilities
         if caps is not None and not self.explicit_pairs:
             seen = hash(msgspec.json.encode(caps))
             if seen != self.capabilities_seen:  # (most heartbeats repeat them: the pools are worked out once)
-                self.capabilities_seen = seen
                 new = pools_for_pairs(caps.default_language_pairs())
                 if new and new != self.pools:
                     pools = new
         usage = msgspec.json.encode(msg.resource_usage).decode() if msg.resource_usage else "{}"
-        try:  # (the frame loop goes on: the reply comes within HEARTBEAT_LINGER_S, see _heartbeat_done)
+        try:
             fut = self.hub.store.heartbeat_soon(node_id, conn=self.conn, draining=msg.draining, pools=pools,
                                                 usage=usage)
         except ValueError as exc:  # the same checks as at registration
             raise ProtocolError(f"node_heartbeat: {exc}") from None
+        self.capabilities_seen = seen
         fut.add_done_callback(lambda f: self._heartbeat_done(f, pools))
+
+    def in_place(self, message: dict[str, Any]) -> bool:
+        """``take_in_place`` for a registered node: its frames are nearly all job results and
+        heartbeats, and one arriving while the frame loop waits with nothing queued is handled in
+        the socket's own callback, without waking the loop's task. Any other frame, and one that
+        needs the loop (one that fails, over the rate limit, while the node re-registers), goes to
+        the loop, which handles it as always."""
+        text = message.get("text")
+        if text is None or self.gone or self.reregistering is not None or self.node_id is None:
+            return False
+        try:
+            msg = decode_node(text)
+        except Exception:  # (a ProtocolError: the loop's path answers it and counts the strike)
+            return False
+        kind = type(msg)
+        if ((kind is not JobResult and kind is not NodeHeartbeat) or msg.node_id != self.node_id  # type: ignore[union-attr]
+                or not self.limiter.allow(monotonic_ms())):
+            return False
+        try:
+            if kind is JobResult:
+                self.result(msg, text)  # type: ignore[arg-type]
+            else:
+                self.beat(msg)  # type: ignore[arg-type]
+        except ProtocolError:  # (nothing changed: the loop meets it again and answers it)
+            return False
+        self.strikes = 0
+        return True
 
     def _heartbeat_done(self, fut: asyncio.Future[HeartbeatReply], pools: list[str] | None) -> None:
         if fut.cancelled():
@@ -294,7 +325,9 @@ class NodeConnection:
             self.reregistering = None
 
     # ------------------------------------------------------------------ jobs
-    async def result(self, msg: JobResult, text: str) -> None:
+    def result(self, msg: JobResult, text: str) -> None:
+        """A job's result, settled without holding up the node's next frames (the reply is looked at
+        in ``_result_done``). Raises ProtocolError, and then has changed nothing."""
         node_id = self._require_node(msg.node_id)
         outcome, code = job_outcome(msg)
         if outcome == "ignore":
@@ -303,11 +336,22 @@ class NodeConnection:
         link = self.hub.nodes.get(node_id)
         if link is not None:
             link.forget(msg.job_id)
-        reply = await self.hub.store.complete(msg.job_id, node_id, msg.attempt_id, outcome, code, text, result=msg)
+        fut = self.hub.store.complete_soon(msg.job_id, node_id, msg.attempt_id, outcome, code, text, result=msg)
+        fut.add_done_callback(lambda f: self._result_done(f, msg))
+
+    def _result_done(self, fut: asyncio.Future[CompleteReply], msg: JobResult) -> None:
+        if fut.cancelled():
+            return
+        exc = fut.exception()
+        if exc is not None:
+            if not self.gone:
+                self.failed(exc, "node result failed")
+            return
+        reply = fut.result()
         if reply.status == Status.REJECTED:
             # Counted and logged, answered so the node knows, but no strike: late results are normal.
             self.hub.metrics.stale_results.labels(reply.reason).inc()
-            log.info("result rejected", node=node_id, job=msg.job_id, attempt=msg.attempt_id, reason=reply.reason)
+            log.info("result rejected", node=self.node_id, job=msg.job_id, attempt=msg.attempt_id, reason=reply.reason)
             self.link.send(error_frame(ErrorCode.INVALID_MESSAGE, f"job_result for {msg.job_id} attempt "
                                        f"{msg.attempt_id} rejected: {reply.reason} (not the job's current holder "
                                        "and attempt)"))

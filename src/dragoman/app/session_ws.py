@@ -19,7 +19,7 @@ from dragoman.sessions.spec import SessionConfig, SessionSpec, key_digest
 from dragoman.store.replies import Status
 from dragoman.wire import ErrorCode, SessionInit, decode_session, error_frame
 
-from .sockets import MAX_STRIKES, STOPPED, Interruptible, Link, _Inbound, bearer, receive_text
+from .sockets import MAX_STRIKES, STOPPED, Interruptible, Link, bearer, receive_text, take_in_place
 
 if TYPE_CHECKING:
     from .hub import Hub
@@ -92,9 +92,6 @@ def hand_over_in_place(link: Link, actor: SessionActor, on_frame: Callable[[], N
     for it (one task switch and five coroutine frames less per frame). Anything else (a frame
     that does not decode, a binary frame, the disconnect, a full inbox) waits for the reader,
     which answers it as before; so does every frame under a server other than ours."""
-    inbound = getattr(link.proto, "queue", None)
-    if not isinstance(inbound, _Inbound):
-        return
     slots = actor.frame_slots
 
     def direct(message: Any) -> bool:
@@ -110,7 +107,7 @@ def hand_over_in_place(link: Link, actor: SessionActor, on_frame: Callable[[], N
         on_frame()
         return True
 
-    inbound.direct = direct
+    take_in_place(link, direct)
 
 
 async def open_or_resume(hub: Hub, init: SessionInit, key: str, link: Link) -> tuple[SessionActor, bool]:

@@ -217,6 +217,17 @@ class FrameWriterProtocol(WebSocketsSansIOProtocol):
         self.ping_timer = self.loop.call_later(within, self.send_keepalive_ping)
 
 
+def take_in_place(link: Link, direct: Callable[[Any], bool]) -> bool:
+    """Have ``direct`` take the socket's frames that arrive while its reader waits with nothing
+    queued, in the socket's own callback (no task woken); a frame it leaves (returns False) goes to
+    the reader as before, and so does every frame under a server other than ours (returns False)."""
+    inbound = getattr(link.proto, "queue", None)
+    if not isinstance(inbound, _Inbound):
+        return False
+    inbound.direct = direct
+    return True
+
+
 def text_frame(text: str) -> bytes:
     """A whole text frame from the server (RFC 6455 5.2: unmasked, no extension), as websockets'
     ``send_text`` makes it, without its per-frame objects: a job's three frames out took ~5% of

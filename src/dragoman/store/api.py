@@ -71,11 +71,12 @@ from dragoman.store.replies import (
     Status,
     TouchReply,
 )
-from dragoman.store.scripts import Scripts
+from dragoman.store.scripts import Scripts, function_missing
 from dragoman.wire.codes import ErrorCode
 
 log = structlog.get_logger(__name__)
 R = TypeVar("R", bound=Reply)
+T = TypeVar("T")
 Sink = Callable[[list[Effect]], None]  # carries effects out without waiting on anything
 
 # Errors after which a call may be repeated: the server could not be reached or could not take
@@ -139,6 +140,18 @@ def job_view(job_id: str, fields: dict[Any, Any]) -> dict[str, str]:
     if job.get("node") and not job.get("tried"):  # (not written while it is its first node)
         job["tried"] = job["node"]
     return {"id": job_id} | job
+
+
+def _pass_on(done: asyncio.Future[T], to: asyncio.Future[T]) -> None:
+    """``to`` ends as ``done`` did (unless it already ended: its caller gave up)."""
+    if to.done():
+        return
+    if done.cancelled():
+        to.cancel()
+    elif done.exception() is not None:
+        to.set_exception(done.exception())  # type: ignore[arg-type]
+    else:
+        to.set_result(done.result())
 
 
 class Store:
@@ -227,6 +240,11 @@ class Store:
                 raw = await self.retrying(name, lambda: self.scripts.call(name, keys, args), exc)
         except ResponseError as exc:
             raise ScriptError(f"{name}: {exc}") from exc
+        return self._decoded(name, ck, raw, kind, own_payload, own_result)
+
+    def _decoded(self, name: str, ck: CellKeys, raw: Any, kind: type[R], own_payload: str | None,
+                 own_result: Any) -> R:
+        """A script's reply: its body decoded, its effects with their payloads handed to the sink."""
         payloads = [_text(p) for p in raw[2:]]
         reply = _decoder(kind).decode(raw[0])
         reply.cell = ck.cell
@@ -398,9 +416,56 @@ class Store:
         reply = await self._call("complete_task", ck, [ck.nodes, ck.job(job_id)],
                                  [self.proc, job_id, node_id, attempt, outcome, code, payload], CompleteReply,
                                  own_payload=payload, own_result=result)
+        self._count_completed(reply)
+        return reply
+
+    def complete_soon(self, job_id: str, node_id: str, attempt: int, outcome: str, code: str = "",
+                      payload: str = "", result: Any = None) -> asyncio.Future[CompleteReply]:
+        """``complete`` for a caller that goes on meanwhile (a node's frames are read on while its
+        results are settled): the reply's future. Through the pipeline, the call leaves with the
+        others of this loop turn and its reply is decoded in the pipeline's reader (no task of its
+        own, none woken); should that first attempt fail for a reason ``complete`` retries (Redis
+        unreachable, the library not loaded), ``complete`` takes over in a task, retries and all."""
+        loop = asyncio.get_running_loop()
+        ck = self.keys_for_job(job_id)
+        pipeline = self.scripts.pipeline
+        if ck is not None and pipeline is None:
+            return loop.create_task(self.complete(job_id, node_id, attempt, outcome, code, payload, result))
+        out: asyncio.Future[CompleteReply] = loop.create_future()
+        if ck is None or pipeline is None:
+            out.set_result(CompleteReply(status=Status.REJECTED, reason="unknown_job"))
+            return out
+        keys = [ck.nodes, ck.job(job_id)]
+        command = ("FCALL", self.scripts.library.functions["complete_task"], len(keys), *keys,
+                   self.proc, job_id, node_id, attempt, outcome, code, payload)
+
+        def settled(raw: asyncio.Future[Any]) -> None:
+            if out.done():
+                return
+            if raw.cancelled():
+                out.cancel()
+                return
+            exc = raw.exception()
+            if exc is None:
+                try:
+                    reply = self._decoded("complete_task", ck, raw.result(), CompleteReply, payload, result)
+                except Exception as bad:  # (a reply that does not decode: the caller hears of it)
+                    out.set_exception(bad)
+                    return
+                self._count_completed(reply)
+                out.set_result(reply)
+            elif isinstance(exc, ResponseError) and not function_missing(exc):
+                out.set_exception(ScriptError(f"complete_task: {exc}"))
+            else:  # (nothing ran, or it is unknown whether it did: complete_task is retry-safe, I8)
+                task = loop.create_task(self.complete(job_id, node_id, attempt, outcome, code, payload, result))
+                task.add_done_callback(lambda t: _pass_on(t, out))
+
+        pipeline.execute(*command).add_done_callback(settled)
+        return out
+
+    def _count_completed(self, reply: CompleteReply) -> None:
         if reply.status == Status.COMPLETED and reply.state != "failed":  # failures are counted by the scripts
             self.counts[f"jobs_{reply.state}"] += 1
-        return reply
 
     async def start_job(self, job_id: str, node_id: str, attempt: int) -> StartReply:
         ck = self.keys_for_job(job_id)

@@ -147,7 +147,7 @@ def build_library(root: Path = LUA_DIR, defines: dict[str, Any] | None = None) -
     return Library(library, source, specs, functions)
 
 
-def _function_missing(exc: ResponseError) -> bool:
+def function_missing(exc: ResponseError) -> bool:
     return "function not found" in str(exc).lower()
 
 
@@ -178,7 +178,7 @@ class Scripts:
         try:
             return await self._run(name, command)
         except ResponseError as exc:
-            if not _function_missing(exc):
+            if not function_missing(exc):
                 raise
         await self.load_all(self.client)  # a new or flushed server: nothing ran; load and call again
         return await self._run(name, command)

@@ -718,3 +718,38 @@ async def test_the_nodes_a_job_tried_outlive_its_wait_in_a_queue(store: Store) -
     await register(store, "n2")
     view = await store.job(a.job_id)
     assert (view["state"], view["node"], view["attempt"], view["tried"]) == ("assigned", "n2", "2", "n1 n2")
+
+
+async def test_complete_soon_settles_as_complete_does(store: Store) -> None:
+    """``complete_soon`` (a node's frames read on meanwhile) gives the reply ``complete`` would:
+    the outcome for the session with the result, the slot back, a repeat a duplicate."""
+    assert store.scripts.pipeline is not None  # (its own path: the reply decoded in the pipeline's reader)
+    await register(store, "n1")
+    d = await store.dispatch(job())
+    done = await store.complete_soon(d.job_id, "n1", 1, "completed", payload='{"text":"hi"}', result="decoded")
+    assert (done.status, done.state) == ("completed", "completed")
+    assert [(e.kind, e.job, e.payload, e.result) for e in done.effects] == [
+        ("outcome", d.job_id, '{"text":"hi"}', "decoded")]
+    assert [p["free_slots"] for p in await store.pools()] == [1]
+    again = await store.complete_soon(d.job_id, "n1", 1, "completed", payload='{"text":"hi"}')
+    assert again.status == "duplicate"
+
+
+async def test_complete_soon_unknown_job_and_a_refused_call(store: Store) -> None:
+    unknown = await store.complete_soon("nocell.j1", "n1", 1, "completed")
+    assert (unknown.status, unknown.reason) == ("rejected", "unknown_job")
+    await register(store, "n1")
+    d = await store.dispatch(job())
+    with pytest.raises(ScriptError, match="complete_task"):  # (an error reply is not run again)
+        await store.complete_soon(d.job_id, "n1", 1, "no-such-outcome")
+    assert (await store.job(d.job_id))["state"] == "assigned"
+
+
+async def test_complete_soon_after_the_library_was_flushed(store: Store) -> None:
+    """Its first attempt finds no library: ``complete`` takes over (loads it) and settles the job."""
+    await register(store, "n1")
+    d = await store.dispatch(job())
+    await store.client.function_flush()
+    done = await store.complete_soon(d.job_id, "n1", 1, "completed", payload="{}")
+    assert (done.status, done.state) == ("completed", "completed")
+    assert [p["free_slots"] for p in await store.pools()] == [1]
