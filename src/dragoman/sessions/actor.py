@@ -99,6 +99,8 @@ class SessionActor:
         self.finished = Flag()
         self.close_code: int | None = None
         self.opened = False
+        self._idle = False  # the loop waits for an item (see _in_place)
+        self._failed: Exception | None = None  # an item handled in place failed
 
     @property
     def session_id(self) -> str:
@@ -106,8 +108,29 @@ class SessionActor:
 
     # ------------------------------------------------------------------ inbox
     def _post(self, kind: str, item: Any) -> None:
+        if kind == "outcome" and self._idle and not self.inbox:
+            self._in_place(kind, item)
+            return
         self.inbox.append((kind, item))
         self._inbox_ready.set()
+
+    def _in_place(self, kind: str, item: Any) -> None:
+        """An item for a loop that waits with nothing before it: handled now, in the poster's call
+        (a job's outcome: the loop's task is not woken for it). What would wait (a store call) and
+        what follows it are left to the loop, as the inbox's next item, so the order is kept."""
+        try:
+            rest = self._perform_now(deque(self._handle(kind, item)))
+        except Exception as exc:  # (the loop raises it: its handler ends the session)
+            self._failed = exc
+            self._inbox_ready.set()
+            return
+        if rest:
+            self.inbox.append(("actions", rest))
+            self._inbox_ready.set()
+        elif self.proto.finished:
+            self._inbox_ready.set()
+        else:
+            self._alarm(self.proto.next_deadline(), monotonic_ms())
 
     def post_frame(self, msg: Message) -> None:
         """Post a client frame (the caller holds one of ``frame_slots``; it is released when handled)."""
@@ -151,7 +174,13 @@ class SessionActor:
                         continue
                     self._alarm(deadline, now)
                     self._inbox_ready.clear()
-                    await self._inbox_ready.wait()
+                    self._idle = True
+                    try:
+                        await self._inbox_ready.wait()
+                    finally:
+                        self._idle = False
+                    if self._failed is not None:
+                        raise self._failed
                     continue  # an item, or the alarm (then the deadline is looked at again)
                 kind, item = self.inbox.popleft()
                 await self.perform(self._handle(kind, item))
@@ -193,6 +222,8 @@ class SessionActor:
                 self.frame_slots.release()
         if kind == "outcome":
             return self.proto.outcome(Outcome(item.job, item.state, item.code, item.result, item.payload), now)
+        if kind == "actions":  # (left by _in_place)
+            return list(item)
         if kind == "partial":
             self.transport.send(item)
             return []
@@ -214,26 +245,12 @@ class SessionActor:
         queue = deque(actions)
         proto, sid = self.proto, self.proto.session_id
         while queue:
-            action = queue.popleft()
-            # (the common actions of a job first: every one tested costs an isinstance call)
-            if isinstance(action, Send):
-                if action.soon:
-                    self.transport.send_soon(encode(action.message))
-                else:
-                    self.transport.send(encode(action.message))
-            elif isinstance(action, Dispatch):
+            queue = self._perform_now(queue)
+            if not queue:
+                return
+            action = queue.popleft()  # (one that waits on the store)
+            if isinstance(action, Dispatch):
                 queue.extend(await self._dispatch(action))
-            elif isinstance(action, Settled):
-                if self.observer is not None:
-                    self.observer.settled(action.state, action.code)
-            elif isinstance(action, Observe):
-                if self.observer is not None:
-                    self.observer.observe(action.name, action.seconds)
-            elif isinstance(action, Ack):  # nothing waits on it: it goes with the other sessions' acks
-                self._background(self._best_effort("ack", self.store.ack(sid, action.job_ids, ended=action.ended, batched=True)))
-            elif isinstance(action, Count):
-                if self.observer is not None:
-                    self.observer.count(action.name)
             elif isinstance(action, CheckJobs):
                 try:
                     statuses = await self.store.get_jobs(action.job_ids)
@@ -248,10 +265,40 @@ class SessionActor:
             elif isinstance(action, Reopen):
                 await self._best_effort("reclaim", self.store.reclaim_session(sid, proto.spec.to_json(), proto.epoch,
                                                                               self.cells))
+
+    def _perform_now(self, queue: deque[Action]) -> deque[Action]:
+        """Carry out the actions at the front of ``queue`` that wait on nothing; what is left starts
+        with one that waits on the store (``perform`` carries that out)."""
+        while queue:
+            action = queue[0]
+            # (the common actions of a job first: every one tested costs an isinstance call)
+            if isinstance(action, Send):
+                if action.soon:
+                    self.transport.send_soon(encode(action.message))
+                else:
+                    self.transport.send(encode(action.message))
+            elif isinstance(action, Dispatch):
+                return queue
+            elif isinstance(action, Settled):
+                if self.observer is not None:
+                    self.observer.settled(action.state, action.code)
+            elif isinstance(action, Observe):
+                if self.observer is not None:
+                    self.observer.observe(action.name, action.seconds)
+            elif isinstance(action, Ack):  # nothing waits on it: it goes with the other sessions' acks
+                self._background(self._best_effort("ack", self.store.ack(self.proto.session_id, action.job_ids,
+                                                                         ended=action.ended, batched=True)))
+            elif isinstance(action, Count):
+                if self.observer is not None:
+                    self.observer.count(action.name)
+            elif isinstance(action, CheckJobs | RoomCall | CancelJob | Reopen):
+                return queue
             elif isinstance(action, Detach | End):
                 self._close_later(detach=isinstance(action, Detach))
             elif isinstance(action, CloseSocket):
                 self.close_code = action.code
+            queue.popleft()
+        return queue
 
     async def _dispatch(self, action: Dispatch) -> list[Action]:
         req, proto = action.request, self.proto
