@@ -29,16 +29,17 @@ _H64 = struct.Struct("!BBQ")
 _randbytes = random.Random().randbytes  # (the mask only keeps proxies from reading frames as HTTP)
 
 
-def client_frame(opcode: int, payload: bytes) -> bytes:
-    """One whole masked frame from a client (RFC 6455 5.2)."""
+def client_frame(opcode: int, payload: bytes, fin: bool = True) -> bytes:
+    """One masked frame from a client (RFC 6455 5.2)."""
     mask = _randbytes(4)
     n = len(payload)
+    b0 = (0x80 if fin else 0) | opcode
     if n < 126:
-        head = bytes((0x80 | opcode, 0x80 | n))
+        head = bytes((b0, 0x80 | n))
     elif n < 65536:
-        head = _H16.pack(0x80 | opcode, 0x80 | 126, n)
+        head = _H16.pack(b0, 0x80 | 126, n)
     else:
-        head = _H64.pack(0x80 | opcode, 0x80 | 127, n)
+        head = _H64.pack(b0, 0x80 | 127, n)
     return head + mask + apply_mask(payload, mask)
 
 
@@ -54,6 +55,7 @@ class RawWebSocket(asyncio.Protocol):
         self._buf = bytearray()
         self._parts: list[bytes] = []
         self.transport: asyncio.Transport | None = None
+        self.close_code: int | None = None  # the peer's, once it sent its close frame
 
     @classmethod
     async def connect(cls, url: str, *, max_size: int = 16 * 1024 * 1024, timeout: float = 30) -> RawWebSocket:
@@ -132,6 +134,7 @@ class RawWebSocket(asyncio.Protocol):
         elif opcode == Opcode.PING.value:
             self._write(client_frame(Opcode.PONG.value, payload))
         elif opcode == Opcode.CLOSE.value:
+            self.close_code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 1005
             self._write(client_frame(Opcode.CLOSE.value, payload[:2]))
             if self.transport is not None:
                 self.transport.close()

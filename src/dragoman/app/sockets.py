@@ -14,6 +14,7 @@ import structlog
 from starlette.requests import HTTPConnection
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from websockets.frames import apply_mask
 from websockets.protocol import OPEN, SERVER
 
 from dragoman.errors import ProtocolError
@@ -153,6 +154,50 @@ class FrameWriterProtocol(WebSocketsSansIOProtocol):
         self.queue = _Inbound()  # type: ignore[assignment]  # (memory per socket: see _Inbound)
         self.writable = Flag()  # type: ignore[assignment]  # (memory per socket: see dragoman.flag)
         self.writable.set()
+
+    def data_received(self, data: bytes) -> None:
+        conn = self.conn
+        if (conn.state is OPEN and not conn.reader.buffer and conn.current_size is None and not conn.extensions
+                and not self.close_sent):
+            data = self._text_frames(data)
+            if not data:
+                return
+        super().data_received(data)
+
+    def _text_frames(self, data: bytes) -> bytes:
+        """Take the whole text frames at the start of ``data`` that need nothing of websockets'
+        parser (unfragmented, masked, shorter than 64 KiB, within the size limit, valid UTF-8) and
+        hand each to the app; what is left (from the first frame not taken) goes to the parser, which
+        is then where it was: between frames, its buffer empty (``data_received`` checks). Every
+        frame of a job went through the parser's generators and per-frame objects: ~10% of the
+        scheduler's CPU per job here."""
+        limit = self.conn.max_message_size
+        at, end = 0, len(data)
+        while end - at >= 6:
+            b1 = data[at + 1]
+            if data[at] != 0x81 or b1 < 0x80:  # (FIN + text, no RSV bits; the mask bit)
+                break
+            n, head = b1 & 0x7F, 6
+            if n == 126:
+                if end - at < 8:
+                    break
+                n, head = (data[at + 2] << 8) | data[at + 3], 8
+            elif n == 127:
+                break
+            if (limit is not None and n > limit) or end - at < head + n:
+                break
+            try:
+                text = apply_mask(data[at + head:at + head + n], data[at + head - 4:at + head]).decode()
+            except UnicodeDecodeError:
+                break
+            at += head + n
+            if self.close_sent:  # (as uvicorn does: past websocket.close, messages are dropped)
+                continue
+            self.queue.put_nowait({"type": "websocket.receive", "text": text})
+            if not self.read_paused and self.queue.full():  # type: ignore[attr-defined]
+                self.read_paused = True
+                self.transport.pause_reading()
+        return data[at:] if at else data
 
     def send_receive_event_to_app(self) -> None:
         # uvicorn stops reading the socket after every message until the app has taken it, then
