@@ -16,8 +16,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="1,000 node + 100 session sockets")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--markdown", type=Path)
+    ap.add_argument("--pyspy", type=Path, help="sample the scheduler over the steady window; raw stacks to this file")
     args = ap.parse_args(argv)
-    res = run("quick" if args.quick else "full")
+    res = run("quick" if args.quick else "full", pyspy=args.pyspy)
     return cli.report(res, summary, markdown, args.json, args.markdown)
 
 

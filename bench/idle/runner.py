@@ -44,6 +44,7 @@ import redis
 from bench.e2e import facts
 from bench.e2e.meter import delta
 from bench.e2e.procs import Proc, loadavg, proc_times, raise_nofile, rss_kb, system_busy_s
+from bench.e2e.pyspy import start_record
 from bench.e2e.runner import new_logdir
 from bench.e2e.systems import free_port, http_ok, log
 from bench.peers.loadgen import summarize_ms
@@ -148,8 +149,8 @@ def nofile_of(pid: int) -> str:
 
 
 class Run:
-    def __init__(self, profile: Profile, logdir: Path) -> None:
-        self.p, self.logdir = profile, logdir
+    def __init__(self, profile: Profile, logdir: Path, pyspy: Path | None = None) -> None:
+        self.p, self.logdir, self.pyspy = profile, logdir, pyspy
         self.gens: list[Proc] = []
         self.res: dict[str, Any] = {"profile": dataclasses.asdict(profile)}
 
@@ -225,7 +226,10 @@ class Run:
         # steady: heartbeats every 15 s from every socket
         s0 = await self.ask(signal.SIGUSR1, "stats")
         a = self.snap(admin, sched, redis_pid)
+        spy = start_record(sched, p.steady_s - 1, self.pyspy) if self.pyspy is not None else None
         await asyncio.sleep(p.steady_s)  # the measured window
+        if spy is not None:
+            await asyncio.to_thread(spy.wait, 60)
         b = self.snap(admin, sched, redis_pid)
         s1 = await self.ask(signal.SIGUSR1, "stats")
         res["steady"] = self._window(delta(a, b), s0, s1)
@@ -338,13 +342,15 @@ def analyse(res: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def run(profile: Profile | str = "full", logdir: Path | None = None) -> dict[str, Any]:
+def run(profile: Profile | str = "full", logdir: Path | None = None, pyspy: Path | None = None) -> dict[str, Any]:
+    """``pyspy``: also sample the scheduler with py-spy over the steady window (raw stacks to that
+    file; the sampling costs the scheduler CPU of its own, so the figures of such a run run high)."""
     prof = PROFILES[profile] if isinstance(profile, str) else profile
     logdir = logdir or new_logdir("idle")
     t0 = time.perf_counter()
     env = {**facts.machine(), "commit": facts.commit(), "loadavg_start": loadavg()}
     try:
-        res = asyncio.run(Run(prof, logdir).run())
+        res = asyncio.run(Run(prof, logdir, pyspy).run())
     finally:
         Proc.kill_all_now()
     res["env"] = env
