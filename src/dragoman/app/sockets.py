@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import inspect
 import struct
+import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -296,6 +297,40 @@ def _frame_writer(ws: WebSocket) -> Any:
     return (scope.get("extensions") or {}).get("dragoman.frames")
 
 
+class _Holding:
+    """The links holding frames (``Link.send_soon``) of one event loop, released together by one
+    timer: a timer per link and frame cost each job a few µs to make and to run."""
+
+    __slots__ = ("loop", "links", "timer")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.links: list[Link] = []
+        self.timer: asyncio.TimerHandle | None = None
+
+    def add(self, link: Link) -> None:
+        self.links.append(link)
+        if self.timer is None:
+            self.timer = self.loop.call_later(HOLD_S, self.release)
+
+    def release(self) -> None:
+        self.timer = None
+        links, self.links = self.links, []
+        for link in links:
+            if link._held is not None:  # (not sent with a later frame meanwhile)
+                link._release()
+
+
+_HOLDING: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Holding] = weakref.WeakKeyDictionary()
+
+
+def _holding(loop: asyncio.AbstractEventLoop) -> _Holding:
+    h = _HOLDING.get(loop)
+    if h is None:
+        h = _HOLDING[loop] = _Holding(loop)
+    return h
+
+
 class Link:
     """A socket's outbound side. Any task may send without a lock, and a slow peer never blocks the
     sender: what the socket cannot take now waits in a bounded queue for a writer task, and a peer
@@ -326,9 +361,8 @@ class Link:
         """The socket's ``FrameWriterProtocol`` (None under another server)."""
         return self._proto
 
-    # Frames nobody waits on (``send_soon``): they leave with the next frame, or HOLD_S after the first.
+    # Frames nobody waits on (``send_soon``): they leave with the next frame, or within HOLD_S.
     _held: list[str] | None = None
-    _held_timer: asyncio.TimerHandle | None = None
 
     def send_soon(self, text: str) -> bool:
         """Send a frame nobody waits on (a ``ui_event``): it leaves in the same write as the next
@@ -339,15 +373,10 @@ class Link:
             return False
         if self._held is None:
             self._held = [text]
-            if self._held_timer is None:  # (one still armed, from frames released since, comes sooner: fine)
-                self._held_timer = asyncio.get_running_loop().call_later(HOLD_S, self._on_hold_timer)
+            _holding(self._proto.loop if self._proto is not None else asyncio.get_running_loop()).add(self)
         else:
             self._held.append(text)
         return True
-
-    def _on_hold_timer(self) -> None:
-        self._held_timer = None
-        self._release()
 
     def _release(self) -> None:
         held, self._held = self._held, None
@@ -435,9 +464,6 @@ class Link:
     async def close(self, code: int = 1000, timeout: float = 5.0) -> None:
         """Send what is queued (unless the peer overflowed it), then close the socket. The writer
         task is always gone when this returns."""
-        if self._held_timer is not None:
-            self._held_timer.cancel()
-            self._held_timer = None
         if self._held is not None:
             self._release()
         task, queue = self._task, self._queue

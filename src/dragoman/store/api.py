@@ -384,7 +384,7 @@ class Store:
             serving = [ck for ck in cells
                        if await self.retrying("zcard", lambda ck=ck: self.client.zcard(ck.pool(spec.pool))) > 0]
             cells = serving or cells[:1]
-        commit = " ".join(str(n) for n in spec.commit) if spec.commit else ""
+        commit = " ".join(map(str, spec.commit)) if spec.commit else ""
         reply: DispatchReply | None = None
         for i, ck in enumerate(cells):
             job_id = job_id_for(ck.cell, spec.unique)
