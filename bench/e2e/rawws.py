@@ -56,6 +56,7 @@ class RawWebSocket(asyncio.Protocol):
         self._parts: list[bytes] = []
         self.transport: asyncio.Transport | None = None
         self.close_code: int | None = None  # the peer's, once it sent its close frame
+        self.pings = 0  # answered (each with its pong)
 
     @classmethod
     async def connect(cls, url: str, *, max_size: int = 16 * 1024 * 1024, timeout: float = 30) -> RawWebSocket:
@@ -132,6 +133,7 @@ class RawWebSocket(asyncio.Protocol):
             else:
                 self._inbox.put_nowait(text)
         elif opcode == Opcode.PING.value:
+            self.pings += 1
             self._write(client_frame(Opcode.PONG.value, payload))
         elif opcode == Opcode.CLOSE.value:
             self.close_code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 1005
