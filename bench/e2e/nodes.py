@@ -28,7 +28,7 @@ from typing import Any
 import msgspec
 
 from bench.e2e.rawws import RawWebSocket
-from bench.peers.loadgen import emit, log
+from bench.peers.loadgen import emit, error_frame_seen
 
 HEARTBEAT_S = 15.0
 
@@ -110,10 +110,7 @@ async def run_node(i: int, args: argparse.Namespace, stats: Stats, registered: a
             elif msg.type == "job_cancel":
                 stats.cancels += 1
             elif msg.type == "error":
-                stats.errors += 1
-                if not stats.first_error:
-                    stats.first_error = f"{msg.code}: {msg.message}"
-                    log(f"node {i}: error frame {stats.first_error}")
+                error_frame_seen(stats, msg.code, msg.message, f"node {i}")
 
         ws.handle(on_text)
         while not ws.closed.done() and not stop.is_set():

@@ -43,7 +43,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from bench.e2e.nodes import heartbeat_frame, register_frame, run
 from bench.e2e.procs import raise_nofile
 from bench.e2e.sessions import init_frame
-from bench.peers.loadgen import emit, log, summarize_ms
+from bench.peers.loadgen import emit, error_frame_seen, summarize_ms
 
 
 class Reply(msgspec.Struct):
@@ -109,10 +109,7 @@ class Gen:
                         self.rtts.append(time.perf_counter() - self.sent_at[i].popleft())
                         self.answered += 1
                 elif msg.type == "error":
-                    self.errors += 1
-                    if not self.first_error:
-                        self.first_error = f"{msg.code}: {msg.message}"
-                        log(f"{self.args.kind} {i}: error frame {self.first_error}")
+                    error_frame_seen(self, msg.code, msg.message, f"{self.args.kind} {i}")
         except Exception:  # noqa: BLE001, S110 - the socket is gone: counted below
             pass
         self.socks[i] = None

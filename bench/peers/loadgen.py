@@ -43,6 +43,14 @@ def log(*parts: object) -> None:
     print(*parts, file=sys.stderr, flush=True)
 
 
+def error_frame_seen(stats: Any, code: str | None, message: str | None, who: str) -> None:
+    """Count an ``error`` frame in ``stats`` (``errors``, ``first_error``); the first is logged."""
+    stats.errors += 1
+    if not stats.first_error:
+        stats.first_error = f"{code}: {message}"
+        log(f"{who}: error frame {stats.first_error}")
+
+
 def pct(sorted_vals: list[float], q: float) -> float:
     """Nearest-rank percentile of an already sorted list."""
     if not sorted_vals:
