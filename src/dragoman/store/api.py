@@ -413,11 +413,15 @@ class Store:
         ck = self.keys_for_job(job_id)
         if ck is None:
             return CompleteReply(status=Status.REJECTED, reason="unknown_job")
-        reply = await self._call("complete_task", ck, [ck.nodes, ck.job(job_id)],
-                                 [self.proc, job_id, node_id, attempt, outcome, code, payload], CompleteReply,
-                                 own_payload=payload, own_result=result)
+        keys, args = self._complete_args(ck, job_id, node_id, attempt, outcome, code, payload)
+        reply = await self._call("complete_task", ck, keys, args, CompleteReply, own_payload=payload, own_result=result)
         self._count_completed(reply)
         return reply
+
+    def _complete_args(self, ck: CellKeys, job_id: str, node_id: str, attempt: int, outcome: str, code: str,
+                       payload: str) -> tuple[list[str], list[Any]]:
+        """``complete_task``'s keys and arguments."""
+        return [ck.nodes, ck.job(job_id)], [self.proc, job_id, node_id, attempt, outcome, code, payload]
 
     def complete_soon(self, job_id: str, node_id: str, attempt: int, outcome: str, code: str = "",
                       payload: str = "", result: Any = None) -> asyncio.Future[CompleteReply]:
@@ -427,17 +431,17 @@ class Store:
         own, none woken); should that first attempt fail for a reason ``complete`` retries (Redis
         unreachable, the library not loaded), ``complete`` takes over in a task, retries and all."""
         loop = asyncio.get_running_loop()
+
+        def in_a_task() -> asyncio.Task[CompleteReply]:
+            return loop.create_task(self.complete(job_id, node_id, attempt, outcome, code, payload, result))
+
         ck = self.keys_for_job(job_id)
         pipeline = self.scripts.pipeline
-        if ck is not None and pipeline is None:
-            return loop.create_task(self.complete(job_id, node_id, attempt, outcome, code, payload, result))
+        if ck is None or pipeline is None:  # (an unknown job's answer; a client without a pipeline)
+            return in_a_task()
+        keys, args = self._complete_args(ck, job_id, node_id, attempt, outcome, code, payload)
+        command = self.scripts.command("complete_task", keys, args)
         out: asyncio.Future[CompleteReply] = loop.create_future()
-        if ck is None or pipeline is None:
-            out.set_result(CompleteReply(status=Status.REJECTED, reason="unknown_job"))
-            return out
-        keys = [ck.nodes, ck.job(job_id)]
-        command = ("FCALL", self.scripts.library.functions["complete_task"], len(keys), *keys,
-                   self.proc, job_id, node_id, attempt, outcome, code, payload)
 
         def settled(raw: asyncio.Future[Any]) -> None:
             if out.done():
@@ -457,8 +461,7 @@ class Store:
             elif isinstance(exc, ResponseError) and not function_missing(exc):
                 out.set_exception(ScriptError(f"complete_task: {exc}"))
             else:  # (nothing ran, or it is unknown whether it did: complete_task is retry-safe, I8)
-                task = loop.create_task(self.complete(job_id, node_id, attempt, outcome, code, payload, result))
-                task.add_done_callback(lambda t: _pass_on(t, out))
+                in_a_task().add_done_callback(lambda t: _pass_on(t, out))
 
         pipeline.execute(*command).add_done_callback(settled)
         return out

@@ -171,10 +171,7 @@ class Scripts:
         """Run a script. With replicas required, the call returns only once that many replicas have
         its writes, and raises ``ReplicasBehind`` (a connection error: the caller's retry makes it
         again, retry-safe) when they do not within ``replica_wait_ms``."""
-        spec = self.specs[name]
-        if len(keys) != spec.num_keys:
-            raise ScriptError(f"{name} takes {spec.num_keys} keys, got {len(keys)}")
-        command = ("FCALL", self.library.functions[name], len(keys), *keys, *args)
+        command = self.command(name, keys, args)
         try:
             return await self._run(name, command)
         except ResponseError as exc:
@@ -182,6 +179,13 @@ class Scripts:
                 raise
         await self.load_all(self.client)  # a new or flushed server: nothing ran; load and call again
         return await self._run(name, command)
+
+    def command(self, name: str, keys: list[str], args: list[Any]) -> tuple[Any, ...]:
+        """The FCALL of a script (its key count checked)."""
+        spec = self.specs[name]
+        if len(keys) != spec.num_keys:
+            raise ScriptError(f"{name} takes {spec.num_keys} keys, got {len(keys)}")
+        return ("FCALL", self.library.functions[name], len(keys), *keys, *args)
 
     def _run(self, name: str, command: tuple[Any, ...]) -> Awaitable[Any]:
         """The reply to await: through the pipeline, its future (no coroutine frame of its own
