@@ -195,9 +195,7 @@ class FrameWriterProtocol(WebSocketsSansIOProtocol):
             if self.close_sent:  # (as uvicorn does: past websocket.close, messages are dropped)
                 continue
             self.queue.put_nowait({"type": "websocket.receive", "text": text})
-            if not self.read_paused and self.queue.full():  # type: ignore[attr-defined]
-                self.read_paused = True
-                self.transport.pause_reading()
+            self._pause_if_full()
         return data[at:] if at else data
 
     def send_receive_event_to_app(self) -> None:
@@ -211,7 +209,11 @@ class FrameWriterProtocol(WebSocketsSansIOProtocol):
         self.read_paused = True  # (so uvicorn's own pause after this message is skipped)
         super().send_receive_event_to_app()
         self.read_paused = paused
-        if not paused and self.queue.full():  # type: ignore[attr-defined]
+        self._pause_if_full()
+
+    def _pause_if_full(self) -> None:
+        """Stop reading the socket once the app has INBOUND_HIGH_WATER messages (or that size) waiting."""
+        if not self.read_paused and self.queue.full():  # type: ignore[attr-defined]
             self.read_paused = True
             self.transport.pause_reading()
 
