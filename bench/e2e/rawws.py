@@ -19,9 +19,8 @@ from collections.abc import Callable
 from urllib.parse import urlsplit
 
 from websockets.client import ClientProtocol
-from websockets.frames import Frame, Opcode
+from websockets.frames import Frame, Opcode, apply_mask
 from websockets.protocol import OPEN
-from websockets.speedups import apply_mask
 from websockets.uri import parse_uri
 
 _H16 = struct.Struct("!BBH")
