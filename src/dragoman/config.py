@@ -73,6 +73,8 @@ class Settings:
     # Bookkeeping
     proc_ttl_ms: int = 3_000  # a scheduler process's registration lifetime (renewed every third of it)
     stats_flush_ms: int = 2_000  # per-process counters are added to the cluster-wide ones this often
+    gc_sweep_ms: int = 600_000  # survivors of a full cycle collection are frozen; everything is thawed and
+    # collected once this often (0: CPython's collector as it is; see dragoman/gcpolicy.py)
 
     log_level: str = "info"
 
@@ -168,7 +170,7 @@ def _validate(s: Settings) -> None:
                  "ws_ping_timeout_ms", "ws_idle_ping_interval_ms", "stats_flush_ms", "room_max_members", "room_expiry_ms"):
         if getattr(s, name) <= 0:
             raise ConfigError(f"setting {name!r} must be positive, got {getattr(s, name)}")
-    for name in ("session_grace_ms", "warmup_ms", "redis_min_replicas_ack"):
+    for name in ("session_grace_ms", "warmup_ms", "redis_min_replicas_ack", "gc_sweep_ms"):
         if getattr(s, name) < 0:
             raise ConfigError(f"setting {name!r} must not be negative, got {getattr(s, name)}")
     if s.ws_idle_ping_interval_ms < s.ws_ping_interval_ms:

@@ -26,6 +26,7 @@ from dragoman.app.sockets import FrameWriterProtocol
 from dragoman.config import Settings
 from dragoman.embedded import EmbeddedServer
 from dragoman.eventloop import run
+from dragoman.gcpolicy import collector_policy
 from dragoman.logging import setup_logging
 from dragoman.store.api import Store
 
@@ -80,7 +81,12 @@ def serve_one(settings: Settings, url: str, cluster: bool = False, reuse_port: b
     # bench machine, a pause of every socket's frames each time one ran.
     gc.collect()
     gc.freeze()
-    run(server.serve(sockets=[sock]), settings.event_loop)
+    run(_serve(server, sock, settings.gc_sweep_ms / 1000), settings.event_loop)
+
+
+async def _serve(server: uvicorn.Server, sock: socket.socket, gc_sweep_s: float) -> None:
+    with collector_policy(gc_sweep_s):  # (full collections look at newcomers only: see gcpolicy.py)
+        await server.serve(sockets=[sock])
 
 
 def serve(settings: Settings, cluster: bool = False) -> None:
