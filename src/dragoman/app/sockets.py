@@ -145,10 +145,17 @@ class FrameWriterProtocol(WebSocketsSansIOProtocol):
     ``idle_ping_interval`` otherwise (a session, an idle node: nothing waits on it, and thousands of
     such sockets would otherwise cost the process a ping each every couple of seconds). Watching a
     connection brings its next ping within ``ws_ping_interval``, so a peer that hung while idle is
-    found out as quickly once it is given work."""
+    found out as quickly once it is given work.
+
+    An unwatched socket that sent a message since its last ping is not pinged: the message shows it
+    is alive (nodes and web clients heartbeat every 15 s, more often than the idle interval, so
+    thousands of them cost no pings at all). One that falls silent is pinged within two idle
+    intervals. A watched socket is pinged whatever it sends, so a job holder that hangs is found
+    out within ``ws_ping_interval`` + timeout."""
 
     idle_ping_interval: float | None = None  # None: always ws_ping_interval (see ``with_idle_pings``)
     watched = False
+    heard = False  # a message arrived since the keepalive timer last looked
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -192,6 +199,7 @@ class FrameWriterProtocol(WebSocketsSansIOProtocol):
             except UnicodeDecodeError:
                 break
             at += head + n
+            self.heard = True
             if self.close_sent:  # (as uvicorn does: past websocket.close, messages are dropped)
                 continue
             self.queue.put_nowait({"type": "websocket.receive", "text": text})
@@ -205,6 +213,7 @@ class FrameWriterProtocol(WebSocketsSansIOProtocol):
         # INBOUND_HIGH_WATER_SIZE of text or bytes, wait (one frame of any size is enough for the
         # latter, as with uvicorn), which bounds memory just the same. (``read_paused`` keeps
         # uvicorn's meaning: its close path starts reading again, for the peer's close frame.)
+        self.heard = True
         paused = self.read_paused
         self.read_paused = True  # (so uvicorn's own pause after this message is skipped)
         super().send_receive_event_to_app()
@@ -245,7 +254,16 @@ class FrameWriterProtocol(WebSocketsSansIOProtocol):
         interval = self.ping_interval
         if not self.watched and self.idle_ping_interval is not None:
             interval = max(interval, self.idle_ping_interval)
-        self.ping_timer = self.loop.call_later(max(0.0, interval - self.last_ping_rtt), self.send_keepalive_ping)
+        self.ping_timer = self.loop.call_later(max(0.0, interval - self.last_ping_rtt), self._keepalive)
+
+    def _keepalive(self) -> None:
+        """The keepalive timer: a ping, unless the socket is unwatched and sent a message since the
+        timer last looked (then it looks again an interval later)."""
+        heard, self.heard = self.heard, False
+        if heard and not self.watched:
+            self.schedule_ping()
+        else:
+            self.send_keepalive_ping()
 
     def watch(self, on: bool) -> None:
         """Ping at the fast rate (``on``) or the idle one, from the next ping (or sooner: see ``probe``)."""

@@ -6,6 +6,7 @@ timeout; unwatched again, it goes back to the idle interval."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator
 
@@ -87,3 +88,53 @@ async def test_a_watched_socket_is_pinged_fast_and_an_idle_one_seldom(server: st
 
         await wait_for(disconnected, timeout=10)
     assert gone["watched"] <= FAST_S + TIMEOUT_S + 1.0
+
+
+CHATTY_IDLE_S = 0.3
+protos: list[FrameWriterProtocol] = []
+
+
+class CountingPings(FrameWriterProtocol):
+    idle_ping_interval = CHATTY_IDLE_S
+    pings = 0
+
+    def send_keepalive_ping(self) -> None:
+        self.pings += 1
+        super().send_keepalive_ping()
+
+
+async def listener(ws: WebSocket) -> None:
+    await ws.accept()
+    protos.append(ws.scope["extensions"]["dragoman.frames"])
+    with contextlib.suppress(WebSocketDisconnect):
+        while True:
+            await ws.receive_text()
+
+
+async def test_an_idle_socket_that_speaks_is_not_pinged_and_one_that_falls_silent_is() -> None:
+    """Messages more often than the idle interval: no pings (the messages show the peer lives).
+    Silent: a ping within two idle intervals of its last message."""
+    protos.clear()
+    app = Starlette(routes=[WebSocketRoute("/listen", listener)])
+    async with uvicorn_serving(app, ws=CountingPings, ws_ping_interval=0.05, ws_ping_timeout=5.0) as url:
+        async with connect(url + "/listen", ping_interval=None) as ws:
+            await ws.send("hello")
+
+            async def accepted() -> bool:
+                return bool(protos)
+
+            await wait_for(accepted, timeout=5)
+            proto = protos[0]
+            loop = asyncio.get_running_loop()
+            until = loop.time() + 4 * CHATTY_IDLE_S
+            while loop.time() < until:  # a heartbeat every third of the idle interval
+                await ws.send("heartbeat")
+                await asyncio.sleep(CHATTY_IDLE_S / 3)
+            assert proto.pings == 0  # type: ignore[attr-defined]
+            fell_silent = loop.time()
+
+            async def pinged() -> bool:
+                return proto.pings > 0  # type: ignore[attr-defined]
+
+            await wait_for(pinged, timeout=5)
+            assert loop.time() - fell_silent <= 2 * CHATTY_IDLE_S + 0.5
