@@ -60,7 +60,9 @@ def _headline(s: dict[str, Any]) -> list[str]:
         ia, p = idle["analysis"], idle["profile"]
         nr = ia.get("node_reply_ms") or {}
         out.append(f"- One scheduler holding {p['nodes']:,} node + {p['sessions']:,} session sockets: "
-                   f"{ia['kb_per_socket']:.0f} kB per socket, {ia['cpu_us_per_heartbeat']:.0f} µs CPU per heartbeat, "
+                   f"{ia['kb_per_socket']:.0f} kB per socket, {ia['cpu_us_per_heartbeat']:.0f} µs CPU per heartbeat"
+                   + (f" (a bare uvloop server's floor for reading one such frame: {idle['floor']['us_per_frame']:.0f} µs)"
+                      if idle.get("floor") else "") + ", "
                    f"idle {ia['idle_cores']:.2f} cores, node heartbeat reply p99 {nr.get('p99', float('nan')):.1f} ms.")
     return out
 

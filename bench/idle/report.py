@@ -46,6 +46,7 @@ def summary(res: dict[str, Any]) -> str:
         f"  CPU per heartbeat: {a['cpu_us_per_heartbeat']:.0f} µs net of idle ({a['cpu_us_per_heartbeat_gross']:.0f} µs "
         f"gross; target <= {TARGET_US_PER_HEARTBEAT}: {_verdict(a['cpu_us_per_heartbeat'] <= TARGET_US_PER_HEARTBEAT)}); "
         f"Redis {a['redis_cmds_per_heartbeat']:.1f} cmds, {a['redis_usec_per_heartbeat']:.0f} µs per heartbeat",
+        _floor_line(res),
         f"  heartbeat replies: node p50 {_ms(nr, 'p50')} / p99 {_ms(nr, 'p99')} / max {_ms(nr, 'max')} ms; session "
         f"p50 {_ms(sr, 'p50')} / p99 {_ms(sr, 'p99')} ms; unanswered {a['unanswered']}, sockets closed by the "
         f"scheduler {a['closed_by_scheduler']}",
@@ -77,7 +78,7 @@ def markdown(res: dict[str, Any]) -> str:
          "figures, stay a fraction of the heartbeats'): the *node reply* is heartbeat sent -> pong (the scheduler "
          "reads a socket's frames in order); the *session reply* is `client_heartbeat` -> `server_heartbeat`. CPU from /proc/<pid>/stat; "
          f"*idle* = a {p['quiet_s']:g} s window with every socket open and the heartbeats paused (the scheduler's "
-         "own WebSocket pings, every 20 s per idle socket by default, and its timers); CPU per heartbeat = (steady-window "
+         "own WebSocket pings, every 20 s by default to an idle socket that sent nothing since the last look, and its timers); CPU per heartbeat = (steady-window "
          f"CPU - idle cores x its {p['steady_s']:g} s) / heartbeats. Open files: the runner and every child raise "
          f"their soft RLIMIT_NOFILE to the hard limit (`ulimit -n` here: {env['nofile_soft']:,} soft / "
          f"{env['nofile_hard']:,} hard; scheduler {res['nofile_scheduler']}).", "",
@@ -96,6 +97,8 @@ def markdown(res: dict[str, Any]) -> str:
          f"| CPU per heartbeat, net of idle (gross) | **{a['cpu_us_per_heartbeat']:.0f} µs** "
          f"({a['cpu_us_per_heartbeat_gross']:.0f} µs) | <= {TARGET_US_PER_HEARTBEAT} µs "
          f"({_verdict(a['cpu_us_per_heartbeat'] <= TARGET_US_PER_HEARTBEAT)}) |",
+         f"| the floor: a bare uvloop server reading as many frames/s from as many sockets, its protocol "
+         f"ignoring them (`bench/idle/floor.py`): CPU per frame | {_floor_us(res)} | |",
          f"| Redis per heartbeat, net of idle: commands, server µs (commandstats) | "
          f"{a['redis_cmds_per_heartbeat']:.1f}, {a['redis_usec_per_heartbeat']:.0f} µs | |",
          f"| Redis commands/s while idle | {a['redis_cmds_per_s_idle']:.0f} | |",
@@ -114,3 +117,12 @@ def markdown(res: dict[str, Any]) -> str:
          "again after being reaped): " + (", ".join(f"{k} x{v:,}" for k, v in res.get("scheduler_log", {}).items())
                                           or "nothing") + ".", ""]
     return "\n".join(L)
+
+
+def _floor_us(res: dict[str, Any]) -> str:
+    f = res.get("floor")
+    return f"{f['us_per_frame']:.0f} µs ({f['frames_per_s']:.0f} frames/s, {f['cores']:.3f} cores)" if f else "-"
+
+
+def _floor_line(res: dict[str, Any]) -> str:
+    return f"  floor (a bare uvloop server reading as many frames/s, ignoring them): {_floor_us(res)} per frame"

@@ -47,6 +47,7 @@ from bench.e2e.procs import Proc, loadavg, proc_times, raise_nofile, rss_kb, sys
 from bench.e2e.pyspy import start_record
 from bench.e2e.runner import new_logdir
 from bench.e2e.systems import free_port, http_ok, log
+from bench.idle import floor
 from bench.peers.loadgen import summarize_ms
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -353,6 +354,8 @@ def run(profile: Profile | str = "full", logdir: Path | None = None, pyspy: Path
         res = asyncio.run(Run(prof, logdir, pyspy).run())
     finally:
         Proc.kill_all_now()
+    # the floor: as many sockets and frames per second, read by a server that ignores them
+    res["floor"] = floor.measure(prof.nodes + prof.sessions, prof.heartbeat_s, prof.quiet_s)
     res["env"] = env
     res["elapsed_s"] = time.perf_counter() - t0
     res["logdir"] = str(logdir)
