@@ -102,6 +102,13 @@ def _targets(res: dict[str, Any]) -> list[str]:
                 if None not in w:
                     line += f" (BullMQ's worker alike: {w[0]:.0f} µs closed, {w[1]:.0f} µs open)"
         out.append(line)
+        if res.get("floor"):
+            fl = res["floor"]
+            out.append(f"the floor, same run: a bare uvloop relay doing only a job's four socket operations at the same "
+                       f"rate costs {fl['us_per_job']:.0f} µs/job ({fl['jobs_per_s']:,.0f} jobs/s; median of "
+                       f"{len(fl['runs'])} runs; unpaced {fl['unpaced']['us_per_job']:.0f} µs/job at "
+                       f"{fl['unpaced']['jobs_per_s']:,.0f} jobs/s); the scheduler spends "
+                       f"{a['scheduler_cpu_us_per_job_closed'] / fl['us_per_job']:.1f}x the paced figure")
     return out
 
 
@@ -255,6 +262,16 @@ def _cpu_section(res: dict[str, Any]) -> list[str]:
         L.append(f"| {phase} | {f(x['rate'])} | **{f(x['cpu_us_per_job'].get('scheduler'))}** | {f(sp.get('user'))} | "
                  f"{f(sp.get('sys'))} | {cx.get('voluntary', float('nan')):.1f} | "
                  f"{x['cpu_cores'].get('scheduler', 0):.2f} | {f(_cpu(x, 'nodes+sessions'))} |")
+    if res.get("floor"):
+        fl = res["floor"]
+        L += ["", f"The floor, measured in the same run (`bench/e2e/floor.py`, median of {len(fl['runs'])} runs after the "
+              f"rounds): a bare uvloop relay that does only the socket work a job needs of the scheduler (read a frame "
+              f"from a session's socket, write it to a node's, read the node's answer, write it to the session; no "
+              f"WebSocket, JSON, Redis or bookkeeping) under the same load (at most 50 in flight, 100 session and 32 node "
+              f"sockets), paced to Dragoman's closed-loop rate, spends **{fl['us_per_job']:.0f} µs per job** "
+              f"({fl['jobs_per_s']:,.0f} jobs/s): what the socket operations and the event loop's wake-ups of a job cost "
+              f"on this machine. Unpaced (as fast as it goes: more events per wake-up) it reaches "
+              f"{fl['unpaced']['jobs_per_s']:,.0f} jobs/s at {fl['unpaced']['us_per_job']:.0f} µs per job."]
     if "idle" in d:
         ic = d["idle"]["cpu_cores"]
         L += ["", f"Idle (sockets open, no load): scheduler {ic.get('scheduler', 0):.3f} cores, Redis "

@@ -17,7 +17,7 @@ from typing import Any
 
 import redis
 
-from bench.e2e import facts, pyspy
+from bench.e2e import facts, floor, pyspy
 from bench.e2e.meter import aggregate, median
 from bench.e2e.procs import Proc, loadavg
 from bench.e2e.systems import PEER_PACKAGE, Context, DragomanSpec, log, run_dragoman, run_peer
@@ -65,10 +65,13 @@ class Profile:
     # figures are not in the table: the profiler perturbs them), for the CPU breakdown by component
     profile_scheduler: bool = False
     profile_phase: str = "closed"  # the window the profile round samples
+    # the floor under the scheduler's CPU per job: a bare uvloop relay doing only a job's socket
+    # work under the same closed loop (bench/e2e/floor.py), run this many times after the rounds
+    floor_runs: int = 0
 
 
 FULL = Profile("full", warmup=2.0, window=5.0, drain=5.0, rounds=3, systems=ALL_SYSTEMS + SCALING,
-               profile_scheduler=True)
+               profile_scheduler=True, floor_runs=3)
 QUICK = Profile("quick", warmup=1.0, window=2.5, drain=3.0, rounds=1, systems=("dragoman", "bullmq", "arq10"))
 PROFILES = {"full": FULL, "quick": QUICK}
 
@@ -194,6 +197,13 @@ async def _run(profile: Profile, logdir: Path) -> dict[str, Any]:
                 res["systems"][s]["failed_rounds"] = errors[s]
         else:
             res["skipped"][s] = "every round failed: " + "; ".join(errors[s])
+    if profile.floor_runs and "closed" in res["systems"].get("dragoman", {}):
+        rate = res["systems"]["dragoman"]["closed"]["rate"]  # (paced to it: as many wake-ups per job)
+        runs = [await asyncio.to_thread(floor.measure, profile.window, profile.warmup, rate)
+                for _ in range(profile.floor_runs)]
+        unpaced = await asyncio.to_thread(floor.measure, profile.window, profile.warmup)
+        res["floor"] = {"runs": runs, "us_per_job": median([r["us_per_job"] for r in runs]),
+                        "jobs_per_s": median([r["jobs_per_s"] for r in runs]), "unpaced": unpaced}
     res["analysis"] = analyse(res)
     res["env"]["loadavg_end"] = loadavg()
     res["elapsed_s"] = time.perf_counter() - t_start
