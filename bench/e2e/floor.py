@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import socket
 import struct
 import subprocess
@@ -25,6 +24,8 @@ import time
 from typing import Any
 
 import uvloop
+
+from bench.e2e.procs import proc_times
 
 HEAD = struct.Struct("!II")  # payload length, session index
 SESSIONS, NODES, INFLIGHT = 100, 32, 50
@@ -135,11 +136,6 @@ async def _load(session_port: int, node_port: int, window_s: float, warmup_s: fl
     print(json.dumps({"jobs": done[0] - d0}), flush=True)
 
 
-def _cpu_s(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
 
 def _listener() -> socket.socket:
     sock = socket.socket()
@@ -163,9 +159,9 @@ def measure(window_s: float = 5.0, warmup_s: float = 2.0, rate: float = 0.0) -> 
         assert load.stdout is not None
         if load.stdout.readline().strip() != "window":
             raise RuntimeError("the floor's load generator did not start")
-        c0, t0 = _cpu_s(relay.pid), time.monotonic()
+        c0, t0 = sum(proc_times(relay.pid)), time.monotonic()
         jobs = json.loads(load.stdout.readline())["jobs"]
-        c1, t1 = _cpu_s(relay.pid), time.monotonic()
+        c1, t1 = sum(proc_times(relay.pid)), time.monotonic()
     finally:
         load.kill()
         relay.kill()

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import resource
 import socket
 import subprocess
 import sys
@@ -20,6 +19,8 @@ import time
 from typing import Any
 
 import uvloop
+
+from bench.e2e.procs import proc_times, raise_nofile
 
 FRAME = b"\x81\xfe\x00\xc8" + b"mask" + bytes(200)  # (a masked text frame, 200 bytes of payload)
 
@@ -48,21 +49,12 @@ async def _send(port: int, sockets: int, period_s: float) -> None:
         i += 1
 
 
-def _cpu_s(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _raise_nofile() -> None:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def measure(sockets: int, period_s: float, window_s: float) -> dict[str, Any]:
     """The bare server's CPU over ``window_s`` while ``sockets`` sockets each send a frame every
     ``period_s``: cores and µs per frame."""
-    _raise_nofile()
+    raise_nofile()
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     sock.listen(4096)
@@ -76,9 +68,9 @@ def measure(sockets: int, period_s: float, window_s: float) -> dict[str, Any]:
         if client.stdout.readline().strip() != "connected":
             raise RuntimeError("the floor's client did not connect")
         time.sleep(min(period_s, 5.0))  # (every socket has sent once: the pacing is steady)
-        c0, t0 = _cpu_s(server.pid), time.monotonic()
+        c0, t0 = sum(proc_times(server.pid)), time.monotonic()
         time.sleep(window_s)
-        c1, t1 = _cpu_s(server.pid), time.monotonic()
+        c1, t1 = sum(proc_times(server.pid)), time.monotonic()
     finally:
         client.kill()
         server.kill()
@@ -90,7 +82,7 @@ def measure(sockets: int, period_s: float, window_s: float) -> dict[str, Any]:
 
 
 def main(argv: list[str]) -> None:
-    _raise_nofile()
+    raise_nofile()
     if argv[0] == "serve":
         fd = int(os.environ["FLOOR_FD"])
         uvloop.run(_serve(socket.socket(fileno=fd)))
