@@ -29,7 +29,7 @@ L = TypeVar("L", bound=Hashable)
 T = TypeVar("T")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # (not frozen: made per job, and a frozen one's __init__ costs 5x)
 class Result(Generic[L, T]):
     """The outcome of one slot, released in order."""
 

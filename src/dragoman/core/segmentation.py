@@ -108,7 +108,7 @@ class SegmenterConfig:
         return units * 1000 // self.sample_rate
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # (not frozen: made per job, and a frozen one's __init__ costs 5x)
 class Utterance:
     """One cut of the stream, ready to become one job per target language.
 

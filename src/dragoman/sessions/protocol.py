@@ -93,7 +93,7 @@ _result_decoder = msgspec.json.Decoder(JobResult)
 # ---------------------------------------------------------------------------------------- actions
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
+@dataclasses.dataclass(slots=True)  # (not frozen: made per job, and a frozen one's __init__ costs 5x)
 class JobRequest:
     """One job to dispatch: one utterance, one target."""
 
@@ -108,13 +108,13 @@ class JobRequest:
     listeners: tuple[str, ...] = ()  # a room job: "session@process" of each member it is for
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
+@dataclasses.dataclass(slots=True)  # (not frozen: made per job, and a frozen one's __init__ costs 5x)
 class Send:
     message: Message
     soon: bool = False  # nobody waits on it (a ui_event): it may leave with the next frame (Transport.send_soon)
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
+@dataclasses.dataclass(slots=True)  # (not frozen: made per job, and a frozen one's __init__ costs 5x)
 class Dispatch:
     request: JobRequest
 
@@ -171,7 +171,7 @@ class CloseSocket:
     code: int = 1000
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
+@dataclasses.dataclass(slots=True)  # (not frozen: made per job, and a frozen one's __init__ costs 5x)
 class Observe:
     """A measurement for the metrics: ``name`` in seconds."""
 
@@ -186,7 +186,7 @@ class Count:
     name: str
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
+@dataclasses.dataclass(slots=True)  # (not frozen: made per job, and a frozen one's __init__ costs 5x)
 class Settled:
     """A job's one outcome was taken (for the metrics: counted once, whatever repeats arrive)."""
 
@@ -201,7 +201,7 @@ Action: TypeAlias = (Send | Dispatch | CheckJobs | Ack | CancelJob | RoomCall | 
 # ----------------------------------------------------------------------------------------- inputs
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
+@dataclasses.dataclass(slots=True)  # (not frozen: made per job, and a frozen one's __init__ costs 5x)
 class Outcome:
     """A job's one outcome. ``result`` is the node's decoded job_result when the caller had it;
     else ``payload`` (its JSON) is decoded here, once."""
@@ -213,7 +213,7 @@ class Outcome:
     payload: str | None = None
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
+@dataclasses.dataclass(slots=True)  # (not frozen: made per job, and a frozen one's __init__ costs 5x)
 class DispatchResult:
     status: str  # a store Status, or "error" when the store could not be reached
     job_id: str = ""

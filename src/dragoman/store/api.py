@@ -104,7 +104,7 @@ def _decoder(kind: type[R]) -> msgspec.json.Decoder[R]:
     return _decoders[kind]
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
+@dataclasses.dataclass(slots=True)  # (not frozen: made per job, and a frozen one's __init__ costs 5x)
 class JobSpec:
     """What a session asks for: one job for one utterance and one target language."""
 
