@@ -3,9 +3,13 @@ Redis at scrape time (cluster-wide facts: nodes by state, slots, queue depths)."
 
 from __future__ import annotations
 
+from bisect import bisect_left
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.utils import floatToGoString
 
 if TYPE_CHECKING:
     from dragoman.store.api import Store
@@ -15,13 +19,38 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02
                    1, 2.5, 5, 10, 30)
 
 
+class LoopHistogram:
+    """A Prometheus histogram observed from the event loop's thread only, exposed at scrape time
+    like prometheus_client's ``Histogram`` (``_bucket``, ``_sum``, ``_count``). Observing bumps one
+    bucket and the sum: no lock (the library's takes one for the bucket, the sum and the count, and
+    every job is observed twice)."""
+
+    def __init__(self, name: str, documentation: str, buckets: tuple[float, ...], registry: CollectorRegistry) -> None:
+        self.name, self.documentation = name, documentation
+        self.bounds = sorted(float(b) for b in buckets)
+        self.counts = [0] * (len(self.bounds) + 1)  # (the last: above every bound, +Inf)
+        self.sum = 0.0
+        registry.register(self)
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect_left(self.bounds, seconds)] += 1  # (a bucket counts what is <= its bound)
+        self.sum += seconds
+
+    def collect(self) -> Iterator[HistogramMetricFamily]:
+        cumulative, buckets = 0, []
+        for bound, n in zip([*self.bounds, float("inf")], self.counts, strict=True):
+            cumulative += n
+            buckets.append((floatToGoString(bound), cumulative))
+        yield HistogramMetricFamily(self.name, self.documentation, buckets=buckets, sum_value=self.sum)
+
+
 class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
-        self.dispatch_latency = Histogram("dragoman_dispatch_seconds", "Time of one dispatch call (one script)",
-                                          buckets=LATENCY_BUCKETS, registry=r)
-        self.e2e_latency = Histogram("dragoman_e2e_seconds", "Utterance cut to result ready for the client",
-                                     buckets=LATENCY_BUCKETS, registry=r)
+        self.dispatch_latency = LoopHistogram("dragoman_dispatch_seconds", "Time of one dispatch call (one script)",
+                                              LATENCY_BUCKETS, r)
+        self.e2e_latency = LoopHistogram("dragoman_e2e_seconds", "Utterance cut to result ready for the client",
+                                         LATENCY_BUCKETS, r)
         self._outcome_children: dict[tuple[str, str], Any] = {}
         self.outcomes = Counter("dragoman_job_outcomes", "Jobs by terminal outcome (seen by this process)",
                                 ["state", "code"], registry=r)
@@ -102,29 +131,16 @@ class Metrics:
         return {"e2e": _histogram(self.e2e_latency), "dispatch": _histogram(self.dispatch_latency)}
 
 
-def _histogram(h: Histogram) -> dict[str, Any]:
-    buckets: list[tuple[float, float]] = []
-    count = 0.0
-    for metric in h.collect():
-        for sample in metric.samples:
-            if sample.name.endswith("_bucket"):
-                buckets.append((float(sample.labels["le"]), sample.value))
-            elif sample.name.endswith("_count"):
-                count = sample.value
-    buckets.sort()
-    counts, prev = [], 0.0
-    for _le, cum in buckets:
-        counts.append(int(cum - prev))
-        prev = cum
+def _histogram(h: LoopHistogram) -> dict[str, Any]:
+    count = sum(h.counts)
 
     def pct(q: float) -> float | None:
-        if count == 0:
-            return None
-        target = q * count
-        for le, cum in buckets:
-            if cum >= target:
-                return le * 1000 if le != float("inf") else None
+        target, cumulative = q * count, 0
+        for le, n in zip(h.bounds, h.counts, strict=False):  # (past the last bound: +Inf, no figure)
+            cumulative += n
+            if count and cumulative >= target:
+                return le * 1000
         return None
 
-    return {"buckets_ms": [le * 1000 for le, _ in buckets if le != float("inf")], "counts": counts[:-1] if counts else [],
-            "count": int(count), "p50_ms": pct(0.5), "p95_ms": pct(0.95), "p99_ms": pct(0.99)}
+    return {"buckets_ms": [le * 1000 for le in h.bounds], "counts": h.counts[:-1], "count": count,
+            "p50_ms": pct(0.5), "p95_ms": pct(0.95), "p99_ms": pct(0.99)}
