@@ -3,12 +3,15 @@ Redis at scrape time (cluster-wide facts: nodes by state, slots, queue depths)."
 
 from __future__ import annotations
 
+import time
 from bisect import bisect_left
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client import metrics as _prometheus_metrics
 from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.samples import Sample
 from prometheus_client.utils import floatToGoString
 
 if TYPE_CHECKING:
@@ -21,7 +24,7 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02
 
 class LoopHistogram:
     """A Prometheus histogram observed from the event loop's thread only, exposed at scrape time
-    like prometheus_client's ``Histogram`` (``_bucket``, ``_sum``, ``_count``). Observing bumps one
+    like prometheus_client's ``Histogram`` (``_bucket``, ``_sum``, ``_count``, ``_created``). Observing bumps one
     bucket and the sum: no lock (the library's takes one for the bucket, the sum and the count, and
     every job is observed twice)."""
 
@@ -30,6 +33,7 @@ class LoopHistogram:
         self.bounds = sorted(float(b) for b in buckets)
         self.counts = [0] * (len(self.bounds) + 1)  # (the last: above every bound, +Inf)
         self.sum = 0.0
+        self.created = time.time()
         registry.register(self)
 
     def observe(self, seconds: float) -> None:
@@ -41,7 +45,10 @@ class LoopHistogram:
         for bound, n in zip([*self.bounds, float("inf")], self.counts, strict=True):
             cumulative += n
             buckets.append((floatToGoString(bound), cumulative))
-        yield HistogramMetricFamily(self.name, self.documentation, buckets=buckets, sum_value=self.sum)
+        family = HistogramMetricFamily(self.name, self.documentation, buckets=buckets, sum_value=self.sum)
+        if getattr(_prometheus_metrics, "_use_created", True):  # (PROMETHEUS_DISABLE_CREATED_SERIES, as theirs)
+            family.samples.append(Sample(f"{self.name}_created", {}, self.created, None))
+        yield family
 
 
 class Metrics:
