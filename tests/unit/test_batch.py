@@ -59,3 +59,24 @@ async def test_a_caller_that_stops_waiting_leaves_the_others_their_results() -> 
     assert await asyncio.wait_for(kept, 5) == 2
     with pytest.raises(asyncio.CancelledError):
         await gone
+
+
+async def test_callbacks_get_their_own_result_and_one_that_raises_leaves_the_others_theirs() -> None:
+    async def run(key: str, items: list[int]) -> list[object]:
+        return [ValueError("bad") if i < 0 else i for i in items]
+
+    loop = asyncio.get_running_loop()
+    reported: list[dict[str, object]] = []
+    loop.set_exception_handler(lambda _, ctx: reported.append(ctx))
+    got: list[tuple[object, object]] = []
+
+    def broken(result: object, exc: BaseException | None) -> None:
+        raise RuntimeError("a caller's bug")
+
+    b: Batcher[str] = Batcher(run, linger=60)
+    b.submit_then("k", 1, broken)
+    b.submit_then("k", 2, lambda r, e: got.append((r, e)))
+    b.submit_then("k", -1, lambda r, e: got.append((r, type(e))))
+    await b.aclose()
+    assert got == [(2, None), (None, ValueError)]
+    assert [type(ctx["exception"]) for ctx in reported] == [RuntimeError]

@@ -265,13 +265,13 @@ class NodeConnection:
                 if new and new != self.pools:
                     pools = new
         usage = msgspec.json.encode(msg.resource_usage).decode() if msg.resource_usage else "{}"
+        done = self._heartbeat_done if pools is None else lambda r, exc: self._heartbeat_done(r, exc, pools)
         try:
-            fut = self.hub.store.heartbeat_soon(node_id, conn=self.conn, draining=msg.draining, pools=pools,
-                                                usage=usage)
+            self.hub.store.heartbeat_then(node_id, done, conn=self.conn, draining=msg.draining, pools=pools,
+                                          usage=usage)
         except ValueError as exc:  # the same checks as at registration
             raise ProtocolError(f"node_heartbeat: {exc}") from None
         self.capabilities_seen = seen
-        fut.add_done_callback(lambda f: self._heartbeat_done(f, pools))
 
     def in_place(self, message: dict[str, Any]) -> bool:
         """``take_in_place`` for a registered node: its frames are nearly all job results and
@@ -300,18 +300,17 @@ class NodeConnection:
         self.strikes = 0
         return True
 
-    def _heartbeat_done(self, fut: asyncio.Future[HeartbeatReply], pools: list[str] | None) -> None:
-        if fut.cancelled():
-            return
-        exc = fut.exception()
-        if self.gone:
+    def _heartbeat_done(self, reply: HeartbeatReply | None, exc: BaseException | None,
+                        pools: list[str] | None = None) -> None:
+        if self.gone or isinstance(exc, asyncio.CancelledError):
             return
         if exc is not None:
             self.failed(exc, "node heartbeat failed")
         else:
+            assert reply is not None
             if pools is not None:
                 self.pools = pools
-            if fut.result().status == Status.UNKNOWN and self.reregistering is None:
+            if reply.status == Status.UNKNOWN and self.reregistering is None:
                 # reaped while it was silent (or Redis lost it): it is back; its next frames wait for it
                 self.reregistering = asyncio.get_running_loop().create_task(self._reregister_now(),
                                                                             name=f"reregister:{self.node_id}")

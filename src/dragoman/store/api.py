@@ -35,7 +35,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from dragoman.config import Settings
 from dragoman.errors import ConfigError, DependencyDown, ScriptError
 from dragoman.ids import new_id
-from dragoman.store.batch import Batcher
+from dragoman.store.batch import Batcher, Done, settle
 from dragoman.store.connect import PRIMARY_CHECK_INTERVAL, current_primary, make_client, parse_redis_url
 from dragoman.store.keys import (
     CellKeys,
@@ -86,6 +86,7 @@ RETRYABLE = (RedisConnectionError, RedisTimeoutError, BusyLoadingError, ReadOnly
 # nothing waits on its reply promptly, and thousands of nodes send one each every 15 s.
 HEARTBEAT_LINGER_S = 0.02
 HEARTBEAT_BATCH_MAX = 200
+NODE_KEYS_CACHED = 65_536  # node ids checked and placed in their cell, kept for their heartbeats
 # A session's ack (outcomes delivered: the jobs may be forgotten) joins those of the process's other
 # sessions for up to ACK_LINGER_S: nothing waits on it, and under a light load every session would
 # otherwise cost a script call of its own for a job or two (see ack_outcomes-1.lua).
@@ -175,6 +176,7 @@ class Store:
         self.target = "redis"
         self.undecodable_effects = 0
         self.counts: Counter[str] = Counter()  # frequent counters, added to Redis by flush_stats
+        self._node_keys: dict[str, CellKeys] = {}  # (see heartbeat_then)
         self.heartbeats: Batcher[tuple[CellKeys, int]] = Batcher(self._heartbeat_batch, linger=HEARTBEAT_LINGER_S,
                                                                 max_items=HEARTBEAT_BATCH_MAX)
         self.acks: Batcher[CellKeys] = Batcher(self._ack_batch, linger=ACK_LINGER_S, max_items=ACK_BATCH_MAX)
@@ -338,13 +340,27 @@ class Store:
         """``heartbeat`` for a caller that goes on meanwhile: the reply's future. The heartbeat
         joins the others of its cell for up to HEARTBEAT_LINGER_S (one script call for them all).
         Its arguments are checked now (ValueError), as at registration."""
-        check_name("node_id", node_id)
+        fut: asyncio.Future[HeartbeatReply] = asyncio.get_running_loop().create_future()
+        self.heartbeat_then(node_id, settle(fut), conn=conn, draining=draining, pools=pools, usage=usage,
+                            node_ttl_ms=node_ttl_ms)
+        return fut
+
+    def heartbeat_then(self, node_id: str, done: Done, *, conn: str = "", draining: bool | None = None,
+                       pools: Sequence[str] | None = None, usage: dict[str, Any] | str | None = None,
+                       node_ttl_ms: int | None = None) -> None:
+        """``heartbeat_soon`` with a callback, ``done(reply, None)`` or ``done(None, exc)``: what a
+        node's socket uses (no future and no loop iteration of its own per heartbeat)."""
+        ck = self._node_keys.get(node_id)
+        if ck is None:
+            ck = self.keys_for_node(check_name("node_id", node_id))
+            if len(self._node_keys) >= NODE_KEYS_CACHED:
+                self._node_keys.clear()
+            self._node_keys[node_id] = ck
         pools_arg = "" if pools is None else self.check_pools(pools)
-        ck = self.keys_for_node(node_id)
         drain_arg = "" if draining is None else ("1" if draining else "0")
         item = (node_id, conn, drain_arg, "" if pools is None else "1", pools_arg,
                 usage if isinstance(usage, str) else json.dumps(usage or {}))
-        return self.heartbeats.submit_soon((ck, node_ttl_ms or self.settings.node_ttl_ms), item)
+        self.heartbeats.submit_then((ck, node_ttl_ms or self.settings.node_ttl_ms), item, done)
 
     async def _heartbeat_batch(self, key: tuple[CellKeys, int], items: list[tuple[str, ...]]) -> list[HeartbeatReply]:
         """One ``heartbeat`` script call for the heartbeats of one cell (and TTL) collected by

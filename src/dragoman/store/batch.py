@@ -14,6 +14,11 @@ Rules:
 - A caller that stops waiting (cancelled) leaves its item in the batch; the result is dropped.
 - ``submit_soon`` is ``submit`` for a caller that does not wait: it gets the result's future (a
   node's frame loop goes on to its next frame while the heartbeat waits for company).
+- ``submit_then`` is the same with a callback instead of a future: ``done(result, None)`` or
+  ``done(None, exc)``, called when the batch's answer is in. A scheduler holding 10,000 node sockets
+  hears hundreds of heartbeats a second; a future apiece, its done-callback and the loop iteration
+  that runs it cost more than the rest of the heartbeat's handling. A callback that raises is
+  reported to the loop's exception handler and the others still run.
 """
 
 from __future__ import annotations
@@ -26,15 +31,28 @@ K = TypeVar("K", bound=Hashable)
 T = TypeVar("T")
 
 Run = Callable[[K, list[Any]], Awaitable[Sequence[Any]]]
+Done = Callable[[Any, BaseException | None], object]
 
 
 class _Pending(Generic[K]):
-    __slots__ = ("items", "futures", "timer")
+    __slots__ = ("items", "done", "timer")
 
     def __init__(self) -> None:
         self.items: list[Any] = []
-        self.futures: list[asyncio.Future[Any]] = []
+        self.done: list[Done] = []
         self.timer: asyncio.TimerHandle | None = None
+
+
+def settle(fut: asyncio.Future[Any]) -> Done:
+    """A ``Done`` callback that settles ``fut`` (unless its caller stopped waiting)."""
+    def done(result: Any, exc: BaseException | None) -> None:
+        if fut.done():  # (its caller stopped waiting)
+            return
+        if exc is not None:
+            fut.set_exception(exc)
+        else:
+            fut.set_result(result)
+    return done
 
 
 class Batcher(Generic[K]):
@@ -52,17 +70,20 @@ class Batcher(Generic[K]):
 
     def submit_soon(self, key: K, item: Any) -> asyncio.Future[Any]:
         """``submit`` for a caller that does not wait: the future of the item's result."""
-        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self.submit_then(key, item, settle(fut))
+        return fut
+
+    def submit_then(self, key: K, item: Any, done: Done) -> None:
+        """``submit`` for a caller that wants a callback: ``done(result, None)`` or ``done(None, exc)``."""
         p = self._pending.get(key)
         if p is None:
             p = self._pending[key] = _Pending()
-            p.timer = loop.call_later(self.linger, self._flush, key)
-        fut: asyncio.Future[Any] = loop.create_future()
+            p.timer = asyncio.get_running_loop().call_later(self.linger, self._flush, key)
         p.items.append(item)
-        p.futures.append(fut)
+        p.done.append(done)
         if len(p.items) >= self.max_items:
             self._flush(key)
-        return fut
 
     def _flush(self, key: K) -> None:
         p = self._pending.pop(key, None)
@@ -82,19 +103,23 @@ class Batcher(Generic[K]):
             if len(results) != len(p.items):
                 raise RuntimeError(f"a batch of {len(p.items)} got {len(results)} results")
         except BaseException as exc:
-            for fut in p.futures:
-                if not fut.done():
-                    fut.set_exception(exc)
+            self._tell(p.done, [exc] * len(p.done))
             if isinstance(exc, asyncio.CancelledError):
                 raise
             return
-        for fut, result in zip(p.futures, results, strict=True):
-            if fut.done():
-                continue
-            if isinstance(result, BaseException):
-                fut.set_exception(result)
-            else:
-                fut.set_result(result)
+        self._tell(p.done, results)
+
+    @staticmethod
+    def _tell(done: list[Done], results: Sequence[Any]) -> None:
+        for cb, result in zip(done, results, strict=True):
+            try:
+                if isinstance(result, BaseException):
+                    cb(None, result)
+                else:
+                    cb(result, None)
+            except Exception as exc:  # (one caller's bug is not the others')
+                asyncio.get_running_loop().call_exception_handler(
+                    {"message": "a batch callback failed", "exception": exc})
 
     async def aclose(self) -> None:
         """Send what is waiting now, and wait for every batch in flight."""
