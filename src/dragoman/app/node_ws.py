@@ -335,18 +335,17 @@ class NodeConnection:
         link = self.hub.nodes.get(node_id)
         if link is not None:
             link.forget(msg.job_id)
-        fut = self.hub.store.complete_soon(msg.job_id, node_id, msg.attempt_id, outcome, code, text, result=msg)
-        fut.add_done_callback(lambda f: self._result_done(f, msg))
+        self.hub.store.complete_then(msg.job_id, node_id, msg.attempt_id, outcome, code, text, msg,
+                                     lambda reply, exc: self._result_done(reply, exc, msg))
 
-    def _result_done(self, fut: asyncio.Future[CompleteReply], msg: JobResult) -> None:
-        if fut.cancelled():
+    def _result_done(self, reply: CompleteReply | None, exc: BaseException | None, msg: JobResult) -> None:
+        if isinstance(exc, asyncio.CancelledError):
             return
-        exc = fut.exception()
         if exc is not None:
             if not self.gone:
                 self.failed(exc, "node result failed")
             return
-        reply = fut.result()
+        assert reply is not None
         if reply.status == Status.REJECTED:
             # Counted and logged, answered so the node knows, but no strike: late results are normal.
             self.hub.metrics.stale_results.labels(reply.reason).inc()

@@ -143,16 +143,14 @@ def job_view(job_id: str, fields: dict[Any, Any]) -> dict[str, str]:
     return {"id": job_id} | job
 
 
-def _pass_on(done: asyncio.Future[T], to: asyncio.Future[T]) -> None:
-    """``to`` ends as ``done`` did (unless it already ended: its caller gave up)."""
-    if to.done():
-        return
-    if done.cancelled():
-        to.cancel()
-    elif done.exception() is not None:
-        to.set_exception(done.exception())  # type: ignore[arg-type]
+def _tell(task: asyncio.Task[Any], done: Done) -> None:
+    """``done`` hears how ``task`` ended."""
+    if task.cancelled():
+        done(None, asyncio.CancelledError())
+    elif task.exception() is not None:
+        done(None, task.exception())
     else:
-        to.set_result(done.result())
+        done(task.result(), None)
 
 
 class Store:
@@ -441,46 +439,48 @@ class Store:
 
     def complete_soon(self, job_id: str, node_id: str, attempt: int, outcome: str, code: str = "",
                       payload: str = "", result: Any = None) -> asyncio.Future[CompleteReply]:
-        """``complete`` for a caller that goes on meanwhile (a node's frames are read on while its
-        results are settled): the reply's future. Through the pipeline, the call leaves with the
-        others of this loop turn and its reply is decoded in the pipeline's reader (no task of its
-        own, none woken); should that first attempt fail for a reason ``complete`` retries (Redis
-        unreachable, the library not loaded), ``complete`` takes over in a task, retries and all."""
-        loop = asyncio.get_running_loop()
+        """``complete`` for a caller that goes on meanwhile: the reply's future (see ``complete_then``)."""
+        fut: asyncio.Future[CompleteReply] = asyncio.get_running_loop().create_future()
+        self.complete_then(job_id, node_id, attempt, outcome, code, payload, result, settle(fut))
+        return fut
 
-        def in_a_task() -> asyncio.Task[CompleteReply]:
-            return loop.create_task(self.complete(job_id, node_id, attempt, outcome, code, payload, result))
+    def complete_then(self, job_id: str, node_id: str, attempt: int, outcome: str, code: str, payload: str,
+                      result: Any, done: Done) -> None:
+        """``complete`` for a caller that goes on meanwhile (a node's frames are read on while its
+        results are settled), told by ``done(reply, None)`` or ``done(None, exc)``. Through the
+        pipeline, the call leaves with the others of this loop turn and its reply is decoded in the
+        pipeline's reader (no task, no future, nothing woken); should that first attempt fail for a
+        reason ``complete`` retries (Redis unreachable, the library not loaded), ``complete`` takes
+        over in a task, retries and all."""
+        def in_a_task() -> None:
+            task = asyncio.get_running_loop().create_task(
+                self.complete(job_id, node_id, attempt, outcome, code, payload, result))
+            task.add_done_callback(lambda t: _tell(t, done))
 
         ck = self.keys_for_job(job_id)
         pipeline = self.scripts.pipeline
         if ck is None or pipeline is None:  # (an unknown job's answer; a client without a pipeline)
-            return in_a_task()
+            in_a_task()
+            return
         keys, args = self._complete_args(ck, job_id, node_id, attempt, outcome, code, payload)
-        command = self.scripts.command("complete_task", keys, args)
-        out: asyncio.Future[CompleteReply] = loop.create_future()
 
-        def settled(raw: asyncio.Future[Any]) -> None:
-            if out.done():
-                return
-            if raw.cancelled():
-                out.cancel()
-                return
-            exc = raw.exception()
-            if exc is None:
+        def settled(raw: Any) -> None:
+            if not isinstance(raw, BaseException):
                 try:
-                    reply = self._decoded("complete_task", ck, raw.result(), CompleteReply, payload, result)
+                    reply = self._decoded("complete_task", ck, raw, CompleteReply, payload, result)
                 except Exception as bad:  # (a reply that does not decode: the caller hears of it)
-                    out.set_exception(bad)
+                    done(None, bad)
                     return
                 self._count_completed(reply)
-                out.set_result(reply)
-            elif isinstance(exc, ResponseError) and not function_missing(exc):
-                out.set_exception(ScriptError(f"complete_task: {exc}"))
+                done(reply, None)
+            elif isinstance(raw, ResponseError) and not function_missing(raw):
+                done(None, ScriptError(f"complete_task: {raw}"))
+            elif isinstance(raw, asyncio.CancelledError):
+                done(None, raw)
             else:  # (nothing ran, or it is unknown whether it did: complete_task is retry-safe, I8)
-                in_a_task().add_done_callback(lambda t: _pass_on(t, out))
+                in_a_task()
 
-        pipeline.execute(*command).add_done_callback(settled)
-        return out
+        pipeline.execute_then(self.scripts.command("complete_task", keys, args), settled)
 
     def _count_completed(self, reply: CompleteReply) -> None:
         if reply.status == Status.COMPLETED and reply.state != "failed":  # failures are counted by the scripts

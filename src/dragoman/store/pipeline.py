@@ -160,13 +160,22 @@ class AutoPipeline:
         if loop is None or loop.is_closed():  # (asyncio.get_running_loop() costs a getpid call)
             loop = self._loop = asyncio.get_running_loop()
         fut: asyncio.Future[Any] = loop.create_future()
-        self._batch.append((args, _settle_future(fut)))
+        self.execute_then(args, _settle_future(fut))
+        return fut
+
+    def execute_then(self, args: tuple[Any, ...], settle: Settle) -> None:
+        """``execute`` for a caller that wants a callback: ``settle`` gets the reply, or the
+        exception (an error reply included), from the pipeline's reader; no future, no loop
+        iteration of its own."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            loop = self._loop = asyncio.get_running_loop()
+        self._batch.append((args, settle))
         if self._wake is None:
             self._wake = asyncio.Event()
         if self._writer is None or self._writer.done():
             self._writer = loop.create_task(self._write_loop(), name="redis-pipeline-writer")
         self._wake.set()
-        return fut
 
     async def aclose(self) -> None:
         if self._writer is not None:
@@ -293,7 +302,11 @@ class AutoPipeline:
                     except ResponseError as exc:  # an error reply: that call's alone
                         reply = exc
                 line.progress = loop.time()
-                line.owed.popleft()(reply)
+                settle = line.owed.popleft()
+                try:
+                    settle(reply)
+                except Exception as exc:  # (a caller's bug: not the connection's, nor the other callers')
+                    loop.call_exception_handler({"message": "a Redis reply's callback failed", "exception": exc})
         except asyncio.CancelledError:
             raise
         except BaseException as exc:

@@ -35,6 +35,25 @@ async def test_one_turn_of_calls_is_one_write_with_each_reply_in_order(pipe: Aut
     assert (pipe.writes, pipe.commands) == (1, 50)
 
 
+async def test_a_callback_gets_its_reply_and_one_that_raises_breaks_neither_the_line_nor_the_others(
+        pipe: AutoPipeline) -> None:
+    loop = asyncio.get_running_loop()
+    reported: list[dict[str, object]] = []
+    loop.set_exception_handler(lambda _, ctx: reported.append(ctx))
+    got: list[object] = []
+
+    def broken(reply: object) -> None:
+        raise RuntimeError("a caller's bug")
+
+    pipe.execute_then(("SET", "k", "v"), broken)
+    pipe.execute_then(("INCR", "k"), got.append)  # an error reply: handed to the callback, not raised
+    after = pipe.execute("GET", "k")
+    assert await asyncio.wait_for(after, 5) == b"v"
+    assert len(got) == 1 and isinstance(got[0], ResponseError)
+    assert [type(ctx["exception"]) for ctx in reported] == [RuntimeError]
+    assert await pipe.execute("PING") == b"PONG" and pipe._line is not None and not pipe._line.broken
+
+
 async def test_an_error_reply_raises_in_its_own_call_only(pipe: AutoPipeline) -> None:
     results = await asyncio.gather(pipe.execute("SET", "k", "v"), pipe.execute("INCR", "k"),
                                    pipe.execute("GET", "k"), return_exceptions=True)
